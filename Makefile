@@ -1,0 +1,39 @@
+# Two commands work on a fresh machine: `make demo` and `make test`. Both (re)create .venv when it is missing or
+# older than the project's dependency files.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow test-all lint bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf runs/synthetic
+	$(BIN)/ccim fit --config configs/synthetic.yaml
+	$(BIN)/ccim test --config configs/synthetic.yaml --ckpt_path runs/synthetic/checkpoints/last.ckpt
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/head.py
+	$(BIN)/python benchmarks/kmeans.py
+
+clean:
+	rm -rf $(VENV) runs lightning_logs *.egg-info

@@ -1,0 +1,436 @@
+"""The confounder dictionary Z with its prior P(z), and the file it is cached in.
+
+Paper: every training image, subject masked, goes through a scene CNN; the features are clustered into N clusters;
+z_i is the centroid of cluster i and P(z_i) = N_i / N_m, the cluster's share of the samples. The "random Z" ablation
+replaces the centroids with random vectors. :class:`ConfounderDictionary` holds the two tensors and where they came
+from, so a cached file is reused only by a run that would build the same dictionary (:meth:`~ConfounderDictionary.
+cache_key`, :meth:`~ConfounderDictionary.mismatches`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import KW_ONLY, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CACHE_KEY_FIELDS", "ConfounderDictionary", "DictionaryFileError", "dataset_fingerprint"]
+
+FORMAT_TAG = "ccim-lightning/confounder-dictionary"
+FORMAT_VERSION = 1
+SOURCES = ("features", "random")
+#: Metadata that must be equal for a cached dictionary to be reused.
+CACHE_KEY_FIELDS = (
+    "extractor",
+    "weights_digest",
+    "num_prototypes",
+    "mask_subject",
+    "seed",
+    "source",
+    "dataset_fingerprint",
+)
+#: Keys :meth:`ConfounderDictionary.mismatches` accepts besides the cache key: checked only when given.
+OPTIONAL_CHECKS = ("dim", "num_samples")
+_PRIOR_TOLERANCE = 1e-4
+
+
+class DictionaryFileError(ValueError):
+    """A dictionary file is damaged, foreign, of an unknown version or inconsistent."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(eq=False)
+class ConfounderDictionary:
+    """Prototypes z_i of the confounder (scene context) and their prior P(z_i).
+
+    Build one with :meth:`from_clustering` or :meth:`random`; cache it with :meth:`save` / :meth:`load`. The
+    tensors are checked on construction (shapes, finite values, a prior that is a distribution).
+
+    Attributes:
+        prototypes: (N, d) float32, z_i (cluster centroids, or random vectors for ``source="random"``).
+        prior: (N,) float32, P(z_i) >= 0, summing to 1.
+        extractor: Name of the scene CNN (:attr:`ContextFeatureExtractor.name`), ``"none"`` for random ones.
+        weights_digest: SHA-256 of the scene CNN's weights file, ``"random-init:<model>"``, or ``"none"``.
+        mask_subject: Whether the subject box was masked out of the context images.
+        seed: Seed of the clustering (or of the random prototypes).
+        source: ``"features"`` (clustered scene features) or ``"random"`` (the random-Z ablation).
+        dataset_fingerprint: :func:`dataset_fingerprint` of the samples the features came from, or ``"none"``.
+        num_samples: Number of samples clustered (0 for random ones).
+        num_prototypes: N; filled from ``prototypes`` when not given, checked against it when given.
+        inertia: Final clustering objective (sum of squared distances to the centroids), if known.
+        created: ISO-8601 UTC time of creation.
+        extra: Free-form information for logs (clustering settings, timings); plain Python values only, so that the
+            file loads with ``torch.load(weights_only=True)``.
+    """
+
+    prototypes: torch.Tensor
+    prior: torch.Tensor
+    _: KW_ONLY
+    extractor: str
+    weights_digest: str
+    mask_subject: bool
+    seed: int
+    source: str
+    dataset_fingerprint: str
+    num_samples: int
+    num_prototypes: int | None = None
+    inertia: float | None = None
+    created: str = field(default_factory=_now)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.prototypes = torch.as_tensor(self.prototypes, dtype=torch.float32)
+        self.prior = torch.as_tensor(self.prior, dtype=torch.float32)
+        problem = self._problem()
+        if problem:
+            raise ValueError(f"Invalid confounder dictionary: {problem}.")
+        if self.num_prototypes is None:
+            self.num_prototypes = int(self.prototypes.shape[0])
+
+    def _problem(self) -> str | None:
+        """What is inconsistent about the fields, or ``None``."""
+        z, p = self.prototypes, self.prior
+        if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] == 0:
+            return f"prototypes must have shape (N, d) with N, d > 0, got {list(z.shape)}"
+        if p.shape != (z.shape[0],):
+            return f"prior must have shape ({z.shape[0]},) to match the prototypes, got {list(p.shape)}"
+        if self.num_prototypes is not None and self.num_prototypes != z.shape[0]:
+            return f"num_prototypes is {self.num_prototypes} but there are {z.shape[0]} prototypes"
+        if not torch.isfinite(z).all():
+            return "prototypes contain NaN or infinite values"
+        if not torch.isfinite(p).all():
+            return "prior contains NaN or infinite values"
+        if (p < 0).any():
+            return f"prior has negative entries (min {p.min().item():.3g})"
+        total = p.double().sum().item()
+        if abs(total - 1.0) > _PRIOR_TOLERANCE:
+            return f"prior sums to {total:.6g}, not 1"
+        if self.source not in SOURCES:
+            return f"source must be one of {list(SOURCES)}, got {self.source!r}"
+        if self.inertia is not None and not math.isfinite(self.inertia):
+            return f"inertia must be finite or None, got {self.inertia!r}"
+        for name, kind in (("extractor", str), ("weights_digest", str), ("dataset_fingerprint", str), ("created", str)):
+            if not isinstance(getattr(self, name), kind):
+                return f"{name} must be a string, got {type(getattr(self, name)).__name__}"
+        if not isinstance(self.extra, dict):
+            return f"extra must be a dict, got {type(self.extra).__name__}"
+        return None
+
+    @property
+    def dim(self) -> int:
+        """Feature size d of the prototypes."""
+        return int(self.prototypes.shape[1])
+
+    # ----------------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_clustering(
+        cls,
+        centroids: torch.Tensor | Any,
+        counts: torch.Tensor | Any,
+        *,
+        extractor: str,
+        weights_digest: str,
+        mask_subject: bool,
+        seed: int,
+        dataset_fingerprint: str,
+        num_samples: int | None = None,
+        inertia: float | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> ConfounderDictionary:
+        """The dictionary of a clustering: z_i = centroid i, P(z_i) = N_i / sum_j N_j (paper, Sec. "Z").
+
+        Args:
+            centroids: (N, d) cluster centroids (tensor or array).
+            counts: (N,) number of samples assigned to each cluster; empty clusters get prior 0.
+            extractor: Name of the scene CNN.
+            weights_digest: Its weights' digest.
+            mask_subject: Whether subjects were masked.
+            seed: Seed of the clustering.
+            dataset_fingerprint: :func:`dataset_fingerprint` of the clustered samples.
+            num_samples: Number of samples clustered; defaults to ``counts.sum()``.
+            inertia: Final clustering objective, if known.
+            extra: Free-form information for logs.
+
+        Returns:
+            A dictionary with ``source="features"``.
+        """
+        counts = torch.as_tensor(counts, dtype=torch.float64).flatten()
+        if (counts < 0).any() or not torch.isfinite(counts).all():
+            raise ValueError(f"Cluster counts must be finite and non-negative, got {counts.tolist()[:10]}...")
+        total = counts.sum().item()
+        if total <= 0:
+            raise ValueError("Cluster counts sum to 0: there were no samples to cluster.")
+        return cls(
+            torch.as_tensor(centroids, dtype=torch.float32),
+            (counts / total).to(torch.float32),
+            extractor=extractor,
+            weights_digest=weights_digest,
+            mask_subject=mask_subject,
+            seed=int(seed),
+            source="features",
+            dataset_fingerprint=dataset_fingerprint,
+            num_samples=round(total) if num_samples is None else int(num_samples),
+            inertia=None if inertia is None else float(inertia),
+            extra=dict(extra or {}),
+        )
+
+    @classmethod
+    def random(
+        cls,
+        num_prototypes: int,
+        dim: int,
+        *,
+        seed: int,
+        scale: float = 1.0,
+        extractor: str = "none",
+        weights_digest: str = "none",
+        mask_subject: bool = False,
+        dataset_fingerprint: str = "none",
+        extra: dict[str, Any] | None = None,
+    ) -> ConfounderDictionary:
+        """The paper's "random Z" ablation: random prototypes with a uniform prior.
+
+        Prototypes are i.i.d. normal with mean 0 and standard deviation ``scale``, drawn from a ``torch.Generator``
+        seeded with ``seed`` (the same on every machine and rank). Pass the standard deviation of real scene
+        features as ``scale`` to match their magnitude; the default is the standard normal.
+
+        Args:
+            num_prototypes: N.
+            dim: d, the feature size the head expects.
+            seed: Seed of the generator.
+            scale: Standard deviation of the entries.
+            extractor: Recorded as is; random prototypes do not depend on a scene CNN.
+            weights_digest: Recorded as is.
+            mask_subject: Recorded as is.
+            dataset_fingerprint: Recorded as is.
+            extra: Free-form information for logs.
+
+        Returns:
+            A dictionary with ``source="random"`` and prior 1/N.
+        """
+        if num_prototypes < 1 or dim < 1:
+            raise ValueError(f"num_prototypes and dim must be positive, got {num_prototypes} and {dim}.")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive number, got {scale!r}.")
+        generator = torch.Generator().manual_seed(int(seed))
+        prototypes = torch.randn(num_prototypes, dim, generator=generator, dtype=torch.float32) * scale
+        return cls(
+            prototypes,
+            torch.full((num_prototypes,), 1.0 / num_prototypes, dtype=torch.float32),
+            extractor=extractor,
+            weights_digest=weights_digest,
+            mask_subject=mask_subject,
+            seed=int(seed),
+            source="random",
+            dataset_fingerprint=dataset_fingerprint,
+            num_samples=0,
+            extra={"scale": float(scale), **(extra or {})},
+        )
+
+    # ------------------------------------------------------------------------------------------------------ reuse
+
+    def cache_key(self) -> dict[str, Any]:
+        """The metadata that must match for this dictionary to be reused by a run (see :data:`CACHE_KEY_FIELDS`)."""
+        return {name: getattr(self, name) for name in CACHE_KEY_FIELDS}
+
+    def mismatches(self, expected: Mapping[str, Any]) -> list[str]:
+        """Why this dictionary cannot be reused by a run that expects ``expected``; empty if it can.
+
+        Args:
+            expected: The run's values of every :data:`CACHE_KEY_FIELDS` entry, optionally also ``dim`` and
+                ``num_samples``. A cache-key field the run leaves out counts as a mismatch, so a forgotten key never
+                lets a stale file through.
+
+        Returns:
+            Human-readable reasons, e.g. ``"num_prototypes: cache has 128, run wants 256"``.
+
+        Raises:
+            KeyError: ``expected`` has a key that is neither a cache-key field nor an optional check.
+        """
+        unknown = sorted(set(expected) - set(CACHE_KEY_FIELDS) - set(OPTIONAL_CHECKS))
+        if unknown:
+            raise KeyError(f"Unknown dictionary fields {unknown}; known: {list(CACHE_KEY_FIELDS + OPTIONAL_CHECKS)}.")
+        reasons = []
+        for name in CACHE_KEY_FIELDS + OPTIONAL_CHECKS:
+            have = getattr(self, name)
+            if name not in expected:
+                if name in CACHE_KEY_FIELDS:
+                    reasons.append(f"{name}: cache has {have!r}, run does not say")
+                continue
+            want = expected[name]
+            if have != want:
+                reasons.append(f"{name}: cache has {have!r}, run wants {want!r}")
+        return reasons
+
+    # -------------------------------------------------------------------------------------------------------- I/O
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the dictionary atomically (temporary file, then ``os.replace``); parent folders are created.
+
+        Args:
+            path: Target file, conventionally ``*.pt``.
+
+        Returns:
+            The path written.
+        """
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _TENSOR_FIELDS}
+        metadata["extra"] = _plain(self.extra, "extra")
+        payload = {
+            "format": FORMAT_TAG,
+            "version": FORMAT_VERSION,
+            "prototypes": self.prototypes.detach().to("cpu", torch.float32).contiguous().clone(),
+            "prior": self.prior.detach().to("cpu", torch.float32).contiguous().clone(),
+            "metadata": metadata,
+        }
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ConfounderDictionary:
+        """Read a file written by :meth:`save`, checking it thoroughly.
+
+        Args:
+            path: The file.
+
+        Returns:
+            The dictionary, tensors on the CPU.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            DictionaryFileError: The file is damaged, not a dictionary file, of an unknown version, or inconsistent.
+        """
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"Confounder dictionary file {str(path)!r} does not exist.")
+        where = f"Confounder dictionary file {str(path)!r}"
+        remedy = "Delete it and rebuild the dictionary (or point to a file written by ConfounderDictionary.save)."
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # any failure here means the bytes are not a readable torch file
+            first = (str(exc).strip().splitlines() or ["no message"])[0]
+            raise DictionaryFileError(
+                f"{where} cannot be read: damaged, truncated or not a torch file ({type(exc).__name__}: {first}). "
+                f"{remedy}"
+            ) from exc
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT_TAG:
+            found = f"a dict with keys {list(payload)[:10]}" if isinstance(payload, dict) else type(payload).__name__
+            raise DictionaryFileError(
+                f"{where} is not a confounder dictionary: it holds {found} without the format tag {FORMAT_TAG!r}. "
+                f"{remedy}"
+            )
+        if payload.get("version") != FORMAT_VERSION:
+            raise DictionaryFileError(
+                f"{where} has format version {payload.get('version')!r}; this ccim-lightning reads version "
+                f"{FORMAT_VERSION}. {remedy}"
+            )
+        metadata = payload.get("metadata")
+        problem = None
+        if not isinstance(metadata, dict):
+            problem = "no metadata dict"
+        elif missing := [k for k in ("prototypes", "prior") if not isinstance(payload.get(k), torch.Tensor)]:
+            problem = f"no tensor under {missing}"
+        else:
+            known = {f.name for f in dataclasses.fields(cls)} - set(_TENSOR_FIELDS)
+            required = {f.name for f in dataclasses.fields(cls) if f.name in known and _is_required(f)}
+            if unknown := sorted(set(metadata) - known):
+                problem = f"unknown metadata fields {unknown}"
+            elif absent := sorted(required - set(metadata)):
+                problem = f"metadata lacks {absent}"
+        if problem is None and (payload["prototypes"].dtype, payload["prior"].dtype) != (torch.float32,) * 2:
+            problem = f"tensors are {payload['prototypes'].dtype}/{payload['prior'].dtype}, not float32"
+        if problem is None:
+            try:
+                return cls(payload["prototypes"], payload["prior"], **metadata)
+            except (ValueError, TypeError) as exc:
+                problem = str(exc).removeprefix("Invalid confounder dictionary: ").rstrip(".")
+        raise DictionaryFileError(f"{where} is inconsistent: {problem}. {remedy}")
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_prototypes={self.num_prototypes}, dim={self.dim}, source={self.source!r}, "
+            f"extractor={self.extractor!r}, mask_subject={self.mask_subject}, seed={self.seed}, "
+            f"num_samples={self.num_samples}, created={self.created!r})"
+        )
+
+
+_TENSOR_FIELDS = ("prototypes", "prior")
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as plain Python types, which ``torch.load(weights_only=True)`` reads.
+
+    Numpy scalars become Python numbers, tuples become lists, tensors are moved to the CPU.
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where} has a key of type {type(k).__name__}; use str keys.")
+            out[k] = _plain(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    item = getattr(value, "item", None)  # numpy scalars
+    if callable(item) and getattr(value, "shape", None) == ():
+        return _plain(item(), where)
+    raise TypeError(
+        f"{where} holds a {type(value).__name__}, which a weights-only torch.load cannot read; store plain values "
+        f"(str, int, float, bool, None, lists, dicts, tensors)."
+    )
+
+
+def dataset_fingerprint(identities: Iterable[str | os.PathLike]) -> str:
+    """A fingerprint of a set of samples: their number and a SHA-256 over their identities.
+
+    The digest does not depend on the order of the identities (each is hashed, the hashes are sorted, then hashed
+    together), so the same split read by a differently ordered or sharded loader gives the same fingerprint;
+    repeated identities count as often as they occur.
+
+    Args:
+        identities: One string per sample that names it stably, e.g. its image path plus its subject box, or
+            ``"train:17"``.
+
+    Returns:
+        ``"n=<count>;sha256=<hex>"``.
+    """
+    hashes = []
+    for identity in identities:
+        if isinstance(identity, os.PathLike):
+            identity = os.fspath(identity)
+        if not isinstance(identity, str):
+            raise TypeError(f"Sample identities must be strings (e.g. image paths), got {type(identity).__name__}.")
+        hashes.append(hashlib.sha256(identity.encode("utf-8")).digest())
+    hashes.sort()
+    total = hashlib.sha256()
+    for digest in hashes:
+        total.update(digest)
+    return f"n={len(hashes)};sha256={total.hexdigest()}"

@@ -1,0 +1,230 @@
+"""``CCIMLightningModule``: any host backbone + the CCIM head, with losses, metrics and prediction."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
+
+from ccim_lightning.head import ContextualCausalIntervention
+
+try:  # Set by LightningCLI while it instantiates the model: then the hparams are config dicts, not modules.
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+except ImportError:  # pragma: no cover - older/newer Lightning without it: treat every call as a Python call
+    _given_hyperparameters = None
+
+log = logging.getLogger(__name__)
+
+Task = Literal["multiclass", "multilabel"]
+
+
+class CCIMLightningModule(L.LightningModule):
+    """Wraps a host backbone with the CCIM head (``ContextualCausalIntervention``).
+
+    The backbone maps the batch dict to the fused feature ``h`` (B, d_h); the head applies the causal intervention
+    and classifies. The confounder dictionary lives in the head's buffers, so it rides in every checkpoint; it is
+    filled by ``ccim_lightning.callbacks.ConfounderDictionaryCallback`` before fitting.
+
+    Subclass points (override in your project): ``extract_features`` (how ``h`` is computed from the batch),
+    ``compute_loss`` (the training objective), ``predict_probabilities`` (logits to probabilities).
+
+    Args:
+        backbone: Host model, ``forward(batch) -> h``. From YAML: ``class_path`` / ``init_args``.
+        num_classes: Number of emotion classes (linked from the datamodule by the ``ccim`` CLI).
+        task: ``"multiclass"`` (one label, cross-entropy, top-1 accuracy) or ``"multilabel"`` (multi-hot,
+            BCE-with-logits, mean average precision).
+        feature_dim: ``d_h``; read from ``backbone.feature_dim`` when not given.
+        num_prototypes: ``N``, dictionary size (paper: EMOTIC 256, CAER-S 128, GroupWalk 256).
+        confounder_dim: ``d``, width of the dictionary features (2048 for ResNet-152 features).
+        attention: ``"dot_product"`` (eq. 6, the paper's default), ``"additive"`` (eq. 7) or ``"none"`` (baseline).
+        hidden_dim: ``d_m`` of eq. 4.
+        attention_dim: ``d_n`` of eqs. 6-7.
+        dropout: Dropout of the head's residual block.
+        residual_scale: Weight of the residual block's output.
+        use_prior: Multiply by ``P(z)`` in eq. 5 (False: the "without P(z)" ablation).
+        uniform_attention: Uniform ``lambda`` (the "without lambda" ablation).
+        loss: Replaces the default loss; called as ``loss(logits, target)``.
+        optimizer: Optimizer factory, called with the parameters (default ``torch.optim.AdamW`` with its defaults).
+        lr_scheduler: Optional scheduler factory, called with the optimizer; ReduceLROnPlateau monitors
+            ``val/loss``.
+        class_names: Names used to log per-class values; defaults to ``class_0``...
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        task: Task = "multiclass",
+        feature_dim: int | None = None,
+        num_prototypes: int = 128,
+        confounder_dim: int = 2048,
+        attention: Literal["dot_product", "additive", "none"] = "dot_product",
+        hidden_dim: int = 128,
+        attention_dim: int = 256,
+        dropout: float = 0.5,
+        residual_scale: float = 0.3,
+        use_prior: bool = True,
+        uniform_attention: bool = False,
+        loss: nn.Module | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        cli_hparams = _given_hyperparameters is not None and _given_hyperparameters.get() is not None
+        # From Python the backbone and loss are live modules: keeping them in hparams would pickle whole models
+        # into every checkpoint; pass them again to ``load_from_checkpoint``. From the CLI they are configs.
+        self.save_hyperparameters(ignore=None if cli_hparams else ["backbone", "loss", "optimizer", "lr_scheduler"])
+        if task not in ("multiclass", "multilabel"):
+            raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+        if feature_dim is None:
+            feature_dim = getattr(backbone, "feature_dim", None)
+            if feature_dim is None:
+                raise ValueError(
+                    f"feature_dim was not given and the backbone {type(backbone).__name__} has no `feature_dim` "
+                    "attribute: pass feature_dim= (the width of the feature the backbone returns)"
+                )
+        self.backbone = backbone
+        self.head = ContextualCausalIntervention(
+            feature_dim=feature_dim,
+            num_classes=num_classes,
+            num_prototypes=num_prototypes,
+            confounder_dim=confounder_dim,
+            attention=attention,
+            hidden_dim=hidden_dim,
+            attention_dim=attention_dim,
+            dropout=dropout,
+            residual_scale=residual_scale,
+            use_prior=use_prior,
+            uniform_attention=uniform_attention,
+        )
+        self.task = task
+        self.num_classes = num_classes
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
+        self.class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
+        if loss is None:
+            loss = nn.CrossEntropyLoss() if task == "multiclass" else nn.BCEWithLogitsLoss()
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        # One metric collection per stage and evaluation set, created on first use (the test sets are only known
+        # once the trainer hands over the dataloaders).
+        self.metrics = nn.ModuleDict()
+
+    # --- subclass points -------------------------------------------------------------------------------------------
+    def extract_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Returns the host's fused feature ``h`` (B, d_h) for a batch."""
+        return self.backbone(batch)
+
+    def compute_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Returns the training loss for a batch's logits."""
+        return self.loss(logits, self._loss_target(batch["target"]))
+
+    def predict_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Maps logits to class probabilities (softmax for multiclass, sigmoid for multilabel)."""
+        return logits.softmax(dim=-1) if self.task == "multiclass" else logits.sigmoid()
+
+    # --- forward and steps -----------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Returns logits (B, num_classes) for a batch dict."""
+        return self.head(self.extract_features(batch))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._shared_step(batch, self._test_set_name(dataloader_idx))
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Returns ``{"index": (B,), "probabilities": (B, C)}`` so predictions can be matched to samples."""
+        probabilities = self.predict_probabilities(self(batch).float())
+        return {"index": batch["index"], "probabilities": probabilities}
+
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        logits = self(batch)
+        loss = self.compute_loss(logits, batch)
+        batch_size = logits.shape[0]
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, batch_size=batch_size,
+                 prog_bar=stage in ("train", "val"), add_dataloader_idx=False, sync_dist=not on_step)
+        metrics = self._metrics(stage)
+        metrics.update(logits.detach().float(), batch["target"].long() if self.task == "multilabel" else batch["target"])
+        if self.task == "multiclass":
+            # Accuracy is cheap to aggregate, so Lightning's epoch reduction handles it; logging the metric object
+            # lets torchmetrics sync it across ranks.
+            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size,
+                          prog_bar=stage != "train", add_dataloader_idx=False)
+        return loss
+
+    def _loss_target(self, target: torch.Tensor) -> torch.Tensor:
+        return target.float() if self.task == "multilabel" else target
+
+    # --- metrics ---------------------------------------------------------------------------------------------------
+    def _make_metrics(self, stage: str) -> MetricCollection:
+        if self.task == "multiclass":
+            metrics: dict[str, Metric] = {
+                "acc": MulticlassAccuracy(self.num_classes, average="micro"),
+                "macro_acc": MulticlassAccuracy(self.num_classes, average="macro"),
+            }
+        else:
+            # average=None keeps the per-class values; the macro mean (mAP) is taken from them at epoch end.
+            metrics = {"AP": MultilabelAveragePrecision(self.num_classes, average=None)}
+        return MetricCollection(metrics, prefix=f"{stage}/")
+
+    def _metrics(self, stage: str) -> MetricCollection:
+        key = f"{stage}_metrics"  # ModuleDict keys may not shadow nn.Module attributes such as `train`
+        if key not in self.metrics:
+            self.metrics[key] = self._make_metrics(stage).to(self.device)
+        return self.metrics[key]
+
+    def _test_set_name(self, dataloader_idx: int) -> str:
+        names = getattr(self.trainer.datamodule, "test_set_names", None) if self._trainer is not None else None
+        num_loaders = len(self.trainer.test_dataloaders) if isinstance(self.trainer.test_dataloaders, list) else 1
+        if names and len(names) == num_loaders:
+            return f"test_{names[dataloader_idx]}"
+        return "test" if num_loaders == 1 else f"test_{dataloader_idx}"
+
+    def _log_multilabel_epoch(self, stages: Sequence[str]) -> None:
+        if self.task != "multilabel":
+            return
+        for stage in stages:
+            if f"{stage}_metrics" not in self.metrics:
+                continue
+            metrics = self._metrics(stage)
+            per_class = metrics["AP"].compute()
+            # Classes without a positive sample have no defined AP (NaN); the mean is over the others.
+            self.log(f"{stage}/mAP", per_class.nanmean(), prog_bar=stage != "train", sync_dist=False)
+            for name, value in zip(self.class_names, per_class):
+                self.log(f"{stage}/AP/{name}", value, sync_dist=False)
+            metrics.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_multilabel_epoch(["train"])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_multilabel_epoch(["val"])
+
+    def on_test_epoch_end(self) -> None:
+        self._log_multilabel_epoch([key.removesuffix("_metrics") for key in self.metrics if key.startswith("test")])
+
+    # --- optimisation ----------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}

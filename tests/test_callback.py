@@ -1,0 +1,175 @@
+import logging
+
+import lightning as L
+import pytest
+import torch
+
+from ccim_lightning import CCIMLightningModule, ContextFeatureExtractor
+from ccim_lightning.callbacks import ConfounderDictionaryCallback
+from ccim_lightning.datamodules import SyntheticContextDataModule
+from ccim_lightning.dictionary import ConfounderDictionary, DictionaryFileError
+from ccim_lightning.dictionary_builder import ContextFeatures, gather_features
+from ccim_lightning.hosts import TwoStreamHost
+
+EXTRACTOR = "test_efficientnet"  # timm's tiny test model: 256-d features, fast on CPU
+DIM = 256
+
+
+def tiny_data(**kwargs):
+    settings = dict(seed=3, bias=0.9, train_size=96, val_size=32, test_size=32, batch_size=32, image_size=32,
+                    subject_size=16)
+    settings.update(kwargs)
+    return SyntheticContextDataModule(**settings)
+
+
+def tiny_model(attention="dot_product", num_prototypes=6, confounder_dim=DIM):
+    return CCIMLightningModule(
+        TwoStreamHost(feature_dim=16), num_classes=4, num_prototypes=num_prototypes, confounder_dim=confounder_dim,
+        attention=attention,
+    )
+
+
+def fit(tmp_path, model, data, callback, **kwargs):
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1,
+        limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[callback], **kwargs,
+    )
+    trainer.fit(model, datamodule=data)
+    return trainer
+
+
+def independent_features(data, mask_subject=True):
+    """The scene CNN's features of every train sample, computed here without the callback's code."""
+    data.setup("fit")
+    dataset = data.dictionary_dataset(mask_subject=mask_subject)
+    extractor = ContextFeatureExtractor(EXTRACTOR)
+    with torch.no_grad():
+        images = torch.stack([dataset[i]["context"] for i in range(len(dataset))])
+        return extractor(images)
+
+
+def test_builds_dictionary_whose_prior_weighted_mean_is_the_feature_mean(tmp_path):
+    callback = ConfounderDictionaryCallback(extractor=EXTRACTOR, progress=False)
+    model = tiny_model()
+    fit(tmp_path, model, tiny_data(), callback)
+    head = model.head
+    assert bool(head.dictionary_filled)
+    assert head.prior.sum().item() == pytest.approx(1.0, abs=1e-5)
+    counts = torch.tensor(callback.last_dictionary.extra["cluster_sizes"], dtype=torch.float32)
+    assert counts.sum() == 96
+    assert torch.allclose(head.prior, counts / 96)
+    # Centroids are their members' means and priors their shares, so sum_i P_i z_i is the mean of all features.
+    features = independent_features(tiny_data())
+    assert torch.allclose((head.prior[:, None] * head.dictionary).sum(0), features.mean(0), atol=1e-4, rtol=1e-4)
+    assert 0.0 <= callback.last_dictionary.extra["scene_nmi"] <= 1.0
+
+
+def test_unmasked_dictionary_uses_unmasked_images(tmp_path):
+    callback = ConfounderDictionaryCallback(extractor=EXTRACTOR, mask_subject=False, progress=False)
+    model = tiny_model()
+    fit(tmp_path, model, tiny_data(), callback)
+    masked = independent_features(tiny_data(), mask_subject=True).mean(0)
+    unmasked = independent_features(tiny_data(), mask_subject=False).mean(0)
+    weighted = (model.head.prior[:, None] * model.head.dictionary).sum(0)
+    assert torch.allclose(weighted, unmasked, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(weighted, masked, atol=1e-4, rtol=1e-4)
+
+
+def test_random_dictionary_is_seeded_with_uniform_prior(tmp_path):
+    models = []
+    for _ in range(2):
+        model = tiny_model()
+        fit(tmp_path, model, tiny_data(), ConfounderDictionaryCallback(source="random", seed=5, progress=False))
+        models.append(model)
+    assert torch.equal(models[0].head.dictionary, models[1].head.dictionary)
+    assert torch.allclose(models[0].head.prior, torch.full((6,), 1 / 6))
+
+
+def test_filled_dictionary_is_not_rebuilt(tmp_path, caplog):
+    model = tiny_model()
+    prototypes, prior = torch.randn(6, DIM), torch.full((6,), 1 / 6)
+    model.head.set_dictionary(prototypes, prior)
+    with caplog.at_level(logging.INFO):
+        fit(tmp_path, model, tiny_data(), ConfounderDictionaryCallback(extractor="no_such_model", progress=False))
+    assert torch.equal(model.head.dictionary, prototypes)
+    assert "already filled" in caplog.text
+
+
+def test_baseline_head_needs_no_dictionary(tmp_path, caplog):
+    model = tiny_model(attention="none")
+    with caplog.at_level(logging.INFO):
+        fit(tmp_path, model, tiny_data(), ConfounderDictionaryCallback(extractor="no_such_model", progress=False))
+    assert not bool(model.head.dictionary_filled)
+    assert "not needed" in caplog.text
+
+
+def test_confounder_dim_mismatch_is_a_clear_error(tmp_path):
+    model = tiny_model(confounder_dim=100)
+    with pytest.raises(ValueError, match="confounder_dim: 256"):
+        fit(tmp_path, model, tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, progress=False))
+
+
+def test_datamodule_without_dictionary_dataset_is_a_clear_error(tmp_path):
+    data = tiny_data()
+    data.setup("fit")
+    model = tiny_model()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                        callbacks=[ConfounderDictionaryCallback(extractor=EXTRACTOR, progress=False)])
+    with pytest.raises(TypeError, match="dictionary_dataset"):
+        trainer.fit(model, train_dataloaders=data.train_dataloader())
+
+
+def test_cache_is_reused_when_it_matches_and_rebuilt_when_it_does_not(tmp_path, caplog, monkeypatch):
+    cache = tmp_path / "dictionary.pt"
+    first = tiny_model()
+    fit(tmp_path, first, tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache),
+                                                                   progress=False))
+    assert cache.exists()
+    saved = ConfounderDictionary.load(cache)
+    assert saved.num_prototypes == 6 and saved.extractor == EXTRACTOR and saved.num_samples == 96
+
+    import ccim_lightning.callbacks.confounder_dictionary as module
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("a matching cache must not be rebuilt")
+
+    monkeypatch.setattr(module, "extract_context_features", no_extraction)
+    second = tiny_model()
+    with caplog.at_level(logging.INFO):
+        fit(tmp_path, second, tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache),
+                                                                        progress=False))
+    assert "reusing" in caplog.text
+    assert torch.equal(second.head.dictionary, first.head.dictionary)
+    monkeypatch.undo()
+
+    caplog.clear()
+    third = tiny_model()
+    with caplog.at_level(logging.INFO):  # another data seed: other samples, so the cache is stale
+        fit(tmp_path, third, tiny_data(seed=4), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache),
+                                                                              progress=False))
+    assert "does not match" in caplog.text and "dataset_fingerprint" in caplog.text
+
+
+def test_damaged_cache_is_an_error_not_silently_used(tmp_path):
+    cache = tmp_path / "dictionary.pt"
+    cache.write_bytes(b"not a dictionary")
+    with pytest.raises(DictionaryFileError, match="dictionary.pt"):
+        fit(tmp_path, tiny_model(), tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache),
+                                                                              progress=False))
+
+
+def test_gather_removes_sampler_padding_and_restores_index_order():
+    # Two ranks of a DistributedSampler over 5 samples: rank 0 gets 0, 2, 4 and rank 1 gets 1, 3, 0 (padding).
+    features = torch.arange(5, dtype=torch.float32)[:, None].repeat(1, 3)
+    shards = [torch.tensor([0, 2, 4]), torch.tensor([1, 3, 0])]
+    stacked = ContextFeatures(torch.stack([features[s] for s in shards]), torch.stack(shards))
+
+    def fake_all_gather(tensor):  # what each rank would receive: every rank's shard, stacked
+        return stacked.features if tensor.is_floating_point() else stacked.indices
+
+    local = ContextFeatures(stacked.features[0], stacked.indices[0])
+    gathered = gather_features(local, fake_all_gather, world_size=2)
+    assert torch.equal(gathered.indices, torch.arange(5))
+    assert torch.equal(gathered.features, features)

@@ -1,0 +1,234 @@
+"""Tests for ccim_lightning.dictionary: the confounder dictionary, its cache file and the dataset fingerprint."""
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from ccim_lightning.dictionary import (
+    CACHE_KEY_FIELDS,
+    ConfounderDictionary,
+    DictionaryFileError,
+    dataset_fingerprint,
+)
+
+
+def _clustered(num_prototypes: int = 8, dim: int = 6, **overrides) -> ConfounderDictionary:
+    generator = torch.Generator().manual_seed(0)
+    kwargs = {
+        "extractor": "resnet152",
+        "weights_digest": "ab" * 32,
+        "mask_subject": True,
+        "seed": 7,
+        "dataset_fingerprint": dataset_fingerprint(f"train:{i}" for i in range(100)),
+        "inertia": 12.5,
+        "extra": {"pca_dim": 256, "niter": 20, "timings": {"cluster_s": 1.5}, "sizes": (1, 2)},
+    } | overrides
+    counts = torch.arange(1, num_prototypes + 1)
+    return ConfounderDictionary.from_clustering(torch.randn(num_prototypes, dim, generator=generator), counts, **kwargs)
+
+
+def _payload(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_from_clustering_prior_is_cluster_share():
+    counts = np.array([5, 0, 3, 12])
+    centroids = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    z = ConfounderDictionary.from_clustering(
+        centroids, counts, extractor="r", weights_digest="d", mask_subject=True, seed=0, dataset_fingerprint="f"
+    )
+    torch.testing.assert_close(z.prior, torch.tensor([5, 0, 3, 12], dtype=torch.float32) / 20)
+    torch.testing.assert_close(z.prototypes, torch.from_numpy(centroids))
+    assert z.prior.dtype == z.prototypes.dtype == torch.float32
+    assert z.num_prototypes == 4 and z.dim == 3 and z.num_samples == 20
+    assert z.source == "features"
+    with pytest.raises(ValueError, match="sum to 0"):
+        ConfounderDictionary.from_clustering(
+            centroids,
+            np.zeros(4),
+            extractor="r",
+            weights_digest="d",
+            mask_subject=True,
+            seed=0,
+            dataset_fingerprint="f",
+        )
+
+
+def test_random_is_seeded_with_uniform_prior():
+    a = ConfounderDictionary.random(16, 5, seed=3)
+    b = ConfounderDictionary.random(16, 5, seed=3)
+    c = ConfounderDictionary.random(16, 5, seed=4)
+    torch.manual_seed(123)  # the global RNG plays no part
+    d = ConfounderDictionary.random(16, 5, seed=3)
+
+    torch.testing.assert_close(a.prototypes, b.prototypes, rtol=0, atol=0)
+    torch.testing.assert_close(a.prototypes, d.prototypes, rtol=0, atol=0)
+    assert not torch.equal(a.prototypes, c.prototypes)
+    torch.testing.assert_close(a.prior, torch.full((16,), 1 / 16))
+    assert a.source == "random" and a.seed == 3 and a.num_prototypes == 16 and a.dim == 5
+    scaled = ConfounderDictionary.random(16, 5, seed=3, scale=2.5)
+    torch.testing.assert_close(scaled.prototypes, 2.5 * a.prototypes)
+
+
+def test_save_load_round_trip_keeps_every_field(tmp_path):
+    z = _clustered()
+    path = tmp_path / "nested" / "dir" / "dictionary.pt"
+    assert z.save(path) == path
+    assert [p.name for p in path.parent.iterdir()] == ["dictionary.pt"]  # no temporary file left behind
+
+    loaded = ConfounderDictionary.load(path)
+
+    for f in dataclasses.fields(ConfounderDictionary):
+        have, want = getattr(loaded, f.name), getattr(z, f.name)
+        if isinstance(want, torch.Tensor):
+            torch.testing.assert_close(have, want, rtol=0, atol=0)
+        elif f.name == "extra":
+            assert have == {"pca_dim": 256, "niter": 20, "timings": {"cluster_s": 1.5}, "sizes": [1, 2]}
+        else:
+            assert have == want, f.name
+    assert loaded.cache_key() == z.cache_key()
+    assert loaded.mismatches(z.cache_key()) == []
+    payload = _payload(path)
+    assert payload["format"] == "ccim-lightning/confounder-dictionary" and payload["version"] == 1
+
+
+def test_save_replaces_an_existing_file(tmp_path):
+    path = tmp_path / "z.pt"
+    _clustered(num_prototypes=4).save(path)
+    _clustered(num_prototypes=6).save(path)
+    assert ConfounderDictionary.load(path).num_prototypes == 6
+
+
+def test_save_rejects_values_a_weights_only_load_cannot_read(tmp_path):
+    z = _clustered(extra={"when": object()})
+    with pytest.raises(TypeError, match=r"extra\['when'\]"):
+        z.save(tmp_path / "z.pt")
+    assert not list(tmp_path.iterdir())
+    _clustered(extra={"count": np.int64(3), "ratio": np.float32(0.5)}).save(tmp_path / "z.pt")
+    assert ConfounderDictionary.load(tmp_path / "z.pt").extra == {"count": 3, "ratio": 0.5}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_file_is_rejected(tmp_path, damage):
+    path = tmp_path / "z.pt"
+    _clustered().save(path)
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x00garbage" * 100, "empty": b""}[damage])
+
+    with pytest.raises(DictionaryFileError, match="cannot be read") as excinfo:
+        ConfounderDictionary.load(path)
+    assert str(path) in str(excinfo.value) and "rebuild" in str(excinfo.value)
+
+
+def test_foreign_torch_file_is_rejected(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(3, 2).state_dict(), path)
+    with pytest.raises(DictionaryFileError, match="is not a confounder dictionary") as excinfo:
+        ConfounderDictionary.load(path)
+    assert str(path) in str(excinfo.value) and "'weight'" in str(excinfo.value)
+
+
+def _rewrite(path, edit) -> None:
+    payload = _payload(path)
+    edit(payload)
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        pytest.param(lambda p: p.update(version=2), "format version 2", id="version"),
+        pytest.param(lambda p: p.update(prior=p["prior"] * 2), "prior sums to 2", id="prior_sum"),
+        pytest.param(lambda p: p["prior"].__setitem__(0, -p["prior"][0]), "negative", id="negative"),
+        pytest.param(lambda p: p["prior"].__setitem__(0, float("nan")), "prior contains NaN", id="nan_prior"),
+        pytest.param(
+            lambda p: p["prototypes"].__setitem__((0, 0), float("inf")),
+            "prototypes contain NaN or infinite",
+            id="inf_prototype",
+        ),
+        pytest.param(lambda p: p.update(prior=p["prior"][:-1]), r"prior must have shape \(8,\)", id="prior_shape"),
+        pytest.param(
+            lambda p: p.update(prototypes=p["prototypes"][0]),
+            r"prototypes must have shape \(N, d\)",
+            id="prototype_shape",
+        ),
+        pytest.param(
+            lambda p: p["metadata"].update(num_prototypes=9), "num_prototypes is 9 but there are 8", id="num_prototypes"
+        ),
+        pytest.param(lambda p: p["metadata"].pop("seed"), r"metadata lacks \['seed'\]", id="missing_field"),
+        pytest.param(
+            lambda p: p["metadata"].update(colour="red"), r"unknown metadata fields \['colour'\]", id="unknown_field"
+        ),
+        pytest.param(lambda p: p["metadata"].update(source="magic"), "source must be one of", id="source"),
+        pytest.param(lambda p: p.update(prior=p["prior"].double()), "not float32", id="dtype"),
+        pytest.param(lambda p: p.pop("prototypes"), r"no tensor under \['prototypes'\]", id="no_tensor"),
+    ],
+)
+def test_inconsistent_content_is_rejected(tmp_path, edit, reason):
+    path = tmp_path / "z.pt"
+    _clustered().save(path)
+    _rewrite(path, edit)
+
+    with pytest.raises(DictionaryFileError, match=reason) as excinfo:
+        ConfounderDictionary.load(path)
+    assert str(path) in str(excinfo.value) and "Delete it" in str(excinfo.value)
+
+
+def test_constructor_checks_the_prior():
+    with pytest.raises(ValueError, match="prior sums to 0.5"):
+        ConfounderDictionary(
+            torch.zeros(2, 3),
+            torch.tensor([0.25, 0.25]),
+            extractor="r",
+            weights_digest="d",
+            mask_subject=True,
+            seed=0,
+            source="features",
+            dataset_fingerprint="f",
+            num_samples=2,
+        )
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ConfounderDictionary.load(tmp_path / "absent.pt")
+
+
+def test_cache_key_and_mismatch_reasons():
+    z = _clustered(num_prototypes=8)
+    key = z.cache_key()
+    assert tuple(key) == CACHE_KEY_FIELDS
+    assert z.mismatches(key) == []
+    assert z.mismatches(key | {"dim": 6, "num_samples": 36}) == []
+
+    reasons = z.mismatches(key | {"num_prototypes": 256, "mask_subject": False, "dim": 2048})
+    assert reasons == [
+        "num_prototypes: cache has 8, run wants 256",
+        "mask_subject: cache has True, run wants False",
+        "dim: cache has 6, run wants 2048",
+    ]
+    partial = {k: v for k, v in key.items() if k != "weights_digest"}
+    assert z.mismatches(partial) == [f"weights_digest: cache has {z.weights_digest!r}, run does not say"]
+    with pytest.raises(KeyError, match="colour"):
+        z.mismatches(key | {"colour": "red"})
+
+
+def test_dataset_fingerprint():
+    ids = [f"images/{i:05d}.jpg" for i in range(50)]
+    fingerprint = dataset_fingerprint(ids)
+
+    assert fingerprint.startswith("n=50;sha256=")
+    assert dataset_fingerprint(reversed(ids)) == fingerprint  # order-independent
+    changed = ids.copy()
+    changed[17] = "images/99999.jpg"
+    assert dataset_fingerprint(changed) != fingerprint
+    assert dataset_fingerprint(ids[:-1]) != fingerprint
+    assert dataset_fingerprint(ids + ids[:1]) != fingerprint  # duplicates count
+    # Reference: sha256 over the sorted per-identity sha256 digests.
+    reference = hashlib.sha256(b"".join(sorted(hashlib.sha256(i.encode()).digest() for i in ids))).hexdigest()
+    assert fingerprint == f"n=50;sha256={reference}"
+    with pytest.raises(TypeError, match="strings"):
+        dataset_fingerprint([1, 2])
