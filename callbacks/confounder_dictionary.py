@@ -178,8 +178,9 @@ class ConfounderDictionaryCallback(Callback):
         }
         if dictionary.inertia is not None:
             stats["dictionary/inertia"] = dictionary.inertia
-        if "scene_nmi" in dictionary.extra:
-            stats["dictionary/scene_nmi"] = dictionary.extra["scene_nmi"]
+        for name in ("scene_nmi", "scene_purity"):
+            if name in dictionary.extra:
+                stats[f"dictionary/{name}"] = dictionary.extra[name]
         log.info("Confounder dictionary: %s", ", ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in stats.items()))
         if not trainer.is_global_zero:
             return

@@ -91,6 +91,7 @@ def main(args: list[str] | None = None) -> None:
     confounder dictionary alone) and ``bias-report`` (how much a dataset's context predicts its emotions).
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is not news to users
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["build-dictionary"]:
         build_dictionary(argv[1:])
@@ -99,7 +100,7 @@ def main(args: list[str] | None = None) -> None:
 
         bias_report_main(argv[1:])
     else:
-        build_cli(argv)
+        build_cli(args)  # None: LightningCLI reads sys.argv itself (and warns when given both)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ def dictionary_loader(
         shuffle=False,
         sampler=sampler,
         num_workers=num_workers,
+        # Datasets that can skip undecodable images (on_bad_sample="skip") bring a collate that drops them.
+        collate_fn=getattr(dataset, "collate_fn", None),
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
     )
@@ -196,9 +198,13 @@ def cluster_dictionary(
     if gathered.scenes is not None:
         from torchmetrics.functional.clustering import normalized_mutual_info_score
 
-        extra["scene_nmi"] = float(
-            normalized_mutual_info_score(result.assignments.cpu(), gathered.scenes.cpu())
-        )
+        assignments, scenes = result.assignments.cpu(), gathered.scenes.cpu()
+        extra["scene_nmi"] = float(normalized_mutual_info_score(assignments, scenes))
+        # NMI is capped well below 1 when there are more clusters than scenes; purity (the share of samples whose
+        # cluster's most common scene is theirs) says directly whether clusters mix scenes.
+        joint = torch.zeros(num_prototypes, int(scenes.max()) + 1, dtype=torch.long)
+        joint.index_put_((assignments, scenes), torch.ones_like(scenes), accumulate=True)
+        extra["scene_purity"] = float(joint.max(dim=1).values.sum() / len(scenes))
     return ConfounderDictionary.from_clustering(
         result.centroids.cpu(),
         result.counts.cpu(),

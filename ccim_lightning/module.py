@@ -158,13 +158,8 @@ class CCIMLightningModule(L.LightningModule):
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, batch_size=batch_size,
                  prog_bar=stage in ("train", "val"), add_dataloader_idx=False, sync_dist=not on_step)
-        metrics = self._metrics(stage)
-        metrics.update(logits.detach().float(), batch["target"].long() if self.task == "multilabel" else batch["target"])
-        if self.task == "multiclass":
-            # Accuracy is cheap to aggregate, so Lightning's epoch reduction handles it; logging the metric object
-            # lets torchmetrics sync it across ranks.
-            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size,
-                          prog_bar=stage != "train", add_dataloader_idx=False)
+        target = batch["target"].long() if self.task == "multilabel" else batch["target"]
+        self._metrics(stage).update(logits.detach().float(), target)
         return loss
 
     def _loss_target(self, target: torch.Tensor) -> torch.Tensor:
@@ -195,28 +190,32 @@ class CCIMLightningModule(L.LightningModule):
             return f"test_{names[dataloader_idx]}"
         return "test" if num_loaders == 1 else f"test_{dataloader_idx}"
 
-    def _log_multilabel_epoch(self, stages: Sequence[str]) -> None:
-        if self.task != "multilabel":
-            return
+    def _log_epoch_metrics(self, stages: Sequence[str]) -> None:
+        # Computed here rather than logged as Metric objects: torchmetrics syncs the states across ranks in
+        # compute(), and the collections are created lazily, which Lightning's Metric-object logging cannot follow.
         for stage in stages:
             if f"{stage}_metrics" not in self.metrics:
                 continue
             metrics = self._metrics(stage)
-            per_class = metrics["AP"].compute()
-            # Classes without a positive sample have no defined AP (NaN); the mean is over the others.
-            self.log(f"{stage}/mAP", per_class.nanmean(), prog_bar=stage != "train", sync_dist=False)
-            for name, value in zip(self.class_names, per_class):
-                self.log(f"{stage}/AP/{name}", value, sync_dist=False)
+            values = metrics.compute()
+            if self.task == "multilabel":
+                per_class = values.pop(f"{stage}/AP")
+                # Classes without a positive sample have no defined AP (NaN); the mean is over the others.
+                values[f"{stage}/mAP"] = per_class.nanmean()
+                values.update({f"{stage}/AP/{name}": value for name, value in zip(self.class_names, per_class)})
+            for name, value in values.items():
+                show = stage != "train" and name.rsplit("/", 1)[-1] in ("acc", "mAP")
+                self.log(name, value, prog_bar=show, add_dataloader_idx=False)
             metrics.reset()
 
     def on_train_epoch_end(self) -> None:
-        self._log_multilabel_epoch(["train"])
+        self._log_epoch_metrics(["train"])
 
     def on_validation_epoch_end(self) -> None:
-        self._log_multilabel_epoch(["val"])
+        self._log_epoch_metrics(["val"])
 
     def on_test_epoch_end(self) -> None:
-        self._log_multilabel_epoch([key.removesuffix("_metrics") for key in self.metrics if key.startswith("test")])
+        self._log_epoch_metrics([key.removesuffix("_metrics") for key in self.metrics if key.startswith("test")])
 
     # --- optimisation ----------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -63,6 +63,27 @@ def test_builds_dictionary_whose_prior_weighted_mean_is_the_feature_mean(tmp_pat
     features = independent_features(tiny_data())
     assert torch.allclose((head.prior[:, None] * head.dictionary).sum(0), features.mean(0), atol=1e-4, rtol=1e-4)
     assert 0.0 <= callback.last_dictionary.extra["scene_nmi"] <= 1.0
+    assert 0.0 < callback.last_dictionary.extra["scene_purity"] <= 1.0
+
+
+def test_cluster_statistics_against_hand_counts():
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from ccim_lightning.dictionary_builder import cluster_dictionary
+
+    # Two tight blobs of 4 points; scenes 0,0,0,1 in the first and 1,1,1,1 in the second: purity (3 + 4) / 8.
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
+    features = centres.repeat_interleave(4, dim=0) + 0.01 * torch.randn(8, 2, generator=g)
+    scenes = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])
+    gathered = ContextFeatures(features, torch.arange(8), scenes)
+    dictionary = cluster_dictionary(gathered, 2, extractor_name="x", weights_digest="y", mask_subject=True, seed=0,
+                                    fingerprint="f")
+    assert dictionary.extra["scene_purity"] == pytest.approx(7 / 8)
+    blob = [0, 0, 0, 0, 1, 1, 1, 1]
+    assert dictionary.extra["scene_nmi"] == pytest.approx(normalized_mutual_info_score(scenes, blob), abs=1e-6)
+    assert sorted(dictionary.extra["cluster_sizes"]) == [4, 4]
+    assert torch.allclose(dictionary.prior, torch.tensor([0.5, 0.5]))
 
 
 def test_unmasked_dictionary_uses_unmasked_images(tmp_path):

@@ -1,0 +1,142 @@
+"""Wall time and inertia of ``ccim_lightning.clustering.kmeans`` against scikit-learn's k-means++ ``KMeans``.
+
+The data imitate pooled scene-CNN features: a mixture of ``--blobs`` Gaussian blobs (unit-variance centres, unit
+noise, Dirichlet-distributed blob sizes) in ``--dim`` dimensions passed through a ReLU, float32.
+
+Method:
+    * Each method runs in a fresh Python subprocess (its own thread pools, nothing warm from the other one), one
+      after the other, on the same data (written once to a temporary ``.npy`` file and read before the clock starts).
+    * scikit-learn: ``KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=--iterations, tol=0,
+      random_state=--seed)``; ``tol=0`` stops it only when the labels stop changing, as FAISS stops when its
+      objective stops changing, so both get the same iteration budget and stopping rule.
+    * ours: ``kmeans(features, k, seed=--seed, num_iterations=--iterations)``, backend ``auto`` (FAISS on the CPU).
+    * Wall time: of the fit call alone (``time.perf_counter``), the best of ``--repeats`` runs.
+    * Inertia: recomputed here for both, in float64, as the sum of squared distances of the points to the centre of
+      their label (scikit-learn's centres are those of its last update, ours the means of the final clusters).
+    * The load average before and after is printed: on a machine shared with other work both timings inflate.
+
+Example:
+    python benchmarks/kmeans.py                                 # 20000 x 2048, k=256, 25 iterations
+    python benchmarks/kmeans.py --n 5000 --dim 256 --k 64       # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=20000, help="number of points")
+    parser.add_argument("--dim", type=int, default=2048, help="feature dimension")
+    parser.add_argument("--k", type=int, default=256, help="number of clusters")
+    parser.add_argument("--blobs", type=int, default=384, help="number of Gaussian blobs in the data")
+    parser.add_argument("--iterations", type=int, default=25, help="most Lloyd iterations, for both methods")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of both k-means runs")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per method; the fastest counts")
+    parser.add_argument("--child", choices=("ours", "sklearn"), help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def make_features(n: int, dim: int, blobs: int, seed: int) -> np.ndarray:
+    """ReLU of a Gaussian mixture: (n, dim) float32, non-negative."""
+    rng = np.random.default_rng(seed)
+    shares = rng.dirichlet(np.full(blobs, 2.0))
+    labels = rng.choice(blobs, size=n, p=shares)
+    centres = rng.standard_normal((blobs, dim), dtype=np.float32)
+    features = centres[labels] + rng.standard_normal((n, dim), dtype=np.float32)
+    return np.maximum(features, 0.0, out=features)
+
+
+def run_child(args: argparse.Namespace) -> None:
+    """Fits one method ``--repeats`` times; prints JSON with the best time, saves the last fit's centres and labels."""
+    features = np.load(args.data)
+    times = []
+    for _ in range(args.repeats):
+        if args.child == "sklearn":
+            from sklearn.cluster import KMeans
+
+            model = KMeans(
+                n_clusters=args.k, init="k-means++", n_init=1, max_iter=args.iterations, tol=0.0,
+                random_state=args.seed,
+            )
+            start = time.perf_counter()
+            model.fit(features)
+            times.append(time.perf_counter() - start)
+            centres, labels, iterations, backend = model.cluster_centers_, model.labels_, model.n_iter_, "lloyd"
+        else:
+            from ccim_lightning.clustering import kmeans
+
+            start = time.perf_counter()
+            result = kmeans(features, args.k, seed=args.seed, num_iterations=args.iterations)
+            times.append(time.perf_counter() - start)
+            centres, labels = result.centroids.numpy(), result.assignments.numpy()
+            iterations, backend = result.iterations, result.backend
+    out = Path(args.data).with_suffix(f".{args.child}.npz")
+    np.savez(out, centres=centres, labels=labels)
+    print(json.dumps({"seconds": min(times), "iterations": int(iterations), "backend": backend, "out": str(out)}))
+
+
+def inertia(features: np.ndarray, centres: np.ndarray, labels: np.ndarray) -> float:
+    """Sum of squared distances of the points to the centre of their label, in float64, in row chunks."""
+    total = 0.0
+    for start in range(0, len(features), 4096):
+        rows = features[start : start + 4096].astype(np.float64)
+        total += float(np.square(rows - centres[labels[start : start + 4096]].astype(np.float64)).sum())
+    return total
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        run_child(args)
+        return
+    features = make_features(args.n, args.dim, args.blobs, args.seed)
+    load_before = os.getloadavg()
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        data = Path(folder) / "features.npy"
+        np.save(data, features)
+        for method in ("sklearn", "ours"):
+            command = [
+                sys.executable, __file__, "--child", method, "--data", str(data), "--k", str(args.k),
+                "--iterations", str(args.iterations), "--seed", str(args.seed), "--repeats", str(args.repeats),
+            ]
+            done = subprocess.run(command, check=True, capture_output=True, text=True)
+            report = json.loads(done.stdout.strip().splitlines()[-1])
+            fit = np.load(report["out"])
+            report["inertia"] = inertia(features, fit["centres"], fit["labels"])
+            report["clusters"] = int(len(np.unique(fit["labels"])))
+            rows[method] = report
+    load_after = os.getloadavg()
+
+    reference = rows["sklearn"]
+    print(
+        f"k-means on {args.n} x {args.dim} ReLU'd mixture of {args.blobs} blobs (float32), k={args.k}, "
+        f"at most {args.iterations} iterations, seed {args.seed}, best of {args.repeats}; "
+        f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
+    )
+    print()
+    print("| method | backend | wall s | iterations | clusters used | inertia | time / sklearn | inertia / sklearn |")
+    print("|---|---|---|---|---|---|---|---|")
+    names = {"sklearn": "scikit-learn KMeans (k-means++, n_init=1)", "ours": "ccim_lightning.clustering.kmeans"}
+    for method, report in rows.items():
+        print(
+            f"| {names[method]} | {report['backend']} | {report['seconds']:.2f} | {report['iterations']} | "
+            f"{report['clusters']} | {report['inertia']:.6g} | {report['seconds'] / reference['seconds']:.3f} | "
+            f"{report['inertia'] / reference['inertia']:.4f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,511 @@
+"""EMOTIC (Kosti et al., TPAMI 2019): 26 multi-label emotion categories and V/A/D per person in context.
+
+Reads either annotation form of ``docs/datasets.md``:
+
+- the original ``<root>/Annotations/Annotations.mat`` (MATLAB v5, via ``scipy.io.loadmat``), one entry per image
+  with its persons: train persons carry the single annotator's ``annotations_categories`` / ``annotations_continuous``,
+  val/test persons the ``combined_categories`` / ``combined_continuous`` of several annotators. The squeeze quirks
+  are handled: a single person, a single label (a bare string), an empty combined label list.
+- the preprocessed CSV form (``{train,val,test}.csv``, one row per person, in ``<root>/emotic_pre/`` by default),
+  optionally with the ``{split}_context_arr.npy`` / ``{split}_body_arr.npy`` image arrays.
+
+Images are read from ``<root>/emotic/<folder>/<filename>`` (``framesdb/framesdb/images`` copies are found too).
+One sample per annotated person: ``subject`` = the body crop, ``context`` = the image with the body box filled with
+zeros, ``target`` = float32 (26,) multi-hot in :data:`CATEGORIES` order, ``vad`` = float32 (valence, arousal,
+dominance) on the annotation's 1-10 scale, NaN where the annotation has none (the ``.mat`` keeps such persons; the
+CSV tool dropped them). Persons without any category are kept with an all-zero target and counted in the split's
+report.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from ccim_lightning.datamodules.common import (
+    SPLITS,
+    AnnotationError,
+    BadSamples,
+    OnBadSample,
+    PersonDataModule,
+    PersonTable,
+    apply_box_rule,
+    collate_skipping_none,
+    make_table,
+    sample_dict,
+    scan_images,
+)
+from PIL import Image
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+CATEGORIES: tuple[str, ...] = (
+    "Affection", "Anger", "Annoyance", "Anticipation", "Aversion", "Confidence", "Disapproval", "Disconnection",
+    "Disquietment", "Doubt/Confusion", "Embarrassment", "Engagement", "Esteem", "Excitement", "Fatigue", "Fear",
+    "Happiness", "Pain", "Peace", "Pleasure", "Sadness", "Sensitivity", "Suffering", "Surprise", "Sympathy",
+    "Yearning",
+)  # fmt: skip
+"""The 26 EMOTIC categories in canonical order (target index 0..25)."""
+
+_CATEGORY_INDEX = {name: i for i, name in enumerate(CATEGORIES)}
+CSV_COLUMNS: tuple[str, ...] = ("Folder", "Filename", "Image Size", "BBox", "Categorical_Labels", "Continuous_Labels")
+"""Columns of the preprocessed CSV form that are read (``Index``, ``Gender``, ``Age`` are ignored)."""
+_VAD = ("valence", "arousal", "dominance")
+
+
+# --- shared parsing helpers ----------------------------------------------------------------------------------------
+def _multi_hot(names: list[str]) -> list[float]:
+    unknown = [name for name in names if name not in _CATEGORY_INDEX]
+    if unknown:
+        raise AnnotationError(f"unknown categories {unknown}; expected names from {list(CATEGORIES)}")
+    target = [0.0] * len(CATEGORIES)
+    for name in names:
+        target[_CATEGORY_INDEX[name]] = 1.0
+    return target
+
+
+def _note_person(bad: BadSamples, where: str, labels: list[str], vad: list[float]) -> None:
+    if not labels:
+        bad.note("persons without categories (all-zero target)", where)
+    if any(v != v for v in vad):
+        bad.note("persons without V/A/D (vad = NaN)", where)
+
+
+# --- CSV form ------------------------------------------------------------------------------------------------------
+def _numbers(cell: str, count: int, column: str) -> list[float]:
+    text = cell.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        raise AnnotationError(f"{column} {cell!r} is not a list like [1, 2, ...]")
+    try:
+        values = [float(part) for part in text[1:-1].split(",")]
+    except ValueError:
+        raise AnnotationError(f"{column} {cell!r} is not a list of {count} numbers") from None
+    if len(values) != count:
+        raise AnnotationError(f"{column} {cell!r} has {len(values)} numbers, expected {count}")
+    return values
+
+
+def _labels(cell: str) -> list[str]:
+    try:
+        value = ast.literal_eval(cell.strip())
+    except (ValueError, SyntaxError):
+        raise AnnotationError(f"Categorical_Labels {cell!r} is not a Python list of names like ['Anger']") from None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise AnnotationError(f"Categorical_Labels {cell!r} is not a list of category names")
+    return list(value)
+
+
+def read_emotic_csv(path: str | os.PathLike, bad: BadSamples | None = None) -> PersonTable:
+    """Reads one split of the preprocessed CSV form (one row per person).
+
+    Args:
+        path: ``train.csv``, ``val.csv`` or ``test.csv``.
+        bad: Accounting for malformed rows; default: raise on the first one.
+
+    Returns:
+        The persons: paths ``<Folder>/<Filename>`` (relative to ``<root>/emotic``), ``BBox`` boxes, multi-hot
+        targets, ``vad`` extras, ``rows`` (data-row positions, to index the ``*_arr.npy`` arrays) and ``sizes``
+        (the stored ``Image Size``; replaced by decoded sizes when images are checked).
+    """
+    path = Path(path)
+    bad = bad or BadSamples("EMOTIC", path.stem)
+    if not path.is_file():
+        raise FileNotFoundError(f"EMOTIC annotation file {path} does not exist")
+    paths, boxes, targets, vads, sizes, rows, sources = [], [], [], [], [], [], []
+    with path.open(newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        missing = [column for column in CSV_COLUMNS if column not in (reader.fieldnames or [])]
+        if missing:
+            raise AnnotationError(
+                f"{path} lacks the columns {missing}; expected the preprocessed EMOTIC header "
+                "Index,Folder,Filename,Image Size,BBox,Categorical_Labels,Continuous_Labels,Gender,Age"
+            )
+        for row_number, row in enumerate(reader):
+            where = f"{path.name} line {reader.line_num}"
+            try:
+                if None in row or None in row.values():
+                    raise AnnotationError(f"has a different number of cells than the header ({len(reader.fieldnames)})")
+                folder, filename = row["Folder"].strip(), row["Filename"].strip()
+                if not folder or not filename:
+                    raise AnnotationError("Folder or Filename is empty")
+                size = _numbers(row["Image Size"], 2, "Image Size")
+                box = _numbers(row["BBox"], 4, "BBox")
+                labels = _labels(row["Categorical_Labels"])
+                target = _multi_hot(labels)
+                vad = _numbers(row["Continuous_Labels"], 3, "Continuous_Labels")
+            except AnnotationError as error:
+                bad.bad("malformed rows", f"{where}: {error}")
+                continue
+            _note_person(bad, where, labels, vad)
+            paths.append(f"{folder}/{filename}")
+            boxes.append(box)
+            targets.append(target)
+            vads.append(vad)
+            sizes.append(size)
+            rows.append(row_number)
+            sources.append(where)
+    table = make_table(
+        paths, boxes, targets, sources, {"vad": vads}, rows, multilabel=True, num_classes=len(CATEGORIES)
+    )
+    table.sizes = np.asarray(sizes, dtype=np.int64).reshape(len(paths), 2)
+    return table
+
+
+# --- MATLAB form ---------------------------------------------------------------------------------------------------
+def _as_list(value: Any) -> list:
+    """A struct array as a list; ``squeeze_me`` turns a one-element array into the bare element."""
+    if isinstance(value, np.ndarray):
+        return list(value.ravel())
+    return [value]
+
+
+def _string(value: Any, name: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, np.ndarray) and value.size == 1 and isinstance(value.item(), str):
+        return value.item()
+    raise AnnotationError(f"{name} is {value!r}, expected a string")
+
+
+def _strings(value: Any, name: str) -> list[str]:
+    if isinstance(value, str):  # a one-element cell array, squeezed
+        return [value]
+    if isinstance(value, np.ndarray) and all(isinstance(v, str) for v in value.ravel()):
+        return [str(v) for v in value.ravel()]
+    raise AnnotationError(f"{name} is {value!r}, expected category names")
+
+
+def _category_list(value: Any, name: str) -> list[str]:
+    """A cell array of names: empty, a bare string (one name, squeezed) or an array of strings."""
+    if isinstance(value, np.ndarray) and value.size == 0:
+        return []
+    return _strings(value, name)
+
+
+def _scalar(value: Any, name: str) -> float:
+    array = np.asarray(value, dtype=np.float64).ravel() if not isinstance(value, str) else None
+    if array is None or array.size > 1:
+        raise AnnotationError(f"{name} is {value!r}, expected a number")
+    return float(array[0]) if array.size else float("nan")
+
+
+def _vad(struct: Any, name: str) -> list[float]:
+    if isinstance(struct, np.ndarray) and struct.size == 0:
+        return [float("nan")] * 3
+    try:
+        return [_scalar(getattr(struct, key), f"{name}.{key}") for key in _VAD]
+    except AttributeError:
+        raise AnnotationError(f"{name} is {struct!r}, expected a struct with valence, arousal, dominance") from None
+
+
+def _person_labels(person: Any, split: str) -> tuple[list[str], list[float]]:
+    if split == "train":
+        annotation = person.annotations_categories
+        annotators = _as_list(annotation)
+        if len(annotators) != 1:
+            raise AnnotationError(f"annotations_categories has {len(annotators)} annotators, expected one in train")
+        labels = _category_list(annotators[0].categories, "categories")
+        continuous = _as_list(person.annotations_continuous)
+        vad = _vad(continuous[0] if len(continuous) == 1 else np.empty(0), "annotations_continuous")
+        return labels, vad
+    labels = _category_list(person.combined_categories, "combined_categories")
+    return labels, _vad(person.combined_continuous, "combined_continuous")
+
+
+def read_emotic_mat(
+    path: str | os.PathLike, bad: dict[str, BadSamples] | None = None, splits: tuple[str, ...] = SPLITS
+) -> dict[str, PersonTable]:
+    """Reads the original ``Annotations.mat`` (all splits at once: the file is loaded once).
+
+    Args:
+        path: ``<root>/Annotations/Annotations.mat``.
+        bad: Accounting per split for malformed entries; default: raise on the first one.
+        splits: Splits to read.
+
+    Returns:
+        Per split, the persons: paths ``<folder>/<filename>`` (relative to ``<root>/emotic``), ``body_bbox`` boxes,
+        multi-hot targets (train: the annotator's categories; val/test: the combined ones) and ``vad`` extras
+        (NaN where missing). ``image_size`` is not read: it is unreliable (``emodb_small`` stores it transposed).
+    """
+    from scipy.io import loadmat
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"EMOTIC annotation file {path} does not exist")
+    try:
+        mat = loadmat(path, squeeze_me=True, struct_as_record=False)
+    except Exception as error:
+        raise AnnotationError(
+            f"cannot read {path} as a MATLAB v5 file: {error}; expected EMOTIC's Annotations.mat"
+        ) from error
+    bad = bad or {}
+    tables = {}
+    for split in splits:
+        if split not in mat:
+            keys = sorted(key for key in mat if not key.startswith("__"))
+            raise AnnotationError(
+                f"{path} has no {split!r} struct array (found {keys}); is it EMOTIC's Annotations.mat?"
+            )
+        split_bad = bad.get(split) or BadSamples("EMOTIC", split)
+        paths, boxes, targets, vads, rows, sources = [], [], [], [], [], []
+        for i, image in enumerate(_as_list(mat[split])):
+            where = f"{path.name} {split}[{i}]"
+            try:
+                filename = _string(image.filename, "filename")
+                folder = _string(image.folder, "folder")
+                persons = _as_list(image.person)
+            except (AttributeError, AnnotationError) as error:
+                split_bad.bad("malformed entries", f"{where}: {error}")
+                continue
+            for j, person in enumerate(persons):
+                person_where = f"{where} ({folder}/{filename}) person {j}"
+                try:
+                    box = np.asarray(person.body_bbox, dtype=np.float64).ravel()
+                    if box.size != 4:
+                        raise AnnotationError(f"body_bbox is {person.body_bbox!r}, expected [x1 y1 x2 y2]")
+                    labels, vad = _person_labels(person, split)
+                    target = _multi_hot(labels)
+                except (AttributeError, TypeError, ValueError) as error:
+                    split_bad.bad("malformed entries", f"{person_where}: {error}")
+                    continue
+                _note_person(split_bad, person_where, labels, vad)
+                paths.append(f"{folder}/{filename}")
+                boxes.append(box)
+                targets.append(target)
+                vads.append(vad)
+                rows.append(len(rows))
+                sources.append(person_where)
+        tables[split] = make_table(
+            paths, boxes, targets, sources, {"vad": vads}, rows, multilabel=True, num_classes=len(CATEGORIES)
+        )
+    return tables
+
+
+# --- the *_arr.npy form --------------------------------------------------------------------------------------------
+class EmoticArrayDataset(Dataset):
+    """EMOTIC persons from the preprocessing tool's ``{split}_context_arr.npy`` / ``{split}_body_arr.npy``.
+
+    The context array holds each person's whole image resized (no decoding, no masking); the body array its body
+    crop. Boxes are mapped into the context array with the CSV's stored ``Image Size`` (the decoded size is not
+    available here) and masked there; ``box`` is reported in original image pixels. Arrays are memory-mapped in each
+    worker.
+
+    Args:
+        table: The split from :func:`read_emotic_csv`, boxes clipped to the stored sizes.
+        context_file: ``{split}_context_arr.npy`` (N, H, W, 3) uint8.
+        body_file: ``{split}_body_arr.npy`` (N, h, w, 3) uint8.
+        transform: ``transform(image, box, subject=...)`` (``ContextTransform`` contract).
+        mask_subject: Fill the subject box of ``context`` with zeros.
+    """
+
+    collate_fn = staticmethod(collate_skipping_none)
+
+    def __init__(
+        self, table: PersonTable, context_file: Path, body_file: Path, transform: Callable, mask_subject: bool = True
+    ) -> None:
+        self.table = table
+        self.context_file = Path(context_file)
+        self.body_file = Path(body_file)
+        self.transform = transform
+        self.mask_subject = mask_subject
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}  # memory maps are reopened in each worker, never pickled
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def sample_identities(self) -> list[str]:
+        """One stable string per sample (array source, image path and box)."""
+        return [f"arrays:{identity}" for identity in self.table.identities()]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self._arrays is None:
+            self._arrays = (np.load(self.context_file, mmap_mode="r"), np.load(self.body_file, mmap_mode="r"))
+        contexts, bodies = self._arrays
+        table = self.table
+        row = int(table.rows[index])
+        image = Image.fromarray(np.ascontiguousarray(contexts[row]))
+        body = Image.fromarray(np.ascontiguousarray(bodies[row]))
+        width, height = table.sizes[index]
+        sx, sy = image.width / width, image.height / height
+        box = None
+        if table.localised[index]:
+            x1, y1, x2, y2 = table.boxes[index]
+            box = (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
+        output = self.transform(image, box, subject=body)
+        x1, y1, x2, y2 = output["box"]
+        output["box"] = (x1 / sx, y1 / sy, x2 / sx, y2 / sy)
+        return sample_dict(output, table, index, self.mask_subject)
+
+
+def check_arrays(context_file: Path, body_file: Path, total_rows: int) -> None:
+    """Checks that both arrays exist and hold one (H, W, 3) uint8 image per CSV row."""
+    for file in (context_file, body_file):
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"EMOTIC array {file} does not exist; use_arrays=True needs the preprocessing tool's "
+                "{split}_context_arr.npy and {split}_body_arr.npy next to the CSV files (or use_arrays=False)"
+            )
+        array = np.load(file, mmap_mode="r")
+        if array.ndim != 4 or array.shape[3] != 3 or array.dtype != np.uint8 or array.shape[0] != total_rows:
+            raise AnnotationError(
+                f"EMOTIC array {file} has shape {array.shape} and dtype {array.dtype}; expected "
+                f"({total_rows}, H, W, 3) uint8, one image per row of the CSV"
+            )
+
+
+# --- datamodule ----------------------------------------------------------------------------------------------------
+class EmoticDataModule(PersonDataModule):
+    """EMOTIC: body crop + masked context, 26-category multi-hot target and V/A/D, per annotated person.
+
+    Nothing is read until ``setup``. The annotation source: ``annotations`` if given (an ``Annotations.mat`` or a
+    folder of / path to the CSV files), else ``<root>/Annotations/Annotations.mat`` if present, else the CSV files in
+    ``<root>/emotic_pre/``; ``annotation_format`` forces one form. Images are checked once per split at setup
+    (exists, header readable, decoded size) and boxes are clipped to the decoded size (see
+    ``ccim_lightning.datamodules.common`` for the box rules).
+
+    Args:
+        root: EMOTIC folder holding ``emotic/<folder>/<filename>`` images and ``Annotations/`` or ``emotic_pre/``.
+        annotations: Annotation file or CSV folder; relative paths are tried under ``root`` when not found as given.
+        annotation_format: ``"auto"``, ``"mat"`` or ``"csv"``.
+        use_arrays: Read pixels from the CSV folder's ``{split}_context_arr.npy`` / ``{split}_body_arr.npy``
+            instead of decoding images (CSV form only).
+        context_size: Context size, an int or (height, width) (default 224, as the EMOTIC baseline).
+        subject_size: Body crop size, an int or (height, width) (default 128, as the EMOTIC baseline).
+        flip: Random horizontal flips of training samples.
+        batch_size: Batch size of every loader.
+        num_workers: Loader worker processes.
+        on_bad_sample: ``"error"`` (default) or ``"skip"``: leave out, count and report bad rows and images.
+        train_transform: Replaces the default training transform.
+        eval_transform: Replaces the default evaluation transform.
+    """
+
+    dataset_name = "EMOTIC"
+    task = "multilabel"
+    num_classes = len(CATEGORIES)
+
+    def __init__(
+        self,
+        root: str,
+        annotations: str | None = None,
+        annotation_format: Literal["auto", "mat", "csv"] = "auto",
+        use_arrays: bool = False,
+        context_size: int | tuple[int, int] = 224,
+        subject_size: int | tuple[int, int] = 128,
+        flip: bool = True,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        on_bad_sample: OnBadSample = "error",
+        train_transform: Callable | None = None,
+        eval_transform: Callable | None = None,
+    ) -> None:
+        super().__init__(
+            root,
+            context_size,
+            subject_size,
+            flip,
+            batch_size,
+            num_workers,
+            on_bad_sample,
+            train_transform,
+            eval_transform,
+        )
+        if annotation_format not in ("auto", "mat", "csv"):
+            raise ValueError(f"annotation_format must be 'auto', 'mat' or 'csv', got {annotation_format!r}")
+        self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
+        self.class_names = list(CATEGORIES)
+        self.annotations = annotations
+        self.annotation_format = annotation_format
+        self.use_arrays = use_arrays
+        self._mat_tables: dict[str, tuple[PersonTable, BadSamples]] | None = None
+        self._source: tuple[str, Path] | None = None
+
+    @property
+    def image_root(self) -> Path:
+        return self.root / "emotic"
+
+    def annotation_source(self) -> tuple[str, Path]:
+        """Resolves ``("mat", file)`` or ``("csv", folder)`` (see the class docstring); raises if neither exists."""
+        if self._source is not None:
+            return self._source
+        fmt = self.annotation_format
+        if self.annotations is not None:
+            given = Path(self.annotations).expanduser()
+            path = given if given.exists() or given.is_absolute() else self.root / given
+            if not path.exists():
+                raise FileNotFoundError(f"EMOTIC annotations {self.annotations} not found (also tried {path})")
+            if fmt == "auto":
+                fmt = "mat" if path.suffix.lower() == ".mat" else "csv"
+            if fmt == "csv" and path.is_file():
+                path = path.parent
+        else:
+            mat, csv_dir = self.root / "Annotations" / "Annotations.mat", self.root / "emotic_pre"
+            if fmt == "auto":
+                fmt = "mat" if mat.is_file() else "csv" if (csv_dir / "train.csv").is_file() else None
+            path = mat if fmt == "mat" else csv_dir
+            if fmt is None or not path.exists():
+                raise FileNotFoundError(
+                    f"No EMOTIC annotations under {self.root}: expected {mat} or {csv_dir}/{{train,val,test}}.csv; "
+                    "pass annotations= to point elsewhere"
+                )
+        if self.use_arrays and fmt != "csv":
+            raise ValueError(f"use_arrays=True needs the CSV form (with its *_arr.npy files), but {path} is {fmt}")
+        self._source = (fmt, path)
+        return self._source
+
+    def _read_split(self, split: str, bad: BadSamples) -> PersonTable:
+        fmt, path = self.annotation_source()
+        if fmt == "csv":
+            return read_emotic_csv(path / f"{split}.csv", bad)
+        if self._mat_tables is None:
+            bads = {name: BadSamples(self.dataset_name, name, self.on_bad_sample) for name in SPLITS}
+            tables = read_emotic_mat(path, bads)
+            self._mat_tables = {name: (tables[name], bads[name]) for name in SPLITS}
+        table, parse_bad = self._mat_tables[split]
+        bad.merge(parse_bad)
+        return table
+
+    def _resolve_folders(self, table: PersonTable) -> PersonTable:
+        """Maps each annotation folder to the folder on disk (``framesdb/images`` or ``framesdb/framesdb/images``)."""
+        resolved: dict[str, str] = {}
+        for folder in {path.rsplit("/", 1)[0] for path in table.paths}:
+            candidates = [folder, f"{folder.split('/', 1)[0]}/{folder}"]
+            resolved[folder] = next((c for c in candidates if (self.image_root / c).is_dir()), folder)
+        table.paths = [f"{resolved[path.rsplit('/', 1)[0]]}/{path.rsplit('/', 1)[1]}" for path in table.paths]
+        return table
+
+    def build_split(self, split: str, bad: BadSamples) -> PersonTable:
+        table = self._read_split(split, bad)
+        if self.use_arrays:
+            _, folder = self.annotation_source()
+            with (folder / f"{split}.csv").open(newline="", encoding="utf-8") as file:
+                total_rows = sum(1 for _ in csv.reader(file)) - 1
+            check_arrays(*self._array_files(split), total_rows)
+            return apply_box_rule(table, bad)
+        if not self.image_root.is_dir():
+            raise FileNotFoundError(
+                f"EMOTIC images folder {self.image_root} does not exist; expected <root>/emotic/<folder>/<filename> "
+                "(or use_arrays=True with the preprocessed arrays)"
+            )
+        return scan_images(self.image_root, self._resolve_folders(table), bad)
+
+    def _array_files(self, split: str) -> tuple[Path, Path]:
+        _, folder = self.annotation_source()
+        return folder / f"{split}_context_arr.npy", folder / f"{split}_body_arr.npy"
+
+    def make_dataset(self, split: str, transform: Callable, mask_subject: bool) -> Dataset:
+        if not self.use_arrays:
+            return super().make_dataset(split, transform, mask_subject)
+        return EmoticArrayDataset(self.table(split), *self._array_files(split), transform, mask_subject)

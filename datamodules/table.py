@@ -1,0 +1,213 @@
+"""Any context-emotion dataset described by a table with one row per (image, person).
+
+The table is a CSV file with a header and (at least) these columns; others are ignored:
+
+- ``image``: image path relative to the root (``/`` separators);
+- ``x1``, ``y1``, ``x2``, ``y2``: the person's box in image pixels (clipped to the decoded image);
+- ``label``: a class name; several joined by ``|`` for multi-label data (names match case-insensitively);
+- ``split``: ``train``, ``val`` or ``test``. A table without ``val`` rows gets a stratified, deterministic hold-out
+  of ``val_fraction`` of train (by label set and ``seed``).
+
+Example::
+
+    image,x1,y1,x2,y2,label,split
+    frames/video01/000120.jpg,412,80,520,388,Happy,train
+    frames/video01/000120.jpg,600,92,700,400,Happy|Neutral,train
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+from ccim_lightning.datamodules.common import (
+    SPLITS,
+    AnnotationError,
+    BadSamples,
+    OnBadSample,
+    PersonDataModule,
+    PersonTable,
+    make_table,
+    scan_images,
+    stratified_holdout,
+)
+
+log = logging.getLogger(__name__)
+
+COLUMNS: tuple[str, ...] = ("image", "x1", "y1", "x2", "y2", "label", "split")
+"""Required columns of a person table."""
+
+Task = Literal["multiclass", "multilabel"]
+
+
+def _parse_row(row: dict, class_names: Sequence[str], lookup: dict[str, int], task: Task) -> tuple:
+    image = (row["image"] or "").strip().replace("\\", "/")
+    if not image:
+        raise AnnotationError("image is empty")
+    try:
+        box = [float(row[key]) for key in ("x1", "y1", "x2", "y2")]
+    except (TypeError, ValueError):
+        raise AnnotationError(f"box {[row[k] for k in ('x1', 'y1', 'x2', 'y2')]} must be four numbers") from None
+    names = [name.strip() for name in (row["label"] or "").split("|")]
+    if not all(names):
+        raise AnnotationError(f"label {row['label']!r} is empty or has an empty name between '|'")
+    unknown = [name for name in names if name.casefold() not in lookup]
+    if unknown:
+        raise AnnotationError(f"label {unknown} is not one of the classes {list(class_names)}")
+    if task == "multiclass":
+        if len(names) > 1:
+            raise AnnotationError(f"label {row['label']!r} has several classes but task is 'multiclass'")
+        target = lookup[names[0].casefold()]
+    else:
+        target = [0.0] * len(class_names)
+        for name in names:
+            target[lookup[name.casefold()]] = 1.0
+    split = (row["split"] or "").strip().lower()
+    if split not in SPLITS:
+        raise AnnotationError(f"split {row['split']!r} is not one of {list(SPLITS)}")
+    return image, box, target, split
+
+
+def read_person_table(
+    path: str | os.PathLike, class_names: Sequence[str], task: Task = "multiclass", bad: BadSamples | None = None
+) -> dict[str, PersonTable]:
+    """Reads a person table (module docstring) into one :class:`PersonTable` per split present.
+
+    Args:
+        path: The CSV file.
+        class_names: Class names in target order.
+        task: ``"multiclass"`` (one name per row; int64 targets) or ``"multilabel"`` (``|``-joined; multi-hot).
+        bad: Accounting for malformed rows; default: raise on the first one.
+
+    Returns:
+        Per split name, its rows in file order.
+    """
+    path = Path(path)
+    bad = bad or BadSamples(path.name, "table")
+    if not path.is_file():
+        raise FileNotFoundError(f"person table {path} does not exist")
+    lookup = {name.casefold(): i for i, name in enumerate(class_names)}
+    rows: dict[str, tuple[list, list, list, list]] = {split: ([], [], [], []) for split in SPLITS}
+    with path.open(newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        header = [name.strip() for name in reader.fieldnames or []]
+        reader.fieldnames = header
+        missing = [column for column in COLUMNS if column not in header]
+        if missing:
+            raise AnnotationError(f"{path} lacks the columns {missing}; expected a header with {','.join(COLUMNS)}")
+        for row in reader:
+            where = f"{path.name} line {reader.line_num}"
+            try:
+                if None in row or None in row.values():
+                    raise AnnotationError(f"has a different number of cells than the header ({len(header)})")
+                image, box, target, split = _parse_row(row, class_names, lookup, task)
+            except AnnotationError as error:
+                bad.bad("malformed rows", f"{where}: {error}")
+                continue
+            for column, value in zip(rows[split], (image, box, target, where)):
+                column.append(value)
+    multilabel = task == "multilabel"
+    return {
+        split: make_table(paths, boxes, targets, sources, multilabel=multilabel, num_classes=len(class_names))
+        for split, (paths, boxes, targets, sources) in rows.items()
+        if paths
+    }
+
+
+class TableDataModule(PersonDataModule):
+    """Persons in images from a table (module docstring): subject crop + masked context, single- or multi-label.
+
+    Nothing is read until ``setup``.
+
+    Args:
+        root: Folder the table's image paths are relative to.
+        table: The CSV table; a relative path is taken relative to ``root``.
+        class_names: Class names in target order.
+        task: ``"multiclass"`` (one label per row, top-1 accuracy) or ``"multilabel"`` (``|``-joined labels, mAP).
+        val_fraction: Share of train held out for validation when the table has no ``val`` rows, in (0, 1).
+        seed: Seed of that hold-out.
+        context_size: Context size, an int or (height, width).
+        subject_size: Subject crop size, an int or (height, width).
+        flip: Random horizontal flips of training samples.
+        batch_size: Batch size of every loader.
+        num_workers: Loader worker processes.
+        on_bad_sample: ``"error"`` (default) or ``"skip"``: leave out, count and report bad rows and images.
+        train_transform: Replaces the default training transform.
+        eval_transform: Replaces the default evaluation transform.
+    """
+
+    dataset_name = "table"
+
+    def __init__(
+        self,
+        root: str,
+        table: str,
+        class_names: list[str],
+        task: Task = "multiclass",
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        context_size: int | tuple[int, int] = 224,
+        subject_size: int | tuple[int, int] = 128,
+        flip: bool = True,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        on_bad_sample: OnBadSample = "error",
+        train_transform: Callable | None = None,
+        eval_transform: Callable | None = None,
+    ) -> None:
+        super().__init__(
+            root,
+            context_size,
+            subject_size,
+            flip,
+            batch_size,
+            num_workers,
+            on_bad_sample,
+            train_transform,
+            eval_transform,
+        )
+        if task not in ("multiclass", "multilabel"):
+            raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+        if len(class_names) < 2 or len({name.casefold() for name in class_names}) != len(class_names):
+            raise ValueError(f"class_names must hold at least two distinct names, got {class_names}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
+        self.table_path = table
+        self.class_names = list(class_names)
+        self.num_classes = len(class_names)
+        self.task = task
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self._splits: dict[str, PersonTable] | None = None
+
+    def _read(self) -> dict[str, PersonTable]:
+        """All rows of the table by split (read once; malformed rows are reported under ``dropped["table"]``)."""
+        if self._splits is None:
+            path = Path(self.table_path).expanduser()
+            path = path if path.is_absolute() else self.root / path
+            bad = BadSamples(self.dataset_name, "table", self.on_bad_sample)
+            self._splits = read_person_table(path, self.class_names, self.task, bad)
+            self.dropped["table"] = bad.report(sum(len(table) for table in self._splits.values()))
+        return self._splits
+
+    def build_split(self, split: str, bad: BadSamples) -> PersonTable:
+        splits = self._read()
+        if split in ("train", "val") and "val" not in splits and "train" in splits:
+            train = splits["train"]
+            strata = [tuple(t) if t.ndim else int(t) for t in train.targets]
+            keep, held = stratified_holdout(train.identities(), strata, self.val_fraction, self.seed)
+            log.info(
+                "%s: no 'val' rows in %s; %d of %d train rows held out for validation (val_fraction=%s, seed=%s)",
+                *(self.dataset_name, self.table_path, len(held), len(train), self.val_fraction, self.seed),
+            )
+            splits["train"], splits["val"] = train.subset(keep), train.subset(held)
+        if split not in splits:
+            raise AnnotationError(
+                f"{self.dataset_name}: the table {self.table_path} has no usable rows with split {split!r}"
+            )
+        return scan_images(self.root, splits[split], bad)

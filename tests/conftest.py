@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+BACKGROUND = (40, 160, 90)
+SUBJECT = (220, 30, 200)
+SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
+"""Real annotation files (../shared/data relative to the project root); absent in a user's clone."""
+
+
+def _write_image(path, width=64, height=48, box=None, fmt=None):
+    """Writes a flat BACKGROUND image with the box (x1, y1, x2, y2) filled with SUBJECT; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.empty((height, width, 3), dtype=np.uint8)
+    pixels[...] = BACKGROUND
+    if box is not None:
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        pixels[max(y1, 0) : max(y2, 0), max(x1, 0) : max(x2, 0)] = SUBJECT
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def write_image():
+    """``write_image(path, width=64, height=48, box=None, fmt=None)``: a flat image with the box in another colour."""
+    return _write_image
+
+
+@pytest.fixture
+def shared_data():
+    """The real annotation files folder; the test is skipped when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (real annotation files are only in the development checkout)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def colours():
+    """The ImageNet-normalised BACKGROUND and SUBJECT colours of ``write_image`` images, as (3,) arrays."""
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    return tuple((np.asarray(colour) / 255.0 - mean) / std for colour in (BACKGROUND, SUBJECT))

@@ -1,0 +1,196 @@
+"""Tests of the procedural context-biased datamodule (``ccim_lightning.datamodules.synthetic``)."""
+
+import numpy as np
+import pytest
+import torch
+from ccim_lightning.datamodules.synthetic import (
+    EMOTIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SyntheticContextDataModule,
+    SyntheticContextDataset,
+)
+
+SMALL = {"image_size": 32, "subject_size": 16}
+
+
+def _labels(dataset: SyntheticContextDataset, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Targets and scenes of the first ``n`` samples, drawn the way ``render`` draws them (no rendering)."""
+    targets, scenes = [], []
+    for index in range(n):
+        rng = np.random.default_rng([dataset.seed, dataset._split_id, index])
+        scene = int(rng.integers(dataset.num_scenes))
+        follow = rng.random() < dataset.bias
+        uniform = int(rng.integers(dataset.num_classes))
+        targets.append(dataset.dominant_emotion(scene) if follow else uniform)
+        scenes.append(scene)
+    return np.array(targets), np.array(scenes)
+
+
+@pytest.fixture(scope="module")
+def datamodule() -> SyntheticContextDataModule:
+    dm = SyntheticContextDataModule(train_size=40, val_size=12, test_size=20, batch_size=8)
+    dm.setup("fit")
+    return dm
+
+
+def test_sample_schema(datamodule: SyntheticContextDataModule) -> None:
+    sample = datamodule.val_dataset[3]
+    assert set(sample) == {"subject", "context", "target", "index", "box", "scene"}
+    assert sample["subject"].shape == (3, 32, 32) and sample["subject"].dtype == torch.float32
+    assert sample["context"].shape == (3, 64, 64) and sample["context"].dtype == torch.float32
+    for key in ("target", "index", "scene"):
+        assert sample[key].shape == () and sample[key].dtype == torch.int64
+    assert sample["box"].shape == (4,) and sample["box"].dtype == torch.float32
+    x1, y1, x2, y2 = sample["box"].tolist()
+    assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 64
+    assert 0 <= sample["target"] < 4 and 0 <= sample["scene"] < 4
+    assert datamodule.class_names == list(EMOTIONS[:4]) and datamodule.num_classes == 4
+    assert datamodule.task == "multiclass"
+
+
+def test_normalised_roughly(datamodule: SyntheticContextDataModule) -> None:
+    subjects = torch.stack([datamodule.val_dataset[i]["subject"] for i in range(12)])
+    assert subjects.mean().abs() < 1.0 and 0.4 < subjects.std() < 2.0
+    image, subject, _, _, _ = datamodule.val_dataset.render(0)
+    assert image.min() >= 0.0 and image.max() <= 1.0 and subject.shape == (3, 32, 32)
+    unmasked = datamodule.dictionary_dataset(mask_subject=False)[0]["context"]
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    assert (unmasked * std + mean).min() > -0.5 and (unmasked * std + mean).max() < 1.5
+
+
+def test_deterministic_per_seed() -> None:
+    a = SyntheticContextDataset("train", 10, seed=3, **SMALL)
+    b = SyntheticContextDataset("train", 10, seed=3, **SMALL)
+    c = SyntheticContextDataset("train", 10, seed=4, **SMALL)
+    for index in (0, 7):
+        first, second, other = a[index], b[index], c[index]
+        for key in first:
+            assert torch.equal(first[key], second[key]), key
+        assert not torch.equal(first["context"], other["context"])
+    # order of access does not matter, and splits differ
+    assert torch.equal(a[2]["subject"], SyntheticContextDataset("train", 10, seed=3, **SMALL)[2]["subject"])
+    assert not torch.equal(a[2]["context"], SyntheticContextDataset("val", 10, seed=3, **SMALL)[2]["context"])
+
+
+def test_datamodule_loaders_are_reproducible() -> None:
+    def first_val_batch() -> dict[str, torch.Tensor]:
+        dm = SyntheticContextDataModule(seed=5, train_size=8, val_size=8, test_size=8, batch_size=4, **SMALL)
+        dm.setup("validate")
+        return next(iter(dm.val_dataloader()))
+
+    one, two = first_val_batch(), first_val_batch()
+    assert all(torch.equal(one[key], two[key]) for key in one)
+
+
+def test_subject_box_masked(datamodule: SyntheticContextDataModule) -> None:
+    masked, unmasked = datamodule.dictionary_dataset(), datamodule.dictionary_dataset(mask_subject=False)
+    for index in range(5):
+        sample, plain = masked[index], unmasked[index]
+        x1, y1, x2, y2 = sample["box"].long().tolist()
+        assert torch.all(sample["context"][:, y1:y2, x1:x2] == 0)
+        assert (plain["context"][:, y1:y2, x1:x2] != 0).float().mean() > 0.99
+        outside = torch.ones(64, 64, dtype=torch.bool)
+        outside[y1:y2, x1:x2] = False
+        assert torch.equal(sample["context"][:, outside], plain["context"][:, outside])
+        assert torch.equal(sample["subject"], plain["subject"])
+
+
+def test_flip_keeps_subject_context_and_box_consistent() -> None:
+    plain = SyntheticContextDataset("train", 4, **SMALL)
+    flipping = SyntheticContextDataset("train", 4, flip=True, **SMALL)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        reference, sample = plain[1], flipping[1]
+        flipped = not torch.equal(sample["context"], reference["context"])
+        seen.add(flipped)
+        if flipped:
+            assert torch.equal(sample["context"], reference["context"].flip(-1))
+            assert torch.equal(sample["subject"], reference["subject"].flip(-1))
+            x1, y1, x2, y2 = reference["box"].tolist()
+            assert sample["box"].tolist() == [32 - x2, y1, 32 - x1, y2]
+            x1, y1, x2, y2 = sample["box"].long().tolist()
+            assert torch.all(sample["context"][:, y1:y2, x1:x2] == 0)
+        else:
+            assert torch.equal(sample["subject"], reference["subject"])
+        assert sample["target"] == reference["target"]
+    assert seen == {True, False}
+
+
+def test_labels_match_sampling_rule() -> None:
+    dataset = SyntheticContextDataset("val", 30, bias=0.5, **SMALL)
+    targets, scenes = _labels(dataset, 30)
+    samples = [dataset[i] for i in range(30)]
+    assert [int(s["target"]) for s in samples] == targets.tolist()
+    assert [int(s["scene"]) for s in samples] == scenes.tolist()
+
+
+@pytest.mark.parametrize("num_classes, num_scenes", [(4, 4), (3, 6)])
+def test_bias_semantics(num_classes: int, num_scenes: int) -> None:
+    n = 4000
+    settings = {"num_classes": num_classes, "num_scenes": num_scenes}
+    targets, scenes = _labels(SyntheticContextDataset("train", n, bias=1.0, **settings), n)
+    assert np.all(targets == scenes % num_classes)
+    assert np.bincount(scenes, minlength=num_scenes).min() > n / num_scenes * 0.8
+
+    for split, bias in (("train", 0.0), ("test_unbiased", 0.9)):
+        targets, scenes = _labels(SyntheticContextDataset(split, n, bias=bias, **settings), n)
+        assert abs(np.mean(targets == scenes % num_classes) - 1 / num_classes) < 0.03
+        joint = np.histogram2d(scenes, targets, bins=(num_scenes, num_classes))[0] / n
+        independent = np.outer(np.bincount(scenes) / n, np.bincount(targets) / n)
+        assert np.abs(joint - independent).max() < 0.02
+
+    targets, scenes = _labels(SyntheticContextDataset("test", n, bias=0.9, **settings), n)
+    expected = 0.9 + 0.1 / num_classes
+    assert abs(np.mean(targets == scenes % num_classes) - expected) < 0.02
+
+
+def test_bias_only_changes_labels_and_faces() -> None:
+    biased = SyntheticContextDataset("train", 8, bias=1.0, **SMALL)
+    unbiased = SyntheticContextDataset("train", 8, bias=0.0, **SMALL)
+    for index in range(8):
+        one, two = biased[index], unbiased[index]
+        assert one["scene"] == two["scene"] and torch.equal(one["box"], two["box"])
+        assert torch.equal(one["context"], two["context"])  # the target's face is masked
+        assert torch.equal(one["subject"], two["subject"]) == bool(one["target"] == two["target"])
+
+
+def test_test_loaders_order_and_predict(datamodule: SyntheticContextDataModule) -> None:
+    datamodule.setup("test")
+    assert datamodule.test_set_names == ("biased", "unbiased")
+    loaders = datamodule.test_dataloader()
+    assert isinstance(loaders, list) and len(loaders) == 2
+    assert loaders[0].dataset is datamodule.test_dataset and datamodule.test_dataset.split == "test"
+    assert loaders[1].dataset is datamodule.test_unbiased_dataset
+    assert datamodule.test_unbiased_dataset.split == "test_unbiased" and datamodule.test_unbiased_dataset.bias == 0
+    assert datamodule.predict_dataloader().dataset.split == "test_unbiased"
+
+
+def test_index_field_and_loaders(datamodule: SyntheticContextDataModule) -> None:
+    batches = list(datamodule.dictionary_dataloader(batch_size=16))
+    assert torch.equal(torch.cat([b["index"] for b in batches]), torch.arange(40))
+    assert batches[0]["context"].shape == (16, 3, 64, 64)
+    assert not datamodule.dictionary_dataset().flip and datamodule.train_dataset.flip
+    train = list(datamodule.train_dataloader())
+    indices = torch.cat([b["index"] for b in train])
+    assert sorted(indices.tolist()) == list(range(40))  # shuffled, nothing dropped
+    for index in (0, 11):
+        assert datamodule.val_dataset[index]["index"] == index
+    with pytest.raises(IndexError):
+        datamodule.val_dataset[12]
+
+
+@pytest.mark.parametrize("bias", [-0.1, 1.5, float("nan")])
+def test_invalid_bias(bias: float) -> None:
+    with pytest.raises(ValueError, match="bias"):
+        SyntheticContextDataModule(bias=bias)
+
+
+def test_invalid_settings() -> None:
+    with pytest.raises(ValueError, match="num_classes"):
+        SyntheticContextDataModule(num_classes=len(EMOTIONS) + 1)
+    with pytest.raises(ValueError, match="split"):
+        SyntheticContextDataset("holdout", 3)
+    with pytest.raises(RuntimeError, match="setup"):
+        SyntheticContextDataModule().train_dataloader()
