@@ -1,5 +1,6 @@
 """Lightning callbacks of ccim-lightning (installed as ``ccim_lightning.callbacks``)."""
 
 from ccim_lightning.callbacks.confounder_dictionary import ConfounderDictionaryCallback
+from ccim_lightning.callbacks.prediction_writer import PredictionWriter
 
-__all__ = ["ConfounderDictionaryCallback"]
+__all__ = ["ConfounderDictionaryCallback", "PredictionWriter"]

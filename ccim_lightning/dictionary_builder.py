@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -199,7 +200,9 @@ def cluster_dictionary(
         from torchmetrics.functional.clustering import normalized_mutual_info_score
 
         assignments, scenes = result.assignments.cpu(), gathered.scenes.cpu()
-        extra["scene_nmi"] = float(normalized_mutual_info_score(assignments, scenes))
+        with warnings.catch_warnings():  # torch's notice about sparse invariant checks, from inside torchmetrics
+            warnings.filterwarnings("ignore", message="Sparse invariant checks")
+            extra["scene_nmi"] = float(normalized_mutual_info_score(assignments, scenes))
         # NMI is capped well below 1 when there are more clusters than scenes; purity (the share of samples whose
         # cluster's most common scene is theirs) says directly whether clusters mix scenes.
         joint = torch.zeros(num_prototypes, int(scenes.max()) + 1, dtype=torch.long)

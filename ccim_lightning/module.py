@@ -158,64 +158,88 @@ class CCIMLightningModule(L.LightningModule):
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, batch_size=batch_size,
                  prog_bar=stage in ("train", "val"), add_dataloader_idx=False, sync_dist=not on_step)
+        scores = logits.detach().float()
         target = batch["target"].long() if self.task == "multilabel" else batch["target"]
-        self._metrics(stage).update(logits.detach().float(), target)
+        metrics = self._metrics(stage)
+        metrics.update(scores, target)
+        # Logged as Metric objects: Lightning computes them at epoch end (torchmetrics syncs the ranks), per test set.
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size, prog_bar=stage != "train",
+                      add_dataloader_idx=False)
+        if self.task == "multilabel":
+            self._metrics(stage, per_class=True).update(scores, target)
         return loss
 
     def _loss_target(self, target: torch.Tensor) -> torch.Tensor:
         return target.float() if self.task == "multilabel" else target
 
     # --- metrics ---------------------------------------------------------------------------------------------------
-    def _make_metrics(self, stage: str) -> MetricCollection:
+    def _make_metrics(self, stage: str, per_class: bool) -> MetricCollection:
+        if per_class:  # multilabel AP of every class, logged under its class name at epoch end
+            return MetricCollection({"AP": MultilabelAveragePrecision(self.num_classes, average=None)})
         if self.task == "multiclass":
             metrics: dict[str, Metric] = {
                 "acc": MulticlassAccuracy(self.num_classes, average="micro"),
                 "macro_acc": MulticlassAccuracy(self.num_classes, average="macro"),
             }
         else:
-            # average=None keeps the per-class values; the macro mean (mAP) is taken from them at epoch end.
-            metrics = {"AP": MultilabelAveragePrecision(self.num_classes, average=None)}
+            # torchmetrics leaves classes without a positive sample (AP undefined) out of the macro mean.
+            metrics = {"mAP": MultilabelAveragePrecision(self.num_classes, average="macro")}
         return MetricCollection(metrics, prefix=f"{stage}/")
 
-    def _metrics(self, stage: str) -> MetricCollection:
-        key = f"{stage}_metrics"  # ModuleDict keys may not shadow nn.Module attributes such as `train`
+    def _metrics(self, stage: str, per_class: bool = False) -> MetricCollection:
+        # ModuleDict keys may not shadow nn.Module attributes such as `train`, hence the suffix.
+        key = f"{stage}_per_class" if per_class else f"{stage}_metrics"
         if key not in self.metrics:
-            self.metrics[key] = self._make_metrics(stage).to(self.device)
+            self.metrics[key] = self._make_metrics(stage, per_class).to(self.device)
         return self.metrics[key]
 
-    def _test_set_name(self, dataloader_idx: int) -> str:
-        names = getattr(self.trainer.datamodule, "test_set_names", None) if self._trainer is not None else None
-        num_loaders = len(self.trainer.test_dataloaders) if isinstance(self.trainer.test_dataloaders, list) else 1
-        if names and len(names) == num_loaders:
-            return f"test_{names[dataloader_idx]}"
-        return "test" if num_loaders == 1 else f"test_{dataloader_idx}"
-
-    def _log_epoch_metrics(self, stages: Sequence[str]) -> None:
-        # Computed here rather than logged as Metric objects: torchmetrics syncs the states across ranks in
-        # compute(), and the collections are created lazily, which Lightning's Metric-object logging cannot follow.
+    def _create_metrics(self, stages: Sequence[str]) -> None:
+        # Before the first log of a run: Lightning finds logged Metric objects among the submodules it sees then.
         for stage in stages:
-            if f"{stage}_metrics" not in self.metrics:
-                continue
-            metrics = self._metrics(stage)
-            values = metrics.compute()
+            self._metrics(stage)
             if self.task == "multilabel":
-                per_class = values.pop(f"{stage}/AP")
-                # Classes without a positive sample have no defined AP (NaN); the mean is over the others.
-                values[f"{stage}/mAP"] = per_class.nanmean()
-                values.update({f"{stage}/AP/{name}": value for name, value in zip(self.class_names, per_class)})
-            for name, value in values.items():
-                show = stage != "train" and name.rsplit("/", 1)[-1] in ("acc", "mAP")
-                self.log(name, value, prog_bar=show, add_dataloader_idx=False)
-            metrics.reset()
+                self._metrics(stage, per_class=True)
+
+    def _test_set_names(self) -> list[str]:
+        loaders = self.trainer.test_dataloaders
+        num_loaders = len(loaders) if isinstance(loaders, (list, tuple)) else 1
+        names = getattr(self.trainer.datamodule, "test_set_names", None)
+        if names and len(names) == num_loaders:
+            return [f"test_{name}" for name in names]
+        return ["test"] if num_loaders == 1 else [f"test_{i}" for i in range(num_loaders)]
+
+    def _test_set_name(self, dataloader_idx: int) -> str:
+        return self._test_set_names()[dataloader_idx]
+
+    def _log_per_class(self, stages: Sequence[str]) -> None:
+        if self.task != "multilabel":
+            return
+        for stage in stages:
+            metric = self._metrics(stage, per_class=True)["AP"]
+            if not metric.update_called:
+                continue
+            per_class = metric.compute()
+            for name, value in zip(self.class_names, per_class):
+                self.log(f"{stage}/AP/{name}", value, add_dataloader_idx=False)
+            metric.reset()
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._create_metrics(["train", "val"])
+        elif stage == "validate":
+            self._create_metrics(["val"])
+
+    def on_test_start(self) -> None:
+        self._create_metrics(self._test_set_names())
 
     def on_train_epoch_end(self) -> None:
-        self._log_epoch_metrics(["train"])
+        self._log_per_class(["train"])
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch_metrics(["val"])
+        self._log_per_class(["val"])
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch_metrics([key.removesuffix("_metrics") for key in self.metrics if key.startswith("test")])
+        self._log_per_class(self._test_set_names())
 
     # --- optimisation ----------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

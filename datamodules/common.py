@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from ccim_lightning.datamodules.synthetic import IMAGENET_MEAN, IMAGENET_STD
 from PIL import Image
@@ -453,6 +454,13 @@ class PersonImageDataset(Dataset):
     def sample_identities(self) -> list[str]:
         """One stable string per sample (image path relative to the root, and box)."""
         return self.table.identities()
+
+    def sample_table(self) -> pd.DataFrame:
+        """One row per sample in index order: image path (relative to the root) and box, for prediction files."""
+        boxes = np.asarray(self.table.boxes, dtype=np.float64).reshape(-1, 4)
+        return pd.DataFrame(
+            {"image": self.table.paths, "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3]}
+        )
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor] | None:
         table = self.table

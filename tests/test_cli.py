@@ -56,7 +56,7 @@ def test_build_dictionary_then_fit_reuses_it_and_resume_keeps_it(tmp_path, monke
     out = build_dictionary(["--config", SYNTHETIC, *TINY, "--out", str(cache)])
     assert out == cache
     saved = ConfounderDictionary.load(cache)
-    assert saved.num_prototypes == 8 and saved.num_samples == 128 and saved.extractor == "resnet18"
+    assert saved.num_prototypes == 8 and saved.num_samples == 128 and saved.extractor == "test_efficientnet"
 
     # The fit finds the same file through the callback's cache and does not extract again.
     import ccim_lightning.callbacks.confounder_dictionary as callback_module
@@ -69,7 +69,7 @@ def test_build_dictionary_then_fit_reuses_it_and_resume_keeps_it(tmp_path, monke
     override.write_text(
         "trainer:\n  callbacks:\n"
         "    - class_path: ccim_lightning.callbacks.ConfounderDictionaryCallback\n"
-        f"      init_args: {{extractor: resnet18, cache: {cache}}}\n"
+        f"      init_args: {{extractor: test_efficientnet, cache: {cache}}}\n"
         "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
         "      init_args: {dirpath: runs/synthetic/checkpoints, save_last: true}\n"
     )

@@ -393,3 +393,27 @@ def test_a_model_trains_and_tests_on_the_datamodule(emotic_root, tmp_path):
     trainer.fit(model, datamodule=dm)
     trainer.test(model, datamodule=dm, verbose=False)
     assert 0.0 <= float(trainer.callback_metrics["test/mAP"]) <= 1.0
+
+
+def test_predictions_csv_names_each_persons_image_and_box(emotic_root, tmp_path):
+    import lightning as L
+    import pandas as pd
+
+    from ccim_lightning import CCIMLightningModule
+    from ccim_lightning.callbacks import PredictionWriter
+    from ccim_lightning.hosts import TwoStreamHost
+
+    dm = datamodule(emotic_root, context_size=32, subject_size=16)
+    model = CCIMLightningModule(TwoStreamHost(feature_dim=8), dm.num_classes, dm.task, attention="none",
+                                class_names=dm.class_names)  # fmt: skip
+    csv = tmp_path / "predictions.csv"
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[PredictionWriter(str(csv))])  # fmt: skip
+    dm.setup("test")
+    trainer.predict(model, dataloaders=dm.test_dataloader(), return_predictions=False)
+    frame = pd.read_csv(csv)
+    expected = dm.test_dataset.sample_table()
+    assert len(frame) == len(dm.test_dataset)
+    assert frame["image"].tolist() == expected["image"].tolist()
+    assert frame[["x1", "y1", "x2", "y2"]].to_numpy().tolist() == expected[["x1", "y1", "x2", "y2"]].to_numpy().tolist()
+    assert set(dm.class_names) <= set(frame.columns)
