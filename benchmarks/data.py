@@ -35,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ccim_lightning.datamodules.emotic import CATEGORIES, EmoticDataModule
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
+
+from ccim_lightning.datamodules.emotic import CATEGORIES, EmoticDataModule
 
 WIDTH, HEIGHT = 640, 480
 

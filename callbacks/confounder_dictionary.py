@@ -124,8 +124,12 @@ class ConfounderDictionaryCallback(Callback):
             )
         fingerprint = fingerprint_of(dataset)
         wanted = expected_cache_key(
-            extractor=extractor, num_prototypes=num_prototypes, mask_subject=self.mask_subject, seed=self.seed,
-            source=self.source, fingerprint=fingerprint,
+            extractor=extractor,
+            num_prototypes=num_prototypes,
+            mask_subject=self.mask_subject,
+            seed=self.seed,
+            source=self.source,
+            fingerprint=fingerprint,
         )
         cached = self._load_cache(wanted)
         if cached is not None:
@@ -144,9 +148,15 @@ class ConfounderDictionaryCallback(Callback):
         dictionary = None
         if trainer.is_global_zero:
             dictionary = cluster_dictionary(
-                gathered, num_prototypes, extractor_name=wanted["extractor"], weights_digest=wanted["weights_digest"],
+                gathered,
+                num_prototypes,
+                extractor_name=wanted["extractor"],
+                weights_digest=wanted["weights_digest"],
                 mask_subject=self.mask_subject,
-                seed=self.seed, fingerprint=fingerprint, num_iterations=self.num_iterations, pca_dim=self.pca_dim,
+                seed=self.seed,
+                fingerprint=fingerprint,
+                num_iterations=self.num_iterations,
+                pca_dim=self.pca_dim,
             )
             if self.cache is not None:
                 dictionary.save(self.cache)
@@ -163,8 +173,11 @@ class ConfounderDictionaryCallback(Callback):
             raise DictionaryFileError(f"{error} (the `cache` of ConfounderDictionaryCallback)") from error
         reasons = cached.mismatches(wanted)
         if reasons:
-            log.info("Confounder dictionary: cache %s does not match this run, rebuilding: %s",
-                     self.cache, "; ".join(reasons))
+            log.info(
+                "Confounder dictionary: cache %s does not match this run, rebuilding: %s",
+                self.cache,
+                "; ".join(reasons),
+            )
             return None
         log.info("Confounder dictionary: reusing %s", self.cache)
         return cached

@@ -79,8 +79,9 @@ def build_dictionary(args: list[str]) -> Path:
     num_prototypes, dim = head.dictionary.shape
     dictionary = callback.build(cli.trainer, num_prototypes, dim, datamodule=cli.datamodule)
     dictionary.save(out)
-    logging.getLogger(__name__).info("Confounder dictionary (%d x %d, %d samples) saved to %s",
-                                     num_prototypes, dim, dictionary.num_samples, out)
+    logging.getLogger(__name__).info(
+        "Confounder dictionary (%d x %d, %d samples) saved to %s", num_prototypes, dim, dictionary.num_samples, out
+    )
     return out
 
 

@@ -123,13 +123,12 @@ def extract_context_features(
             bar.advance(task)
     if not features:
         raise ValueError("The dictionary loader yielded no batches: the training split is empty.")
-    return ContextFeatures(
-        torch.cat(features), torch.cat(indices).long(), torch.cat(scenes).long() if scenes else None
-    )
+    return ContextFeatures(torch.cat(features), torch.cat(indices).long(), torch.cat(scenes).long() if scenes else None)
 
 
-def gather_features(local: ContextFeatures, all_gather: Callable[[torch.Tensor], torch.Tensor] | None,
-                    world_size: int) -> ContextFeatures:
+def gather_features(
+    local: ContextFeatures, all_gather: Callable[[torch.Tensor], torch.Tensor] | None, world_size: int
+) -> ContextFeatures:
     """Collects every rank's features, drops the sampler's padding repeats and sorts by sample index.
 
     Args:
@@ -142,6 +141,7 @@ def gather_features(local: ContextFeatures, all_gather: Callable[[torch.Tensor],
         All samples exactly once, in index order, so the result equals a single-process extraction.
     """
     if world_size > 1 and all_gather is not None:
+
         def flat(tensor: torch.Tensor) -> torch.Tensor:
             return all_gather(tensor).reshape(-1, *tensor.shape[1:])
 
@@ -188,7 +188,11 @@ def cluster_dictionary(
     """
     start = time.perf_counter()
     result = kmeans(
-        gathered.features, num_prototypes, seed=seed, num_iterations=num_iterations, pca_dim=pca_dim,
+        gathered.features,
+        num_prototypes,
+        seed=seed,
+        num_iterations=num_iterations,
+        pca_dim=pca_dim,
         sample_ids=gathered.indices.tolist(),
     )
     extra: dict = {
@@ -223,7 +227,12 @@ def cluster_dictionary(
 
 
 def expected_cache_key(
-    *, extractor: ContextFeatureExtractor, num_prototypes: int, mask_subject: bool, seed: int, source: str,
+    *,
+    extractor: ContextFeatureExtractor,
+    num_prototypes: int,
+    mask_subject: bool,
+    seed: int,
+    source: str,
     fingerprint: str,
 ) -> dict:
     """What a cached dictionary's metadata must say to be reused by this run."""

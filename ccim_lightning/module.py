@@ -156,15 +156,29 @@ class CCIMLightningModule(L.LightningModule):
         loss = self.compute_loss(logits, batch)
         batch_size = logits.shape[0]
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, batch_size=batch_size,
-                 prog_bar=stage in ("train", "val"), add_dataloader_idx=False, sync_dist=not on_step)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            batch_size=batch_size,
+            prog_bar=stage in ("train", "val"),
+            add_dataloader_idx=False,
+            sync_dist=not on_step,
+        )
         scores = logits.detach().float()
         target = batch["target"].long() if self.task == "multilabel" else batch["target"]
         metrics = self._metrics(stage)
         metrics.update(scores, target)
         # Logged as Metric objects: Lightning computes them at epoch end (torchmetrics syncs the ranks), per test set.
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size, prog_bar=stage != "train",
-                      add_dataloader_idx=False)
+        self.log_dict(
+            metrics,
+            on_step=False,
+            on_epoch=True,
+            batch_size=batch_size,
+            prog_bar=stage != "train",
+            add_dataloader_idx=False,
+        )
         if self.task == "multilabel":
             self._metrics(stage, per_class=True).update(scores, target)
         return loss

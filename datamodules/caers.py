@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from ccim_lightning.datamodules.common import (
     IMAGE_EXTENSIONS,
     AnnotationError,

@@ -41,9 +41,10 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from ccim_lightning.datamodules.synthetic import IMAGENET_MEAN, IMAGENET_STD
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
+
+from ccim_lightning.datamodules.synthetic import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 

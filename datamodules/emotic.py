@@ -29,6 +29,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
 from ccim_lightning.datamodules.common import (
     SPLITS,
     AnnotationError,
@@ -42,8 +45,6 @@ from ccim_lightning.datamodules.common import (
     sample_dict,
     scan_images,
 )
-from PIL import Image
-from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 

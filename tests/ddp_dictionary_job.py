@@ -32,15 +32,25 @@ class SaveDictionary(Callback):
 def main(out: Path, devices: int) -> None:
     L.seed_everything(0)
     # 75 samples over 2 ranks: the DistributedSampler pads one rank with a repeated sample, which must be dropped.
-    data = SyntheticContextDataModule(seed=3, train_size=75, val_size=16, test_size=16, batch_size=16,
-                                      image_size=32, subject_size=16)
+    data = SyntheticContextDataModule(
+        seed=3, train_size=75, val_size=16, test_size=16, batch_size=16, image_size=32, subject_size=16
+    )
     model = CCIMLightningModule(TwoStreamHost(feature_dim=16), num_classes=4, num_prototypes=6, confounder_dim=256)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=1,
-        limit_train_batches=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[ConfounderDictionaryCallback(extractor="test_efficientnet", batch_size=8, progress=False),
-                   SaveDictionary(out)],
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            ConfounderDictionaryCallback(extractor="test_efficientnet", batch_size=8, progress=False),
+            SaveDictionary(out),
+        ],
     )
     trainer.fit(model, datamodule=data)
 

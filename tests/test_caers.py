@@ -4,6 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+
 from ccim_lightning.datamodules.caers import CLASSES, CAERSDataModule, read_face_boxes
 from ccim_lightning.datamodules.common import AnnotationError
 

@@ -16,24 +16,37 @@ DIM = 256
 
 
 def tiny_data(**kwargs):
-    settings = dict(seed=3, bias=0.9, train_size=96, val_size=32, test_size=32, batch_size=32, image_size=32,
-                    subject_size=16)
+    settings = dict(
+        seed=3, bias=0.9, train_size=96, val_size=32, test_size=32, batch_size=32, image_size=32, subject_size=16
+    )
     settings.update(kwargs)
     return SyntheticContextDataModule(**settings)
 
 
 def tiny_model(attention="dot_product", num_prototypes=6, confounder_dim=DIM):
     return CCIMLightningModule(
-        TwoStreamHost(feature_dim=16), num_classes=4, num_prototypes=num_prototypes, confounder_dim=confounder_dim,
+        TwoStreamHost(feature_dim=16),
+        num_classes=4,
+        num_prototypes=num_prototypes,
+        confounder_dim=confounder_dim,
         attention=attention,
     )
 
 
 def fit(tmp_path, model, data, callback, **kwargs):
     trainer = L.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1,
-        limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[callback], **kwargs,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        **kwargs,
     )
     trainer.fit(model, datamodule=data)
     return trainer
@@ -77,8 +90,9 @@ def test_cluster_statistics_against_hand_counts():
     features = centres.repeat_interleave(4, dim=0) + 0.01 * torch.randn(8, 2, generator=g)
     scenes = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])
     gathered = ContextFeatures(features, torch.arange(8), scenes)
-    dictionary = cluster_dictionary(gathered, 2, extractor_name="x", weights_digest="y", mask_subject=True, seed=0,
-                                    fingerprint="f")
+    dictionary = cluster_dictionary(
+        gathered, 2, extractor_name="x", weights_digest="y", mask_subject=True, seed=0, fingerprint="f"
+    )
     assert dictionary.extra["scene_purity"] == pytest.approx(7 / 8)
     blob = [0, 0, 0, 0, 1, 1, 1, 1]
     assert dictionary.extra["scene_nmi"] == pytest.approx(normalized_mutual_info_score(scenes, blob), abs=1e-6)
@@ -135,9 +149,16 @@ def test_datamodule_without_dictionary_dataset_is_a_clear_error(tmp_path):
     data = tiny_data()
     data.setup("fit")
     model = tiny_model()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                        callbacks=[ConfounderDictionaryCallback(extractor=EXTRACTOR, progress=False)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        callbacks=[ConfounderDictionaryCallback(extractor=EXTRACTOR, progress=False)],
+    )
     with pytest.raises(TypeError, match="dictionary_dataset"):
         trainer.fit(model, train_dataloaders=data.train_dataloader())
 
@@ -145,8 +166,12 @@ def test_datamodule_without_dictionary_dataset_is_a_clear_error(tmp_path):
 def test_cache_is_reused_when_it_matches_and_rebuilt_when_it_does_not(tmp_path, caplog, monkeypatch):
     cache = tmp_path / "dictionary.pt"
     first = tiny_model()
-    fit(tmp_path, first, tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache),
-                                                                   progress=False))
+    fit(
+        tmp_path,
+        first,
+        tiny_data(),
+        ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache), progress=False),
+    )
     assert cache.exists()
     saved = ConfounderDictionary.load(cache)
     assert saved.num_prototypes == 6 and saved.extractor == EXTRACTOR and saved.num_samples == 96
@@ -159,8 +184,12 @@ def test_cache_is_reused_when_it_matches_and_rebuilt_when_it_does_not(tmp_path, 
     monkeypatch.setattr(module, "extract_context_features", no_extraction)
     second = tiny_model()
     with caplog.at_level(logging.INFO):
-        fit(tmp_path, second, tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache),
-                                                                        progress=False))
+        fit(
+            tmp_path,
+            second,
+            tiny_data(),
+            ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache), progress=False),
+        )
     assert "reusing" in caplog.text
     assert torch.equal(second.head.dictionary, first.head.dictionary)
     monkeypatch.undo()
@@ -168,8 +197,12 @@ def test_cache_is_reused_when_it_matches_and_rebuilt_when_it_does_not(tmp_path, 
     caplog.clear()
     third = tiny_model()
     with caplog.at_level(logging.INFO):  # another data seed: other samples, so the cache is stale
-        fit(tmp_path, third, tiny_data(seed=4), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache),
-                                                                              progress=False))
+        fit(
+            tmp_path,
+            third,
+            tiny_data(seed=4),
+            ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache), progress=False),
+        )
     assert "does not match" in caplog.text and "dataset_fingerprint" in caplog.text
 
 
@@ -177,8 +210,12 @@ def test_damaged_cache_is_an_error_not_silently_used(tmp_path):
     cache = tmp_path / "dictionary.pt"
     cache.write_bytes(b"not a dictionary")
     with pytest.raises(DictionaryFileError, match="dictionary.pt"):
-        fit(tmp_path, tiny_model(), tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache),
-                                                                              progress=False))
+        fit(
+            tmp_path,
+            tiny_model(),
+            tiny_data(),
+            ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache), progress=False),
+        )
 
 
 def test_gather_removes_sampler_padding_and_restores_index_order():

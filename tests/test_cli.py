@@ -9,9 +9,15 @@ from ccim_lightning.cli import build_cli
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 SYNTHETIC = str(Path(__file__).parents[1] / "configs" / "synthetic.yaml")
 TINY = [
-    "--data.init_args.train_size=128", "--data.init_args.val_size=32", "--data.init_args.test_size=32",
-    "--data.init_args.image_size=32", "--data.init_args.subject_size=16", "--data.init_args.num_workers=0",
-    "--model.init_args.num_prototypes=8", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
+    "--data.init_args.train_size=128",
+    "--data.init_args.val_size=32",
+    "--data.init_args.test_size=32",
+    "--data.init_args.image_size=32",
+    "--data.init_args.subject_size=16",
+    "--data.init_args.num_workers=0",
+    "--model.init_args.num_prototypes=8",
+    "--trainer.max_epochs=1",
+    "--trainer.enable_progress_bar=false",
 ]
 
 
@@ -82,8 +88,18 @@ def test_build_dictionary_then_fit_reuses_it_and_resume_keeps_it(tmp_path, monke
     checkpoint = tmp_path / "runs" / "synthetic" / "checkpoints" / "last.ckpt"
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        resumed = build_cli(["fit", "--config", SYNTHETIC, *TINY, "--data.init_args.seed=7", "--trainer.max_epochs=2",
-                             "--ckpt_path", str(checkpoint)])
+        resumed = build_cli(
+            [
+                "fit",
+                "--config",
+                SYNTHETIC,
+                *TINY,
+                "--data.init_args.seed=7",
+                "--trainer.max_epochs=2",
+                "--ckpt_path",
+                str(checkpoint),
+            ]
+        )
     assert "already filled" in caplog.text
     assert torch.equal(resumed.model.head.dictionary, saved.prototypes)
 

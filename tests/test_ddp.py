@@ -10,8 +10,9 @@ JOB = Path(__file__).with_name("ddp_dictionary_job.py")
 
 def run_job(out: Path, devices: int) -> None:
     out.mkdir()
-    result = subprocess.run([sys.executable, str(JOB), str(out), str(devices)], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(JOB), str(out), str(devices)], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
 

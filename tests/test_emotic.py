@@ -6,11 +6,11 @@ import re
 import numpy as np
 import pytest
 import torch
-from ccim_lightning.datamodules.common import AnnotationError, collate_skipping_none
-from ccim_lightning.datamodules.emotic import CATEGORIES, EmoticDataModule, read_emotic_csv
 from PIL import Image
 from scipy.io import savemat
 
+from ccim_lightning.datamodules.common import AnnotationError, collate_skipping_none
+from ccim_lightning.datamodules.emotic import CATEGORIES, EmoticDataModule, read_emotic_csv
 from ccim_lightning.losses import EmoticContinuousLoss, EmoticDiscreteLoss
 
 NAN = float("nan")
@@ -408,7 +408,8 @@ def test_predictions_csv_names_each_persons_image_and_box(emotic_root, tmp_path)
                                 class_names=dm.class_names)  # fmt: skip
     csv = tmp_path / "predictions.csv"
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[PredictionWriter(str(csv))])  # fmt: skip
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[PredictionWriter(str(csv))])  # fmt: skip
     dm.setup("test")
     trainer.predict(model, dataloaders=dm.test_dataloader(), return_predictions=False)
     frame = pd.read_csv(csv)

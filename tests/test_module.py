@@ -42,8 +42,13 @@ class RandomBatches(Dataset):
 
 def make_module(task="multiclass", num_classes=3, attention="dot_product", **kwargs):
     module = CCIMLightningModule(
-        MeanPoolHost(), num_classes=num_classes, task=task, num_prototypes=5, confounder_dim=7,
-        attention=attention, **kwargs,
+        MeanPoolHost(),
+        num_classes=num_classes,
+        task=task,
+        num_prototypes=5,
+        confounder_dim=7,
+        attention=attention,
+        **kwargs,
     )
     if attention != "none":
         g = torch.Generator().manual_seed(1)
@@ -99,8 +104,14 @@ def test_predict_step_returns_probabilities_with_the_sample_index():
 
 def _trainer(tmp_path, **kwargs):
     return L.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, **kwargs,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
     )
 
 

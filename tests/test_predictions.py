@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from ccim_lightning.callbacks.prediction_writer import PredictionWriter, predictions_frame
-from ccim_lightning.datamodules.synthetic import EMOTIONS, SyntheticContextDataset
 from torch.utils.data import DataLoader
 
 from ccim_lightning import CCIMLightningModule
+from ccim_lightning.callbacks.prediction_writer import PredictionWriter, predictions_frame
 from ccim_lightning.cli import build_cli
+from ccim_lightning.datamodules.synthetic import EMOTIONS, SyntheticContextDataset
 from ccim_lightning.hosts import CAERNet, EmotNet, TwoStreamHost
 
 ROOT = Path(__file__).parents[1]

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from ccim_lightning.datamodules.synthetic import (
     EMOTIONS,
     IMAGENET_MEAN,

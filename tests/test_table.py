@@ -4,10 +4,11 @@ import logging
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from ccim_lightning.datamodules.common import AnnotationError
 from ccim_lightning.datamodules.groupwalk import CLASSES, GroupWalkDataModule
 from ccim_lightning.datamodules.table import TableDataModule
-from PIL import Image
 
 HEADER = ["image", "x1", "y1", "x2", "y2", "label", "split", "agent"]  # extra columns are ignored
 
