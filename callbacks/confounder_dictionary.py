@@ -195,22 +195,23 @@ class ConfounderDictionaryCallback(Callback):
             if name in dictionary.extra:
                 stats[f"dictionary/{name}"] = dictionary.extra[name]
         log.info("Confounder dictionary: %s", ", ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in stats.items()))
+        # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask for it.
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=0)
         sizes = dictionary.extra.get("cluster_sizes")
         if sizes:
-            path = self._plot_cluster_sizes(trainer, torch.tensor(sizes))
+            path = self._plot_cluster_sizes(folder, torch.tensor(sizes))
             log.info("Confounder dictionary: cluster-size histogram in %s", path)
 
-    def _plot_cluster_sizes(self, trainer: L.Trainer, sizes: torch.Tensor) -> Path:
+    def _plot_cluster_sizes(self, folder: Path, sizes: torch.Tensor) -> Path:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         figure, axis = plt.subplots(figsize=(6, 3.5))
         axis.hist(sizes.numpy(), bins=min(50, max(10, len(sizes) // 4)), color="#4c72b0")

@@ -164,7 +164,7 @@ class CCIMLightningModule(L.LightningModule):
             batch_size=batch_size,
             prog_bar=stage in ("train", "val"),
             add_dataloader_idx=False,
-            sync_dist=not on_step,
+            sync_dist=True,  # one scalar all-reduce per step: noise next to DDP's gradient all-reduce
         )
         scores = logits.detach().float()
         target = batch["target"].long() if self.task == "multilabel" else batch["target"]

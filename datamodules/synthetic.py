@@ -6,9 +6,10 @@ With probability ``bias`` a sample's emotion is its scene's dominant emotion (sc
 ``s % num_classes``), otherwise it is uniform, so the scene is a tempting shortcut; the ``unbiased`` test split
 draws scene and emotion independently and exposes models that took the shortcut.
 
-Nothing is read from disk: sample ``i`` of split ``s`` is rendered from its own random generator seeded with
-``(seed, s, i)``, so every worker, process and rank sees identical data. Rendering is vectorised numpy over each
-shape's bounding window.
+Nothing is read from disk: sample ``i`` of split ``s`` is drawn from its own random generator seeded with
+``(seed, s, i)``, so every worker, process and rank sees identical data. Rendering is vectorised numpy over a batch
+of samples (``__getitems__``, which ``DataLoader`` calls with each batch's indices): signed distance fields of the
+shapes, evaluated on a window around each person and composited with anti-aliased edges.
 
 Samples follow the suite's batch schema (``docs/design.md``), a dict of tensors:
 
@@ -25,8 +26,7 @@ the subject mask is applied after normalisation, so masked pixels are exactly 0 
 
 from __future__ import annotations
 
-import colorsys
-import math
+from collections.abc import Sequence
 
 import lightning as L
 import numpy as np
@@ -47,7 +47,8 @@ _EXPRESSIONS = np.array(
         [0.0, 1.0, 0.0, 1.0],  # surprise
         [-0.5, 0.6, -1.0, 0.6],  # fear
         [-0.6, 0.0, 0.6, -0.8],  # disgust
-    ]
+    ],
+    dtype=np.float32,
 )
 
 SPLITS: tuple[str, ...] = ("train", "val", "test", "test_unbiased")
@@ -59,35 +60,89 @@ TEXTURES: tuple[str, ...] = ("stripes", "checkerboard", "dots", "horizon")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_SKIN_LIGHT = np.array([0.96, 0.82, 0.70])
-_SKIN_DARK = np.array([0.36, 0.23, 0.16])
+_SKIN_LIGHT = np.array([0.96, 0.82, 0.70], dtype=np.float32)
+_SKIN_DARK = np.array([0.36, 0.23, 0.16], dtype=np.float32)
 _NOISE_BANK_SIDES = 4  # the shared pixel-noise field is this many image sides wide and high
 
+# Layout of each sample's random draws: U uniforms and Z standard normals, drawn once per sample in this order.
+_U_SCENE, _U_FOLLOW, _U_EMOTION, _U_DISTRACTORS = 0, 1, 2, 3
+_U_BACKGROUND = slice(4, 12)  # saturation 1/2, value 1/2, frequency, angle, phase x/y
+_U_HORIZON, _U_CONTRAST, _U_BRIGHTNESS = 12, 13, 14
+_U_NOISE = slice(15, 19)  # offsets into the noise bank: context y/x, subject y/x
+_U_PERSON, _U_PER_PERSON = 19, 9  # height, x, y, skin tone, cloth h/s/v, ink, emotion (distractors)
+_Z_HUE, _Z_PERSON, _Z_PER_PERSON = 0, 1, 7  # skin jitter x3, face jitter x4
 
-def _hsv(h: float, s: float, v: float) -> np.ndarray:
-    return np.array(colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0)), dtype=np.float32)
+
+def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Vectorised HSV -> RGB; (n,) arrays in [0, 1] (hue wraps) -> (n, 3) float32."""
+    h6 = (h % 1.0) * 6.0
+    s, v = np.clip(s, 0.0, 1.0), np.clip(v, 0.0, 1.0)
+    k = (np.array([5.0, 3.0, 1.0]) + h6[:, None]) % 6.0
+    rgb = v[:, None] - v[:, None] * s[:, None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+    return rgb.astype(np.float32)
 
 
-def _paint(view: np.ndarray, sd: np.ndarray, colour: np.ndarray, step: float) -> None:
-    """Alpha-blends a flat colour into ``view`` (3, h, w) in place where the signed distance ``sd`` is negative.
+def _choice(u: np.ndarray, k: int) -> np.ndarray:
+    """Maps uniforms in [0, 1) to integers uniform in [0, k)."""
+    return np.minimum((u * k).astype(np.int64), k - 1)
 
-    Edges are anti-aliased over one sample spacing ``step`` (image pixels per sample).
+
+def _paint(view: np.ndarray, sd: np.ndarray, colour: np.ndarray, step: np.ndarray) -> None:
+    """Alpha-blends flat colours into ``view`` (b, 3, h, w) in place where the signed distance ``sd`` < 0.
+
+    Args:
+        view: Canvas windows, modified in place.
+        sd: (b, h, w) signed distances in image pixels, negative inside the shape.
+        colour: (b, 3) colour per window.
+        step: (b, 1, 1) sample spacing in image pixels; edges are anti-aliased over one sample.
     """
-    alpha = sd * np.float32(-1.0 / step)
-    alpha += np.float32(0.5)
-    np.minimum(np.maximum(alpha, 0.0, out=alpha), 1.0, out=alpha)
-    view += alpha * (colour[:, None, None] - view)
+    alpha = np.clip(0.5 - sd / step, 0.0, 1.0)[:, None]
+    view -= alpha * (view - colour[:, :, None, None])
 
 
-def _window(coords: np.ndarray, lo: float, hi: float) -> slice:
-    """The slice of the uniform, increasing sample positions ``coords`` that lie in [lo, hi)."""
-    first, n = float(coords[0]), len(coords)
-    step = float(coords[1]) - first if n > 1 else 1.0
-    return slice(min(max(math.ceil((lo - first) / step), 0), n), min(max(math.ceil((hi - first) / step), 0), n))
+def _box_distance(x: np.ndarray, y: np.ndarray, half_w: np.ndarray, half_h: np.ndarray, radius: np.ndarray):
+    """Signed distance to a rounded rectangle centred at the origin (broadcasting (b, 1, w) x (b, h, 1))."""
+    qx, qy = np.abs(x) - (half_w - radius), np.abs(y) - (half_h - radius)
+    outside = np.sqrt(np.maximum(qx, 0.0) ** 2 + np.maximum(qy, 0.0) ** 2)
+    return outside + np.minimum(np.maximum(qx, qy), 0.0) - radius
+
+
+def _composite_person(view: np.ndarray, x: np.ndarray, y: np.ndarray, step: np.ndarray, p: dict) -> None:
+    """Draws one person per window: rounded body, round head and a face.
+
+    Args:
+        view: (b, 3, h, w) canvas windows, modified in place.
+        x: (b, 1, w) image x coordinate of each window column, relative to the person's centre line.
+        y: (b, h, 1) image y coordinate of each window row, relative to the person's top.
+        step: (b, 1, 1) sample spacing in image pixels.
+        p: Person parameters, each (b,) or (b, k): ``h``, ``skin``, ``cloth``, ``ink``, ``face``.
+    """
+    h = p["h"][:, None, None]
+    _paint(view, _box_distance(x, y - 0.7 * h, 0.25 * h, 0.3 * h, 0.1 * h), p["cloth"], step)
+    r = 0.22 * h
+    y = y - (r + 0.01 * h)  # relative to the head's centre
+    _paint(view, np.sqrt(x * x + y * y) - r, p["skin"], step)
+
+    curve, opening, tilt, lift = (p["face"][:, k, None, None] for k in range(4))
+    ax = np.abs(x)  # the face is mirror-symmetric
+    features = np.sqrt((ax - 0.38 * r) ** 2 + (y + 0.08 * r) ** 2) - 0.13 * r  # eyes
+    # brows: bars centred at (+-0.4 r, brow_y), rotated so that their inner ends go down when tilt > 0
+    angle = 0.5 * tilt
+    brow_y = -0.45 * r - 0.15 * r * lift
+    across = np.abs(y - (brow_y - np.tan(angle) * (ax - 0.4 * r))) * np.cos(angle) - 0.07 * r
+    brows = np.maximum(across, np.abs(ax - 0.4 * r) - 0.22 * r * np.cos(angle))
+    # mouth: a parabola whose corners rise by 0.22 r * curve, thickened by the opening
+    mouth_w, rise = 0.4 * r, 0.22 * r * curve
+    u = np.clip(x, -mouth_w, mouth_w)
+    below = (y - (0.45 * r - rise * (u / mouth_w) ** 2)) / np.sqrt(1.0 + (2.0 * rise * u / (mouth_w * mouth_w)) ** 2)
+    mouth = np.sqrt((x - u) ** 2 + below**2) - (0.07 + 0.14 * np.maximum(opening, 0.0)) * r
+    _paint(view, np.minimum(np.minimum(features, brows), mouth), np.repeat(p["ink"][:, None], 3, axis=1), step)
 
 
 class SyntheticContextDataset(Dataset):
     """One split of procedural context-biased emotion images (see the module docstring).
+
+    ``__getitems__`` renders a whole batch at once and is what ``DataLoader`` uses; ``__getitem__`` renders one.
 
     Args:
         split: One of ``SPLITS``; ``"test_unbiased"`` ignores ``bias`` (scene and emotion independent).
@@ -116,23 +171,14 @@ class SyntheticContextDataset(Dataset):
         num_scenes: int = 4,
         image_size: int = 64,
         subject_size: int = 32,
-        expression_noise: float = 0.3,
+        expression_noise: float = 0.45,
         pixel_noise: float = 0.06,
         max_distractors: int = 2,
         flip: bool = False,
         mask_subject: bool = True,
     ) -> None:
-        _check_settings(
-            seed,
-            bias,
-            num_classes,
-            num_scenes,
-            image_size,
-            subject_size,
-            expression_noise,
-            pixel_noise,
-            max_distractors,
-        )
+        settings = (num_classes, num_scenes, image_size, subject_size, expression_noise, pixel_noise)
+        _check_settings(seed, bias, *settings, max_distractors)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if size < 0:
@@ -151,9 +197,6 @@ class SyntheticContextDataset(Dataset):
         self.flip = flip
         self.mask_subject = mask_subject
         self._split_id = SPLITS.index(split)
-        self._grid = np.arange(image_size, dtype=np.float32) + 0.5
-        self._inv_std = 1.0 / np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
-        self._mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
         self._noise: np.ndarray | None = None  # built on first use, in each worker
 
     def __len__(self) -> int:
@@ -172,36 +215,54 @@ class SyntheticContextDataset(Dataset):
         """One row per sample, in index order: ``index``, ``split`` and the ``scene`` type.
 
         The identity columns of the predictions CSV (``ccim_lightning.callbacks.PredictionWriter``). Nothing is
-        rendered: the scene is the first draw of each sample's generator (see ``_generate``).
+        rendered (see ``labels``).
         """
-        scenes = [
-            int(np.random.default_rng([self.seed, self._split_id, i]).integers(self.num_scenes))
-            for i in range(self.size)
-        ]
-        return pd.DataFrame({"index": np.arange(self.size), "split": self.split, "scene": scenes})
+        return pd.DataFrame({"index": np.arange(self.size), "split": self.split, "scene": self.labels()[1]})
+
+    def labels(self, indices: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Targets and scene types of ``indices`` (default: all samples), without rendering anything.
+
+        Returns:
+            ``(targets, scenes)``, two int64 arrays.
+        """
+        indices = range(self.size) if indices is None else indices
+        uniforms = np.array([self._draws(index)[0][: _U_EMOTION + 1] for index in indices]).reshape(-1, 3)
+        return self._labels_from(uniforms)
 
     def dominant_emotion(self, scene: int) -> int:
         """The emotion that scene type ``scene`` is biased towards."""
         return scene % self.num_classes
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for the {self.split!r} split of size {self.size}")
-        context, subject, (x1, y1, x2, y2), target, scene = self._generate(index, normalise=True)
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """Renders the samples at ``indices`` together (the batched fetch ``DataLoader`` uses)."""
+        indices = [int(index) for index in indices]
+        for index in indices:
+            if not 0 <= index < self.size:
+                raise IndexError(f"index {index} out of range for the {self.split!r} split of size {self.size}")
+        context, subject, boxes, targets, scenes = self._generate(indices, normalise=True)
         if self.mask_subject:
-            context[:, y1:y2, x1:x2] = 0.0
-        if self.flip and torch.rand(()) < 0.5:
-            context = np.ascontiguousarray(context[:, :, ::-1])
-            subject = np.ascontiguousarray(subject[:, :, ::-1])
-            x1, x2 = self.image_size - x2, self.image_size - x1
-        return {
+            for image, (x1, y1, x2, y2) in zip(context, boxes):
+                image[:, y1:y2, x1:x2] = 0.0
+        if self.flip:
+            flipped = (torch.rand(len(indices)) < 0.5).numpy()
+            context[flipped] = context[flipped, :, :, ::-1]
+            subject[flipped] = subject[flipped, :, :, ::-1]
+            boxes[flipped, 0], boxes[flipped, 2] = (
+                self.image_size - boxes[flipped, 2],
+                self.image_size - boxes[flipped, 0],
+            )
+        batch = {
             "subject": torch.from_numpy(subject),
             "context": torch.from_numpy(context),
-            "target": torch.tensor(target, dtype=torch.int64),
-            "index": torch.tensor(index, dtype=torch.int64),
-            "box": torch.tensor([x1, y1, x2, y2], dtype=torch.float32),
-            "scene": torch.tensor(scene, dtype=torch.int64),
+            "target": torch.from_numpy(targets),
+            "index": torch.tensor(indices, dtype=torch.int64),
+            "box": torch.from_numpy(boxes.astype(np.float32)),
+            "scene": torch.from_numpy(scenes),
         }
+        return [{key: value[i] for key, value in batch.items()} for i in range(len(indices))]
 
     def render(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int], int, int]:
         """Renders sample ``index`` in [0, 1] RGB, without normalisation, masking or flipping (for viewing).
@@ -211,8 +272,23 @@ class SyntheticContextDataset(Dataset):
             box rendered at (3, subject_size, subject_size), float32; the integer box (x1, y1, x2, y2), x2/y2
             exclusive; the emotion and the scene type.
         """
-        image, subject, box, target, scene = self._generate(index, normalise=False)
-        return np.clip(image, 0.0, 1.0), np.clip(subject, 0.0, 1.0), box, target, scene
+        image, subject, boxes, targets, scenes = self._generate([index], normalise=False)
+        box = tuple(int(v) for v in boxes[0])
+        return np.clip(image[0], 0.0, 1.0), np.clip(subject[0], 0.0, 1.0), box, int(targets[0]), int(scenes[0])
+
+    # --- generation --------------------------------------------------------------------------------------------
+    def _draws(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """All random numbers of sample ``index``: uniforms (see the ``_U_*`` layout) and standard normals."""
+        rng = np.random.default_rng([self.seed, self._split_id, index])
+        people = self.max_distractors + 1
+        uniforms = rng.random(_U_PERSON + _U_PER_PERSON * people)
+        return uniforms, rng.standard_normal(_Z_PERSON + _Z_PER_PERSON * people)
+
+    def _labels_from(self, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scenes = _choice(uniforms[:, _U_SCENE], self.num_scenes)
+        uniform_emotion = _choice(uniforms[:, _U_EMOTION], self.num_classes)
+        targets = np.where(uniforms[:, _U_FOLLOW] < self.bias, scenes % self.num_classes, uniform_emotion)
+        return targets, scenes
 
     def _noise_bank(self) -> np.ndarray:
         if self._noise is None:
@@ -221,146 +297,160 @@ class SyntheticContextDataset(Dataset):
             self._noise = rng.standard_normal((3, side, side), dtype=np.float32)
         return self._noise
 
-    def _generate(self, index: int, normalise: bool):
-        rng = np.random.default_rng([self.seed, self._split_id, index])
+    def _person(self, uniforms: np.ndarray, normals: np.ndarray, slot: int, targets: np.ndarray) -> dict:
+        """Parameters of person ``slot`` (0 = the target, then distractors) for every sample of the batch."""
+        u = uniforms[:, _U_PERSON + _U_PER_PERSON * slot :][:, :_U_PER_PERSON]
+        z = normals[:, _Z_PERSON + _Z_PER_PERSON * slot :][:, :_Z_PER_PERSON]
         size = self.image_size
-        # Labels first, always with the same draws, so that the bias changes the labels and faces and nothing else.
-        scene = int(rng.integers(self.num_scenes))
-        follow_scene = rng.random() < self.bias
-        uniform_emotion = int(rng.integers(self.num_classes))
-        target = self.dominant_emotion(scene) if follow_scene else uniform_emotion
-        background = self._background_params(scene, rng)
-        people = [
-            self._person_params(int(rng.integers(self.num_classes)), rng, is_target=False)
-            for _ in range(int(rng.integers(self.max_distractors + 1)))
-        ]
-        person = self._person_params(target, rng, is_target=True)
-        people.append(person)  # the target person is drawn last, on top
-        contrast, brightness = rng.uniform(0.85, 1.15), rng.uniform(-0.06, 0.06)
-        noise_at = rng.integers(0, (_NOISE_BANK_SIDES - 1) * max(size, self.subject_size) + 1, size=4)
-
-        x1 = max(int(math.floor(person["cx"] - person["w"] / 2)), 0)
-        y1 = max(int(math.floor(person["top"])), 0)
-        x2 = min(int(math.ceil(person["cx"] + person["w"] / 2)), size)
-        y2 = min(int(math.ceil(person["top"] + person["h"])), size)
-        n = self.subject_size
-        sub_xs = (x1 + (np.arange(n, dtype=np.float32) + 0.5) * ((x2 - x1) / n)).astype(np.float32)
-        sub_ys = (y1 + (np.arange(n, dtype=np.float32) + 0.5) * ((y2 - y1) / n)).astype(np.float32)
-
-        # canvas * contrast + offset (+ noise), then optionally (x - mean) / std, as one affine map per channel
-        scale, offset = np.float32(contrast), np.float32(0.5 - 0.5 * contrast + brightness)
-        noise_scale = np.float32(self.pixel_noise)
-        if normalise:
-            scale, offset = scale * self._inv_std, (offset - self._mean) * self._inv_std
-            noise_scale = noise_scale * self._inv_std
-        bank = self._noise_bank()
-        images = []
-        for (xs, ys), (oy, ox) in zip(((self._grid, self._grid), (sub_xs, sub_ys)), (noise_at[:2], noise_at[2:])):
-            canvas = self._render(background, people, xs, ys)
-            canvas *= scale
-            canvas += offset
-            canvas += noise_scale * bank[:, oy : oy + len(ys), ox : ox + len(xs)]
-            images.append(canvas)
-        return images[0], images[1], (x1, y1, x2, y2), target, scene
-
-    def _background_params(self, scene: int, rng: np.random.Generator) -> dict:
-        size = self.image_size
-        hue = scene / self.num_scenes + 0.05 + rng.normal(0.0, 0.015)
-        variant = scene // len(TEXTURES)
-        return {
-            "kind": scene % len(TEXTURES),
-            "c1": _hsv(hue, 0.55 + rng.uniform(-0.1, 0.1), 0.9 + rng.uniform(-0.1, 0.08)),
-            "c2": _hsv(hue + 0.07, 0.75 + rng.uniform(-0.1, 0.1), 0.45 + rng.uniform(-0.1, 0.1)),
-            # angular frequency per image pixel, orientation, phases, horizon height
-            "freq": 2.0 * math.pi * (4.0 + 1.5 * (variant % 3)) * rng.uniform(0.8, 1.25) / size,
-            "angle": 2.39996 * scene + rng.uniform(-0.3, 0.3),
-            "phase": rng.uniform(0.0, 2.0 * math.pi, size=2).tolist(),
-            "horizon": rng.uniform(0.35, 0.65) * size,
-        }
-
-    def _person_params(self, emotion: int, rng: np.random.Generator, is_target: bool) -> dict:
-        size = self.image_size
-        if is_target:  # the whole box inside the image
-            h = rng.uniform(0.42, 0.7) * size
-            cx = rng.uniform(h / 4, size - h / 4)
-            top = rng.uniform(0.0, size - h)
+        if slot == 0:  # the target: the whole box inside the image
+            h = (0.42 + 0.28 * u[:, 0]) * size
+            cx = h / 4 + u[:, 1] * (size - h / 2)
+            top = u[:, 2] * (size - h)
+            emotion = targets
         else:
-            h = rng.uniform(0.3, 0.6) * size
-            cx = rng.uniform(0.0, size)
-            top = rng.uniform(-0.2 * h, size - 0.6 * h)
-        skin = _SKIN_LIGHT + rng.uniform() * (_SKIN_DARK - _SKIN_LIGHT) + rng.normal(0.0, 0.03, size=3)
+            h = (0.3 + 0.3 * u[:, 0]) * size
+            cx = u[:, 1] * size
+            top = -0.2 * h + u[:, 2] * (size - 0.4 * h)
+            emotion = _choice(u[:, 8], self.num_classes)
+        skin = _SKIN_LIGHT + u[:, 3, None] * (_SKIN_DARK - _SKIN_LIGHT) + 0.03 * z[:, :3]
         return {
-            "cx": cx,
-            "top": top,
-            "h": h,
-            "w": 0.5 * h,
+            "cx": cx.astype(np.float32),
+            "top": top.astype(np.float32),
+            "h": h.astype(np.float32),
             "skin": np.clip(skin, 0.0, 1.0).astype(np.float32),
-            "cloth": _hsv(rng.uniform(), rng.uniform(0.2, 0.9), rng.uniform(0.25, 0.95)),
-            "ink": np.full(3, rng.uniform(0.0, 0.2), dtype=np.float32),
-            "face": (_EXPRESSIONS[emotion] + rng.normal(0.0, self.expression_noise, size=4)).tolist(),
+            "cloth": _hsv_to_rgb(u[:, 4], 0.2 + 0.7 * u[:, 5], 0.25 + 0.7 * u[:, 6]),
+            "ink": (0.2 * u[:, 7]).astype(np.float32),
+            "face": (_EXPRESSIONS[emotion] + self.expression_noise * z[:, 3:7]).astype(np.float32),
         }
 
-    def _render(self, background: dict, people: list[dict], xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-        """Renders the scene in [0, 1] RGB at pixel centres ``xs`` (W,), ``ys`` (H,) in image coordinates."""
-        step = max(float(xs[-1] - xs[0]) / max(len(xs) - 1, 1), float(ys[-1] - ys[0]) / max(len(ys) - 1, 1), 1e-3)
-        x, y = xs[None, :], ys[:, None]
-        b = background
-        kind, f, (p1, p2) = b["kind"], b["freq"], b["phase"]
-        if kind == 0:  # stripes
-            t = 0.5 + 0.5 * np.sin((x * math.cos(b["angle"]) + p1) * f + y * (math.sin(b["angle"]) * f))
-        elif kind == 1:  # checkerboard
-            t = 0.5 + 0.5 * np.tanh(6.0 * np.sin(f * x + p1) * np.sin(f * y + p2))
-        elif kind == 2:  # dots on a lattice
-            period = 2.0 * math.pi / f
-            du = (x / period + p1 / (2.0 * math.pi)) % 1.0 - 0.5
-            dv = (y / period + p2 / (2.0 * math.pi)) % 1.0 - 0.5
-            t = np.clip(0.5 - (np.hypot(du, dv) - 0.28) * (period / step), 0.0, 1.0)
-        else:  # horizon: a sky gradient over the ground
-            t = 1.0 / (1.0 + np.exp((b["horizon"] - y) / (1.5 * step))) + 0.3 * y / self.image_size
-        c1, c2 = b["c1"][:, None, None], b["c2"][:, None, None]
-        canvas = np.empty((3, len(ys), len(xs)), dtype=np.float32)
-        canvas[...] = c1 + t.astype(np.float32) * (c2 - c1)
-        for person in people:
-            _draw_person(canvas, person, xs, ys, step)
-        return canvas
+    def _generate(self, indices: list[int], normalise: bool):
+        """Renders a batch: ``(context, subject, boxes, targets, scenes)``, images (n, 3, H, W) float32."""
+        n, size, sub = len(indices), self.image_size, self.subject_size
+        draws = [self._draws(index) for index in indices]
+        uniforms = np.stack([d[0] for d in draws]) if n else np.zeros((0, _U_PERSON + _U_PER_PERSON))
+        normals = np.stack([d[1] for d in draws]) if n else np.zeros((0, _Z_PERSON + _Z_PER_PERSON))
+        targets, scenes = self._labels_from(uniforms)
+        n_distractors = _choice(uniforms[:, _U_DISTRACTORS], self.max_distractors + 1)
+        people = [self._person(uniforms, normals, slot, targets) for slot in range(self.max_distractors + 1)]
+        target = people[0]
+        x1, y1 = np.floor(target["cx"] - target["h"] / 4), np.floor(target["top"])
+        x2, y2 = np.ceil(target["cx"] + target["h"] / 4), np.ceil(target["top"] + target["h"])
+        boxes = np.clip(np.stack([x1, y1, x2, y2], axis=1), 0, size).astype(np.int64)
 
+        # sample positions (pixel centres, image coordinates) and spacing of the two renderings
+        grid = np.arange(size, dtype=np.float32) + 0.5
+        ctx_x, ctx_y = np.broadcast_to(grid, (n, size)), np.broadcast_to(grid, (n, size))
+        corners, sides = boxes[:, :2].astype(np.float32), (boxes[:, 2:] - boxes[:, :2]).astype(np.float32)
+        fractions = (np.arange(sub, dtype=np.float32) + 0.5) / sub
+        sub_x = corners[:, 0, None] + fractions * sides[:, 0, None]
+        sub_y = corners[:, 1, None] + fractions * sides[:, 1, None]
+        sub_step = sides.max(axis=1) / sub
 
-def _draw_person(canvas: np.ndarray, p: dict, xs: np.ndarray, ys: np.ndarray, step: float) -> None:
-    """Draws a person (rounded body, round head, face) into ``canvas`` sampled at ``xs``, ``ys``."""
-    cx, top, h = p["cx"], p["top"], p["h"]
-    # body: a rounded rectangle under the head
-    half_w, half_h, round_r, body_y = 0.25 * h, 0.3 * h, 0.1 * h, top + 0.7 * h
-    cols, rows = _window(xs, cx - half_w - step, cx + half_w + step), _window(ys, top + 0.35 * h, top + h + step)
-    if cols.start < cols.stop and rows.start < rows.stop:
-        qx = np.abs(xs[None, cols] - cx) - (half_w - round_r)
-        qy = np.abs(ys[rows, None] - body_y) - (half_h - round_r)
-        sd = np.hypot(np.maximum(qx, 0.0), np.maximum(qy, 0.0)) + np.minimum(np.maximum(qx, qy), 0.0) - round_r
-        _paint(canvas[:, rows, cols], sd, p["cloth"], step)
-    # head, then the face inside it
-    r = 0.22 * h
-    hy = top + r + 0.01 * h
-    cols, rows = _window(xs, cx - r - step, cx + r + step), _window(ys, hy - r - step, hy + r + step)
-    if cols.start >= cols.stop or rows.start >= rows.stop:
-        return
-    view = canvas[:, rows, cols]
-    x, y = xs[None, cols] - cx, ys[rows, None] - hy
-    _paint(view, np.hypot(x, y) - r, p["skin"], step)
-    curve, opening, tilt, lift = p["face"]
-    ax = np.abs(x)  # the face is mirror-symmetric
-    eyes = np.hypot(ax - 0.38 * r, y + 0.08 * r) - 0.13 * r
-    # brows: capsules centred at (+-0.4 r, brow_y) whose inner ends go down when tilt > 0
-    brow_y = -0.45 * r - 0.15 * r * lift
-    dx, dy = 0.22 * r * math.cos(0.5 * tilt), 0.22 * r * math.sin(0.5 * tilt)
-    bx0, by0, length2 = 0.4 * r - dx, brow_y + dy, 4.0 * (dx * dx + dy * dy)
-    t = np.clip((ax - bx0) * (2.0 * dx / length2) - (y - by0) * (2.0 * dy / length2), 0.0, 1.0)
-    brows = np.hypot(ax - bx0 - t * (2.0 * dx), y - by0 + t * (2.0 * dy)) - 0.07 * r
-    # mouth: a parabola whose corners rise by 0.22 r * curve, thickened by the opening
-    mouth_w, rise = 0.4 * r, 0.22 * r * curve
-    u = np.clip(x, -mouth_w, mouth_w)
-    mouth_y = 0.45 * r - rise * (u / mouth_w) ** 2
-    slope = 2.0 * rise * u / (mouth_w * mouth_w)
-    mouth = np.hypot(x - u, (y - mouth_y) / np.sqrt(1.0 + slope * slope)) - (0.07 + 0.14 * max(opening, 0.0)) * r
-    _paint(view, np.minimum(np.minimum(eyes, brows), mouth), p["ink"], step)
+        background = self._background(uniforms, normals, scenes)
+        order = [*range(1, self.max_distractors + 1), 0]  # distractors first, the target on top
+        images = []
+        renderings = ((ctx_x, ctx_y, np.ones(n, np.float32), True), (sub_x, sub_y, sub_step, False))
+        for xs, ys, step, windowed in renderings:
+            canvas = self._render_background(background, xs, ys, step)
+            for slot in order:
+                present = np.ones(n, bool) if slot == 0 else n_distractors >= slot
+                self._render_person(canvas, people[slot], np.flatnonzero(present), xs, ys, step, windowed)
+            images.append(canvas)
+
+        # contrast/brightness jitter, pixel noise and (optionally) ImageNet normalisation, per sample and channel
+        contrast = 0.85 + 0.3 * uniforms[:, _U_CONTRAST]
+        brightness = -0.06 + 0.12 * uniforms[:, _U_BRIGHTNESS]
+        scale = np.repeat(contrast[:, None], 3, axis=1)
+        offset = np.repeat((0.5 - 0.5 * contrast + brightness)[:, None], 3, axis=1)
+        noise_scale = np.full((n, 3), self.pixel_noise)
+        if normalise:
+            mean, std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
+            scale, offset, noise_scale = scale / std, (offset - mean) / std, noise_scale / std
+        bank = self._noise_bank()
+        offsets = (uniforms[:, _U_NOISE] * (bank.shape[1] - max(size, sub))).astype(np.int64)
+        for image, oy, ox in zip(images, offsets[:, 0::2].T, offsets[:, 1::2].T):
+            side = image.shape[-1]
+            image *= scale[:, :, None, None].astype(np.float32)
+            image += offset[:, :, None, None].astype(np.float32)
+            for i in range(n):
+                noise = bank[:, oy[i] : oy[i] + side, ox[i] : ox[i] + side]
+                image[i] += noise_scale[i, :, None, None].astype(np.float32) * noise
+        return images[0], images[1], boxes, targets, scenes
+
+    def _background(self, uniforms: np.ndarray, normals: np.ndarray, scenes: np.ndarray) -> dict:
+        size = self.image_size
+        u = uniforms[:, _U_BACKGROUND]
+        hue = scenes / self.num_scenes + 0.05 + 0.015 * normals[:, _Z_HUE]
+        variant = scenes // len(TEXTURES)
+        params = {
+            "kind": scenes % len(TEXTURES),
+            "c1": _hsv_to_rgb(hue, 0.45 + 0.2 * u[:, 0], 0.8 + 0.18 * u[:, 2]),
+            "c2": _hsv_to_rgb(hue + 0.07, 0.65 + 0.2 * u[:, 1], 0.35 + 0.2 * u[:, 3]),
+            # angular frequency per image pixel, orientation, phases, horizon height
+            "freq": 2.0 * np.pi * (4.0 + 1.5 * (variant % 3)) * (0.8 + 0.45 * u[:, 4]) / size,
+            "angle": 2.39996 * scenes - 0.3 + 0.6 * u[:, 5],
+            "phase": 2.0 * np.pi * u[:, 6:8],
+            "horizon": (0.35 + 0.3 * uniforms[:, _U_HORIZON]) * size,
+        }
+        return {key: value.astype(np.float32) if key != "kind" else value for key, value in params.items()}
+
+    def _render_background(self, b: dict, xs: np.ndarray, ys: np.ndarray, step: np.ndarray) -> np.ndarray:
+        """(n, 3, H, W) textured backgrounds sampled at ``xs`` (n, W), ``ys`` (n, H) in image coordinates."""
+        n = len(xs)
+        t = np.empty((n, ys.shape[1], xs.shape[1]), dtype=np.float32)
+        for kind in range(len(TEXTURES)):
+            sel = np.flatnonzero(b["kind"] == kind)
+            if len(sel) == 0:
+                continue
+            x, y = xs[sel, None, :], ys[sel, :, None]
+            f, p1, p2 = (v[:, None, None] for v in (b["freq"][sel], b["phase"][sel, 0], b["phase"][sel, 1]))
+            if kind == 0:  # stripes
+                angle = b["angle"][sel, None, None]
+                t[sel] = 0.5 + 0.5 * np.sin(f * (x * np.cos(angle) + y * np.sin(angle)) + p1)
+            elif kind == 1:  # checkerboard
+                t[sel] = 0.5 + 0.5 * np.tanh(6.0 * np.sin(f * x + p1) * np.sin(f * y + p2))
+            elif kind == 2:  # dots on a lattice
+                period = 2.0 * np.pi / f
+                du = (x / period + p1 / (2.0 * np.pi)) % 1.0 - 0.5
+                dv = (y / period + p2 / (2.0 * np.pi)) % 1.0 - 0.5
+                t[sel] = np.clip(0.5 - (np.sqrt(du * du + dv * dv) - 0.28) * period / step[sel, None, None], 0, 1)
+            else:  # horizon: a sky gradient over the ground
+                soft = 1.5 * step[sel, None, None]
+                t[sel] = 1.0 / (1.0 + np.exp((b["horizon"][sel, None, None] - y) / soft)) + 0.3 * y / self.image_size
+        c1, c2 = b["c1"][:, :, None, None], b["c2"][:, :, None, None]
+        return c1 + t[:, None] * (c2 - c1)
+
+    @staticmethod
+    def _render_person(canvas, person: dict, rows_of: np.ndarray, xs, ys, step, windowed: bool) -> None:
+        """Composites ``person`` into the samples ``rows_of`` of ``canvas`` (n, 3, H, W), in place.
+
+        With ``windowed`` (context grid: one sample per image pixel) the shapes are evaluated only on a window
+        around each person (one window size for the batch, placed inside the image), otherwise on the whole canvas.
+        """
+        if len(rows_of) == 0:
+            return
+        p = {key: value[rows_of] for key, value in person.items()}
+        xs, ys = xs[rows_of], ys[rows_of]
+        if windowed:
+            height, width = canvas.shape[2:]
+            win_h = min(int(np.ceil(p["h"].max())) + 3, height)
+            win_w = min(int(np.ceil(p["h"].max() / 2)) + 3, width)
+            tops = np.clip(np.floor(p["top"]).astype(np.int64) - 1, 0, height - win_h)
+            lefts = np.clip(np.floor(p["cx"] - p["h"] / 4).astype(np.int64) - 1, 0, width - win_w)
+            windows = [(i, slice(t, t + win_h), slice(left, left + win_w)) for i, t, left in zip(rows_of, tops, lefts)]
+            view = np.stack([canvas[i, :, r, c] for i, r, c in windows])
+            xs = np.stack([x[c] for x, (_, _, c) in zip(xs, windows)])
+            ys = np.stack([y[r] for y, (_, r, _) in zip(ys, windows)])
+        else:
+            view = canvas[rows_of]
+        x = xs[:, None, :] - p["cx"][:, None, None].astype(np.float32)
+        y = ys[:, :, None] - p["top"][:, None, None].astype(np.float32)
+        _composite_person(view, x, y, step[rows_of, None, None], p)
+        if windowed:
+            for window, (i, r, c) in zip(view, windows):
+                canvas[i, :, r, c] = window
+        else:
+            canvas[rows_of] = view
 
 
 def _check_settings(
@@ -437,7 +527,7 @@ class SyntheticContextDataModule(L.LightningDataModule):
         test_size: int = 1000,
         batch_size: int = 64,
         num_workers: int = 0,
-        expression_noise: float = 0.3,
+        expression_noise: float = 0.45,
         pixel_noise: float = 0.06,
         max_distractors: int = 2,
         flip: bool = True,

@@ -15,19 +15,6 @@ from ccim_lightning.datamodules.synthetic import (
 SMALL = {"image_size": 32, "subject_size": 16}
 
 
-def _labels(dataset: SyntheticContextDataset, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Targets and scenes of the first ``n`` samples, drawn the way ``render`` draws them (no rendering)."""
-    targets, scenes = [], []
-    for index in range(n):
-        rng = np.random.default_rng([dataset.seed, dataset._split_id, index])
-        scene = int(rng.integers(dataset.num_scenes))
-        follow = rng.random() < dataset.bias
-        uniform = int(rng.integers(dataset.num_classes))
-        targets.append(dataset.dominant_emotion(scene) if follow else uniform)
-        scenes.append(scene)
-    return np.array(targets), np.array(scenes)
-
-
 @pytest.fixture(scope="module")
 def datamodule() -> SyntheticContextDataModule:
     dm = SyntheticContextDataModule(train_size=40, val_size=12, test_size=20, batch_size=8)
@@ -119,32 +106,47 @@ def test_flip_keeps_subject_context_and_box_consistent() -> None:
     assert seen == {True, False}
 
 
-def test_labels_match_sampling_rule() -> None:
+def test_labels_match_rendered_samples() -> None:
     dataset = SyntheticContextDataset("val", 30, bias=0.5, **SMALL)
-    targets, scenes = _labels(dataset, 30)
-    samples = [dataset[i] for i in range(30)]
+    targets, scenes = dataset.labels()
+    samples = dataset.__getitems__(list(range(30)))
     assert [int(s["target"]) for s in samples] == targets.tolist()
     assert [int(s["scene"]) for s in samples] == scenes.tolist()
+    assert dataset.labels([3, 7])[0].tolist() == targets[[3, 7]].tolist()
+    table = dataset.sample_table()
+    assert table["index"].tolist() == list(range(30)) and table["scene"].tolist() == scenes.tolist()
+
+
+def test_batched_and_single_access_agree() -> None:
+    dataset = SyntheticContextDataset("test", 12, **SMALL)
+    batch = dataset.__getitems__([5, 0, 11])
+    for index, sample in zip([5, 0, 11], batch):
+        single = dataset[index]
+        for key in single:
+            assert torch.allclose(single[key], sample[key], atol=1e-5), key
+        assert sample["index"] == index
 
 
 @pytest.mark.parametrize("num_classes, num_scenes", [(4, 4), (3, 6)])
 def test_bias_semantics(num_classes: int, num_scenes: int) -> None:
     n = 4000
     settings = {"num_classes": num_classes, "num_scenes": num_scenes}
-    targets, scenes = _labels(SyntheticContextDataset("train", n, bias=1.0, **settings), n)
+    targets, scenes = SyntheticContextDataset("train", n, bias=1.0, **settings).labels()
     assert np.all(targets == scenes % num_classes)
     assert np.bincount(scenes, minlength=num_scenes).min() > n / num_scenes * 0.8
 
+    # bias 0, and the unbiased test split whatever the bias: P(dominant) = 1 / C and scene, emotion independent
     for split, bias in (("train", 0.0), ("test_unbiased", 0.9)):
-        targets, scenes = _labels(SyntheticContextDataset(split, n, bias=bias, **settings), n)
+        targets, scenes = SyntheticContextDataset(split, n, bias=bias, **settings).labels()
         assert abs(np.mean(targets == scenes % num_classes) - 1 / num_classes) < 0.03
         joint = np.histogram2d(scenes, targets, bins=(num_scenes, num_classes))[0] / n
         independent = np.outer(np.bincount(scenes) / n, np.bincount(targets) / n)
         assert np.abs(joint - independent).max() < 0.02
 
-    targets, scenes = _labels(SyntheticContextDataset("test", n, bias=0.9, **settings), n)
-    expected = 0.9 + 0.1 / num_classes
-    assert abs(np.mean(targets == scenes % num_classes) - expected) < 0.02
+    # the biased splits: P(dominant) = bias + (1 - bias) / C
+    for split in ("train", "val", "test"):
+        targets, scenes = SyntheticContextDataset(split, n, bias=0.9, **settings).labels()
+        assert abs(np.mean(targets == scenes % num_classes) - (0.9 + 0.1 / num_classes)) < 0.02
 
 
 def test_bias_only_changes_labels_and_faces() -> None:
