@@ -55,6 +55,12 @@ class CCIMLightningModule(L.LightningModule):
         lr_scheduler: Optional scheduler factory, called with the optimizer; ReduceLROnPlateau monitors
             ``val/loss``.
         class_names: Names used to log per-class values; defaults to ``class_0``...
+        continuous_loss: Adds a regression output on the head's feature for the batch's ``continuous_key`` targets
+            (EMOTIC's valence/arousal/dominance), trained with this loss (e.g.
+            ``ccim_lightning.losses.EmoticContinuousLoss``) next to the classification loss.
+        continuous_weight: Weight of the continuous loss in the total.
+        continuous_key: Batch key of the continuous targets, (B, continuous_dim).
+        continuous_dim: Number of continuous targets (3 for V/A/D).
     """
 
     def __init__(
@@ -76,12 +82,17 @@ class CCIMLightningModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         class_names: Sequence[str] | None = None,
+        continuous_loss: nn.Module | None = None,
+        continuous_weight: float = 1.0,
+        continuous_key: str = "vad",
+        continuous_dim: int = 3,
     ) -> None:
         super().__init__()
         cli_hparams = _given_hyperparameters is not None and _given_hyperparameters.get() is not None
         # From Python the backbone and loss are live modules: keeping them in hparams would pickle whole models
         # into every checkpoint; pass them again to ``load_from_checkpoint``. From the CLI they are configs.
-        self.save_hyperparameters(ignore=None if cli_hparams else ["backbone", "loss", "optimizer", "lr_scheduler"])
+        python_only = ["backbone", "loss", "continuous_loss", "optimizer", "lr_scheduler"]
+        self.save_hyperparameters(ignore=None if cli_hparams else python_only)
         if task not in ("multiclass", "multilabel"):
             raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
         if feature_dim is None:
@@ -113,6 +124,10 @@ class CCIMLightningModule(L.LightningModule):
         if loss is None:
             loss = nn.CrossEntropyLoss() if task == "multiclass" else nn.BCEWithLogitsLoss()
         self.loss = loss
+        self.continuous_loss = continuous_loss
+        self.continuous_weight = continuous_weight
+        self.continuous_key = continuous_key
+        self.continuous_head = nn.Linear(hidden_dim, continuous_dim) if continuous_loss is not None else None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         # One metric collection per stage and evaluation set, created on first use (the test sets are only known
@@ -135,7 +150,13 @@ class CCIMLightningModule(L.LightningModule):
     # --- forward and steps -----------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Returns logits (B, num_classes) for a batch dict."""
-        return self.head(self.extract_features(batch))
+        return self._outputs(batch)[0]
+
+    def _outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits, and the continuous predictions when a ``continuous_loss`` is set (else None)."""
+        features = self.head.forward_features(self.extract_features(batch))
+        continuous = self.continuous_head(features) if self.continuous_head is not None else None
+        return self.head.forward_head(features), continuous
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
@@ -148,14 +169,22 @@ class CCIMLightningModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Returns ``{"index": (B,), "probabilities": (B, C)}`` so predictions can be matched to samples."""
-        probabilities = self.predict_probabilities(self(batch).float())
-        return {"index": batch["index"], "probabilities": probabilities}
+        logits, continuous = self._outputs(batch)
+        outputs = {"index": batch["index"], "probabilities": self.predict_probabilities(logits.float())}
+        if continuous is not None:
+            outputs[self.continuous_key] = continuous.float()
+        return outputs
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        logits = self(batch)
+        logits, continuous = self._outputs(batch)
         loss = self.compute_loss(logits, batch)
         batch_size = logits.shape[0]
         on_step = stage == "train"
+        if continuous is not None:
+            continuous_loss = self.continuous_loss(continuous.float(), batch[self.continuous_key].float())
+            self.log(f"{stage}/{self.continuous_key}_loss", continuous_loss, on_step=on_step, on_epoch=True,
+                     batch_size=batch_size, add_dataloader_idx=False, sync_dist=True)  # fmt: skip
+            loss = loss + self.continuous_weight * continuous_loss
         self.log(
             f"{stage}/loss",
             loss,

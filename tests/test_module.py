@@ -176,3 +176,30 @@ def test_reduce_on_plateau_monitors_validation_loss():
     module = make_module(lr_scheduler=partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=1))
     config = module.configure_optimizers()
     assert config["lr_scheduler"]["monitor"] == "val/loss"
+
+
+def test_continuous_targets_add_a_regression_output_and_its_loss(tmp_path):
+    from ccim_lightning.losses import EmoticContinuousLoss
+
+    class WithVAD(RandomBatches):
+        def __getitem__(self, i):
+            vad = torch.tensor([float("nan") if i == 0 else 5.0, 3.0 + i % 3, 7.0])
+            return {**super().__getitem__(i), "vad": vad}
+
+    data = WithVAD(8, 4, multilabel=True)
+    module = make_module(
+        task="multilabel", num_classes=4, continuous_loss=EmoticContinuousLoss(), continuous_weight=0.5
+    )
+    results = _trainer(tmp_path).validate(module, DataLoader(data, batch_size=8))[0]
+    batch = next(iter(DataLoader(data, batch_size=8)))
+    module.eval()  # as during validation
+    with torch.no_grad():
+        features = module.head.forward_features(module.backbone(batch))
+        logits = module.head.forward_head(features)
+        vad = features @ module.continuous_head.weight.T + module.continuous_head.bias
+    classification = nn.functional.binary_cross_entropy_with_logits(logits, batch["target"])
+    continuous = EmoticContinuousLoss()(vad, batch["vad"])
+    assert results["val/vad_loss"] == pytest.approx(float(continuous), rel=1e-4)
+    assert results["val/loss"] == pytest.approx(float(classification + 0.5 * continuous), rel=1e-4)
+    out = module.predict_step(batch, 0)
+    assert torch.allclose(out["vad"], vad, atol=1e-5)
