@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -16,6 +17,20 @@ def _load_script():
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True)
+def restore_logger_levels():
+    """The script quietens Lightning's and our loggers and sets torch's threads; later tests need them back."""
+    import torch
+
+    names = ("lightning", "lightning.pytorch", "lightning.fabric", "ccim_lightning")
+    levels = {name: logging.getLogger(name).level for name in names}
+    threads = torch.get_num_threads()
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    torch.set_num_threads(threads)
 
 
 TINY = ["--train-size", "128", "--val-size", "32", "--test-size", "64", "--epochs", "1", "--batch-size", "32"]
