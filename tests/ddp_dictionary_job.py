@@ -40,6 +40,7 @@ def main(out: Path, devices: int) -> None:
         accelerator="cpu",
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
+        default_root_dir=out,
         max_epochs=1,
         limit_train_batches=1,
         limit_val_batches=0,
