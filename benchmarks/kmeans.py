@@ -67,7 +67,11 @@ def run_child(args: argparse.Namespace) -> None:
             from sklearn.cluster import KMeans
 
             model = KMeans(
-                n_clusters=args.k, init="k-means++", n_init=1, max_iter=args.iterations, tol=0.0,
+                n_clusters=args.k,
+                init="k-means++",
+                n_init=1,
+                max_iter=args.iterations,
+                tol=0.0,
                 random_state=args.seed,
             )
             start = time.perf_counter()
@@ -109,8 +113,20 @@ def main(argv: list[str] | None = None) -> None:
         np.save(data, features)
         for method in ("sklearn", "ours"):
             command = [
-                sys.executable, __file__, "--child", method, "--data", str(data), "--k", str(args.k),
-                "--iterations", str(args.iterations), "--seed", str(args.seed), "--repeats", str(args.repeats),
+                sys.executable,
+                __file__,
+                "--child",
+                method,
+                "--data",
+                str(data),
+                "--k",
+                str(args.k),
+                "--iterations",
+                str(args.iterations),
+                "--seed",
+                str(args.seed),
+                "--repeats",
+                str(args.repeats),
             ]
             done = subprocess.run(command, check=True, capture_output=True, text=True)
             report = json.loads(done.stdout.strip().splitlines()[-1])

@@ -128,7 +128,13 @@ def kmeans(
     backend_name = _resolve_backend(backend, target)
     logger.info(
         "k-means: %d points of dimension %d into %d clusters on %s (backend %s%s), seed %d, at most %d iterations",
-        num_points, dim, num_clusters, target, backend_name, f", PCA to {pca_dim}" if pca_dim else "", seed,
+        num_points,
+        dim,
+        num_clusters,
+        target,
+        backend_name,
+        f", PCA to {pca_dim}" if pca_dim else "",
+        seed,
         num_iterations,
     )
 
@@ -153,8 +159,14 @@ def kmeans(
     seconds = time.perf_counter() - start
     logger.info(
         "k-means done in %.2f s (%s; seeding %.2f s, Lloyd %.2f s): %d iterations, inertia %.6g, cluster sizes %d..%d",
-        seconds, backend_name, lloyd_start - seeding_start, time.perf_counter() - lloyd_start, iterations, inertia,
-        int(counts.min()), int(counts.max()),
+        seconds,
+        backend_name,
+        lloyd_start - seeding_start,
+        time.perf_counter() - lloyd_start,
+        iterations,
+        inertia,
+        int(counts.min()),
+        int(counts.max()),
     )
     return KMeansResult(
         centroids=centroids.cpu(),
@@ -293,16 +305,12 @@ def _pca(x: torch.Tensor, pca_dim: int) -> torch.Tensor:
     return projected
 
 
-def _squared_distances(
-    a: torch.Tensor, a_norms: torch.Tensor, b: torch.Tensor, b_norms: torch.Tensor
-) -> torch.Tensor:
+def _squared_distances(a: torch.Tensor, a_norms: torch.Tensor, b: torch.Tensor, b_norms: torch.Tensor) -> torch.Tensor:
     """(p, q) squared Euclidean distances between the rows of a (p, d) and b (q, d), given |a|^2 and |b|^2."""
     return (a_norms.unsqueeze(1) + b_norms - 2.0 * (a @ b.T)).clamp_min_(0.0)
 
 
-def _nearest(
-    x: torch.Tensor, x_norms: torch.Tensor, centroids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _nearest(x: torch.Tensor, x_norms: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared distance to, and index of, the nearest centroid of every row of x (row chunks bound the memory)."""
     norms = centroids.square().sum(1)
     chunk = max(1, _CHUNK_ENTRIES // centroids.shape[0])
@@ -519,9 +527,7 @@ def _fill_empty_clusters(assignments: torch.Tensor, distances: torch.Tensor, num
     return torch.from_numpy(moved).to(assignments.device)
 
 
-def _member_means(
-    x: torch.Tensor, assignments: torch.Tensor, num_clusters: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _member_means(x: torch.Tensor, assignments: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(k, d) float64 mean of each cluster's rows of x and the (k,) int64 sizes; sums accumulate in float64."""
     counts = torch.bincount(assignments, minlength=num_clusters)
     sums = torch.zeros(num_clusters, x.shape[1], dtype=torch.float64, device=x.device)

@@ -36,8 +36,9 @@ def relu_mixture(n=3000, dim=64, blobs=48, seed=0):
 
 
 def separated_blobs(n=1200, dim=16, centers=12, seed=0):
-    features, labels = make_blobs(n, n_features=dim, centers=centers, cluster_std=1.0, center_box=(-20, 20),
-                                  random_state=seed)
+    features, labels = make_blobs(
+        n, n_features=dim, centers=centers, cluster_std=1.0, center_box=(-20, 20), random_state=seed
+    )
     return features.astype(np.float32), labels
 
 
