@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from ccim_lightning.context_features import ContextFeatureExtractor
 from ccim_lightning.dictionary import ConfounderDictionary, DictionaryFileError
 from ccim_lightning.dictionary_builder import (
+    ContextFeatures,
     cluster_dictionary,
     dictionary_loader,
     expected_cache_key,
@@ -131,7 +132,7 @@ class ConfounderDictionaryCallback(Callback):
             source=self.source,
             fingerprint=fingerprint,
         )
-        cached = self._load_cache(wanted)
+        cached = self.load_cache(wanted)
         if cached is not None:
             return cached
 
@@ -145,26 +146,36 @@ class ConfounderDictionaryCallback(Callback):
         local = extract_context_features(extractor, loader, device, progress=self.progress and trainer.is_global_zero)
         gathered = gather_features(local, trainer.strategy.all_gather, trainer.world_size)
         del extractor
-        dictionary = None
-        if trainer.is_global_zero:
-            dictionary = cluster_dictionary(
-                gathered,
-                num_prototypes,
-                extractor_name=wanted["extractor"],
-                weights_digest=wanted["weights_digest"],
-                mask_subject=self.mask_subject,
-                seed=self.seed,
-                fingerprint=fingerprint,
-                num_iterations=self.num_iterations,
-                pca_dim=self.pca_dim,
-            )
-            if self.cache is not None:
-                dictionary.save(self.cache)
-                log.info("Confounder dictionary: saved to %s", self.cache)
+        dictionary = self.cluster(gathered, num_prototypes, wanted) if trainer.is_global_zero else None
         # Every rank takes part in the broadcast; only rank 0 has something to send.
         return trainer.strategy.broadcast(dictionary, src=0)
 
-    def _load_cache(self, wanted: dict) -> ConfounderDictionary | None:
+    def cluster(self, gathered: ContextFeatures, num_prototypes: int, wanted: dict) -> ConfounderDictionary:
+        """k-means of gathered features with this callback's settings; saved to ``cache`` when one is set.
+
+        Args:
+            gathered: Every training sample's scene features, once each.
+            num_prototypes: N.
+            wanted: The run's cache key (:func:`~ccim_lightning.dictionary_builder.expected_cache_key`).
+        """
+        dictionary = cluster_dictionary(
+            gathered,
+            num_prototypes,
+            extractor_name=wanted["extractor"],
+            weights_digest=wanted["weights_digest"],
+            mask_subject=self.mask_subject,
+            seed=self.seed,
+            fingerprint=wanted["dataset_fingerprint"],
+            num_iterations=self.num_iterations,
+            pca_dim=self.pca_dim,
+        )
+        if self.cache is not None:
+            dictionary.save(self.cache)
+            log.info("Confounder dictionary: saved to %s", self.cache)
+        return dictionary
+
+    def load_cache(self, wanted: dict) -> ConfounderDictionary | None:
+        """The cached dictionary if ``cache`` exists and its metadata matches ``wanted``; else None (says why)."""
         if self.cache is None or not self.cache.exists():
             return None
         try:

@@ -971,8 +971,7 @@ def _dictionary_for(
     features: Any,
 ) -> Any:
     """The dictionary to assign samples to: the given one, the callback's matching cache, or a fresh build."""
-    from ccim_lightning.dictionary import ConfounderDictionary
-    from ccim_lightning.dictionary_builder import cluster_dictionary, expected_cache_key, fingerprint_of
+    from ccim_lightning.dictionary_builder import expected_cache_key, fingerprint_of
 
     fingerprint = fingerprint_of(dataset)
     wanted = expected_cache_key(
@@ -986,27 +985,11 @@ def _dictionary_for(
     if given is not None:
         _warn_if_foreign(given, path, wanted)
         return given
-    if callback.cache is not None and callback.cache.exists():
-        cached = ConfounderDictionary.load(callback.cache)
-        if not cached.mismatches(wanted):
-            log.info("Bias report: using the cached dictionary %s", callback.cache)
-            return cached
+    cached = callback.load_cache(wanted)
+    if cached is not None:
+        return cached
     log.info("Bias report: clustering %d samples into %d prototypes", len(features.indices), num_prototypes)
-    built = cluster_dictionary(
-        features,
-        num_prototypes,
-        extractor_name=extractor.name,
-        weights_digest=extractor.weights_digest,
-        mask_subject=callback.mask_subject,
-        seed=callback.seed,
-        fingerprint=fingerprint,
-        num_iterations=callback.num_iterations,
-        pca_dim=callback.pca_dim,
-    )
-    if callback.cache is not None:
-        built.save(callback.cache)
-        log.info("Bias report: saved the dictionary to %s", callback.cache)
-    return built
+    return callback.cluster(features, num_prototypes, wanted)
 
 
 def _warn_if_foreign(dictionary: Any, path: str | os.PathLike | None, wanted: dict[str, Any]) -> None:
