@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shlex
 import statistics
 import sys
@@ -56,6 +57,7 @@ from ccim_lightning import CCIMLightningModule
 from ccim_lightning.callbacks import ConfounderDictionaryCallback
 from ccim_lightning.context_features import ContextFeatureExtractor
 from ccim_lightning.datamodules import SyntheticContextDataModule
+from ccim_lightning.datamodules.synthetic import SyntheticContextDataset
 from ccim_lightning.dictionary import ConfounderDictionary, DictionaryFileError
 from ccim_lightning.dictionary_builder import (
     cluster_dictionary,
@@ -239,6 +241,15 @@ class DataCache:
         return RenderedDataModule(self.splits, **kwargs)
 
 
+def generator_settings() -> str:
+    """The synthetic generator's version and default settings but seed and bias (from its sample identities).
+
+    Stored with every run: the table only pools runs of the same generator, and ``--resume`` reruns the others.
+    """
+    identity = SyntheticContextDataset("train", 1).sample_identities()[0].rsplit(":", 2)[0]
+    return re.sub(r"seed=[^,]*,bias=[^,]*,", "", identity)
+
+
 # --- dictionary --------------------------------------------------------------------------------------------------
 
 
@@ -385,7 +396,11 @@ def run_one(
         "dictionary_stats": dictionary_stats,
         "config": {
             "setting": asdict(setting),
-            "data": {**config.data_kwargs(seed, setting.bias), "class": "SyntheticContextDataModule"},
+            "data": {
+                **config.data_kwargs(seed, setting.bias),
+                "class": "SyntheticContextDataModule",
+                "generator": generator_settings(),
+            },
             "model": {
                 **model_kwargs,
                 "host": f"TwoStreamHost(small_cnn, small_cnn, feature_dim={config.feature_dim})",
@@ -497,7 +512,7 @@ def plot_bias_sweep(summary: dict[str, dict], path: Path) -> bool:
                 label=f"{label}, {kind} test",
                 alpha=1.0 if kind == "unbiased" else 0.5,
             )
-    axis.set_xlabel("training bias (P(emotion = scene's dominant emotion) before the uniform draw)")
+    axis.set_xlabel("bias: probability that a training sample's emotion is set to its scene's dominant one")
     axis.set_ylabel("top-1 accuracy (%)")
     axis.set_title("Synthetic context bias: accuracy vs bias strength (mean ± std over seeds)")
     axis.title.set_fontsize(9)
@@ -517,11 +532,11 @@ def write_report(records: list[dict], settings: list[Setting], out: Path, comman
         "# Context-bias benchmark (synthetic data)",
         "",
         "Top-1 accuracy (%) of the final-epoch weights on the biased test set (training distribution) and the "
-        "unbiased one (scene and emotion independent), mean ± sample std over the seeds in the `seeds` column; "
+        "unbiased one (scene and emotion independent), mean ± sample std over seeds; "
         "gap = biased − unbiased; Δ = unbiased accuracy minus the same-bias baseline's, paired by seed. "
-        "The table holds every stored run of this data size and epoch budget (the latest run of each setting and "
-        f"seed); it was last written by `{command}`. Per-run configurations and the command that reproduces each "
-        "run alone: `debias_runs.jsonl`.",
+        "The table holds the stored runs (the latest of each setting and seed) of the seeds and the data size and "
+        f"epoch budget of `{command}`, which wrote it. Per-run configurations and the command that reproduces each "
+        f"run alone: `debias_runs.jsonl`. Data generator: `{generator_settings()}`.",
         "",
         "## Baseline, CCIM and the paper's ablations (bias 0.9, N = 32)",
         "",
@@ -566,7 +581,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _comparable(record: dict) -> tuple:
     """What must match for a stored run to count as this configuration's run (everything but the seed)."""
     config = record["config"]
-    data = {k: v for k, v in config["data"].items() if k not in ("seed", "class")}
+    data = {k: v for k, v in config["data"].items() if k not in ("seed", "class", "generator_note")}
     return json.dumps([config["setting"], data, config["trainer"]["max_epochs"]], sort_keys=True)
 
 
@@ -610,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
             probe = {
                 "config": {
                     "setting": asdict(setting),
-                    "data": config.data_kwargs(seed, setting.bias),
+                    "data": {**config.data_kwargs(seed, setting.bias), "generator": generator_settings()},
                     "trainer": {"max_epochs": config.epochs},
                 }
             }
@@ -630,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{(time.perf_counter() - total_start) / 60:.1f} min)",
             flush=True,
         )
-    # The report covers every stored run of this configuration (sizes, epochs), so --only/--resume add up.
+    # The report covers the stored runs of this configuration (sizes, epochs) and of the requested seeds, whichever
+    # invocation ran them, so --only/--resume add up while every row averages over the same seeds.
     reference = {
         "train_size": args.train_size,
         "val_size": args.val_size,
@@ -640,7 +656,9 @@ def main(argv: list[str] | None = None) -> int:
     current = [
         r
         for r in records
-        if r["config"]["trainer"]["max_epochs"] == args.epochs
+        if r["seed"] in seeds
+        and r["config"]["data"].get("generator") == generator_settings()
+        and r["config"]["trainer"]["max_epochs"] == args.epochs
         and all(r["config"]["data"][k] == v for k, v in reference.items())
     ]
     command = "python benchmarks/debias.py" + (
