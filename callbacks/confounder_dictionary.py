@@ -132,7 +132,9 @@ class ConfounderDictionaryCallback(Callback):
             source=self.source,
             fingerprint=fingerprint,
         )
-        cached = self.load_cache(wanted)
+        # Rank 0 decides and tells the others: ranks that judged the cache on their own could disagree (node-local
+        # disks, a file being written) and then wait in different collectives forever.
+        cached = trainer.strategy.broadcast(self.load_cache(wanted) if trainer.is_global_zero else None, src=0)
         if cached is not None:
             return cached
 

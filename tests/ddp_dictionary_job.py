@@ -1,7 +1,7 @@
 """A fit job run by tests/test_ddp.py as a script (Lightning's DDP launcher re-runs the script for each rank).
 
-Usage: python tests/ddp_dictionary_job.py OUT_DIR DEVICES. Each rank saves the dictionary its head holds when
-training starts to OUT_DIR/rank<k>.pt.
+Usage: python tests/ddp_dictionary_job.py OUT_DIR DEVICES [CACHE_FILE]. Each rank saves the dictionary its head
+holds when training starts to OUT_DIR/rank<k>.pt.
 """
 
 import sys
@@ -29,7 +29,7 @@ class SaveDictionary(Callback):
         )
 
 
-def main(out: Path, devices: int) -> None:
+def main(out: Path, devices: int, cache: str | None = None) -> None:
     L.seed_everything(0)
     # 75 samples over 2 ranks: the DistributedSampler pads one rank with a repeated sample, which must be dropped.
     data = SyntheticContextDataModule(
@@ -49,7 +49,7 @@ def main(out: Path, devices: int) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[
-            ConfounderDictionaryCallback(extractor="test_efficientnet", batch_size=8, progress=False),
+            ConfounderDictionaryCallback(extractor="test_efficientnet", batch_size=8, cache=cache, progress=False),
             SaveDictionary(out),
         ],
     )
@@ -57,4 +57,4 @@ def main(out: Path, devices: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)

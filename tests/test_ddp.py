@@ -8,10 +8,13 @@ import torch
 JOB = Path(__file__).with_name("ddp_dictionary_job.py")
 
 
-def run_job(out: Path, devices: int) -> None:
+def run_job(out: Path, devices: int, cache: Path | None = None) -> None:
     out.mkdir()
     result = subprocess.run(
-        [sys.executable, str(JOB), str(out), str(devices)], capture_output=True, text=True, timeout=600
+        [sys.executable, str(JOB), str(out), str(devices), *([str(cache)] if cache else [])],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -31,3 +34,16 @@ def test_ddp_dictionary_is_identical_on_every_rank_and_to_a_single_process_build
     assert torch.allclose(rank0["prior"] * 75, (rank0["prior"] * 75).round(), atol=1e-4)
     # Features may differ in the last bits between batchings; k-means on them gives the same clusters.
     assert torch.allclose(rank0["dictionary"], single["dictionary"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_reusing_a_cached_dictionary(tmp_path):
+    cache = tmp_path / "dictionary.pt"
+    run_job(tmp_path / "build", devices=2, cache=cache)
+    assert cache.exists()
+    run_job(tmp_path / "reuse", devices=2, cache=cache)
+    built = torch.load(tmp_path / "build" / "rank0.pt")
+    for rank in (0, 1):
+        reused = torch.load(tmp_path / "reuse" / f"rank{rank}.pt")
+        assert torch.equal(reused["dictionary"], built["dictionary"])
+        assert torch.equal(reused["prior"], built["prior"])
