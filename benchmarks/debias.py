@@ -55,11 +55,11 @@ from torch.utils.data import Dataset
 
 from ccim_lightning import CCIMLightningModule
 from ccim_lightning.callbacks import ConfounderDictionaryCallback
-from ccim_lightning.context_features import ContextFeatureExtractor
+from ccim_lightning.dictionary.features import ContextFeatureExtractor
 from ccim_lightning.datamodules import SyntheticContextDataModule
 from ccim_lightning.datamodules.synthetic import SyntheticContextDataset
-from ccim_lightning.dictionary import ConfounderDictionary, DictionaryFileError
-from ccim_lightning.dictionary_builder import (
+from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryFileError
+from ccim_lightning.dictionary.recipe import (
     cluster_dictionary,
     dictionary_loader,
     expected_cache_key,

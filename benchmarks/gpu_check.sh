@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, "benchmarks")
 from kmeans import make_features  # noqa: E402
-from ccim_lightning.clustering import kmeans
+from ccim_lightning.dictionary.kmeans import kmeans
 
 features = make_features(20_000, 2048, 512, 0)
 for device in ("cpu", "cuda"):

@@ -1,4 +1,4 @@
-"""Wall time and inertia of ``ccim_lightning.clustering.kmeans`` against scikit-learn's k-means++ ``KMeans``.
+"""Wall time and inertia of ``ccim_lightning.dictionary.kmeans.kmeans`` against scikit-learn's k-means++ ``KMeans``.
 
 The data imitate pooled scene-CNN features: a mixture of ``--blobs`` Gaussian blobs (unit-variance centres, unit
 noise, Dirichlet-distributed blob sizes) in ``--dim`` dimensions passed through a ReLU, float32.
@@ -79,7 +79,7 @@ def run_child(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - start)
             centres, labels, iterations, backend = model.cluster_centers_, model.labels_, model.n_iter_, "lloyd"
         else:
-            from ccim_lightning.clustering import kmeans
+            from ccim_lightning.dictionary.kmeans import kmeans
 
             start = time.perf_counter()
             result = kmeans(features, args.k, seed=args.seed, num_iterations=args.iterations)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print("| method | backend | wall s | iterations | clusters used | inertia | time / sklearn | inertia / sklearn |")
     print("|---|---|---|---|---|---|---|---|")
-    names = {"sklearn": "scikit-learn KMeans (k-means++, n_init=1)", "ours": "ccim_lightning.clustering.kmeans"}
+    names = {"sklearn": "scikit-learn KMeans (k-means++, n_init=1)", "ours": "ccim_lightning.dictionary.kmeans.kmeans"}
     for method, report in rows.items():
         print(
             f"| {names[method]} | {report['backend']} | {report['seconds']:.2f} | {report['iterations']} | "

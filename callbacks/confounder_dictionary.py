@@ -11,9 +11,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ccim_lightning.context_features import ContextFeatureExtractor
-from ccim_lightning.dictionary import ConfounderDictionary, DictionaryFileError
-from ccim_lightning.dictionary_builder import (
+from ccim_lightning.dictionary.features import ContextFeatureExtractor
+from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryFileError
+from ccim_lightning.dictionary.recipe import (
     ContextFeatures,
     cluster_dictionary,
     dictionary_loader,
@@ -158,7 +158,7 @@ class ConfounderDictionaryCallback(Callback):
         Args:
             gathered: Every training sample's scene features, once each.
             num_prototypes: N.
-            wanted: The run's cache key (:func:`~ccim_lightning.dictionary_builder.expected_cache_key`).
+            wanted: The run's cache key (:func:`~ccim_lightning.dictionary.recipe.expected_cache_key`).
         """
         dictionary = cluster_dictionary(
             gathered,

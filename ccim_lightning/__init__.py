@@ -1,7 +1,7 @@
 """ccim-lightning: the Contextual Causal Intervention Module (CCIM, CVPR 2023) as PyTorch Lightning components."""
 
-from ccim_lightning.context_features import ContextFeatureExtractor
-from ccim_lightning.dictionary import ConfounderDictionary
+from ccim_lightning.dictionary.features import ContextFeatureExtractor
+from ccim_lightning.dictionary.store import ConfounderDictionary
 from ccim_lightning.head import ContextualCausalIntervention
 from ccim_lightning.module import CCIMLightningModule
 

@@ -1,7 +1,7 @@
 """Loading pretrained weights from local checkpoint files.
 
 One loader for every pretrained network in the suite: the scene CNN behind the confounder dictionary
-(:class:`~ccim_lightning.context_features.ContextFeatureExtractor`) and the host models' encoders. Nothing is
+(:class:`~ccim_lightning.dictionary.features.ContextFeatureExtractor`) and the host models' encoders. Nothing is
 downloaded: weights come from a local file, in any of these layouts:
 
 * a plain state dict, as written by ``torch.save(model.state_dict(), path)`` from timm or torchvision (timm and

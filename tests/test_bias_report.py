@@ -1,4 +1,4 @@
-"""Tests for ccim_lightning.bias_report: the statistics against hand computations and scikit-learn, the table reader,
+"""Tests for ccim_lightning.analysis.report: the statistics against hand computations and scikit-learn, the table reader,
 the outputs, the command, and the synthetic data's known bias."""
 
 import argparse
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import mutual_info_score, normalized_mutual_info_score
 
-from ccim_lightning.bias_report import (
+from ccim_lightning.analysis.report import (
     HISTOGRAM_BINS,
     add_bias_report_arguments,
     binary_entropy,
@@ -217,7 +217,7 @@ def test_synthetic_bias_shows_up_as_mutual_information(tmp_path):
 
 
 def test_a_random_dictionary_is_refused_before_any_work(tmp_path, capsys):
-    from ccim_lightning.dictionary import ConfounderDictionary
+    from ccim_lightning.dictionary.store import ConfounderDictionary
 
     path = ConfounderDictionary.random(4, 8, seed=0).save(tmp_path / "random.pt")
     with pytest.raises(SystemExit):
@@ -249,7 +249,7 @@ data:
 
 @pytest.mark.slow
 def test_cluster_mode_on_synthetic_data_builds_caches_and_reuses_the_dictionary(tmp_path, monkeypatch):
-    pytest.importorskip("ccim_lightning.clustering")
+    pytest.importorskip("ccim_lightning.dictionary.kmeans")
     monkeypatch.chdir(tmp_path)
     cache = tmp_path / "dictionary.pt"
     config = tmp_path / "config.yaml"

@@ -7,8 +7,8 @@ import torch
 from ccim_lightning import CCIMLightningModule, ContextFeatureExtractor
 from ccim_lightning.callbacks import ConfounderDictionaryCallback
 from ccim_lightning.datamodules import SyntheticContextDataModule
-from ccim_lightning.dictionary import ConfounderDictionary, DictionaryFileError
-from ccim_lightning.dictionary_builder import ContextFeatures, gather_features
+from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryFileError
+from ccim_lightning.dictionary.recipe import ContextFeatures, gather_features
 from ccim_lightning.hosts import TwoStreamHost
 
 EXTRACTOR = "test_efficientnet"  # timm's tiny test model: 256-d features, fast on CPU
@@ -82,7 +82,7 @@ def test_builds_dictionary_whose_prior_weighted_mean_is_the_feature_mean(tmp_pat
 def test_cluster_statistics_against_hand_counts():
     from sklearn.metrics import normalized_mutual_info_score
 
-    from ccim_lightning.dictionary_builder import cluster_dictionary
+    from ccim_lightning.dictionary.recipe import cluster_dictionary
 
     # Two tight blobs of 4 points; scenes 0,0,0,1 in the first and 1,1,1,1 in the second: purity (3 + 4) / 8.
     g = torch.Generator().manual_seed(0)

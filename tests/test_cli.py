@@ -55,7 +55,7 @@ def test_build_dictionary_then_fit_reuses_it_and_resume_keeps_it(tmp_path, monke
     import logging
 
     from ccim_lightning.cli import build_dictionary
-    from ccim_lightning.dictionary import ConfounderDictionary
+    from ccim_lightning.dictionary.store import ConfounderDictionary
 
     monkeypatch.chdir(tmp_path)
     cache = tmp_path / "dictionary.pt"

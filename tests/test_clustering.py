@@ -9,7 +9,7 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from ccim_lightning.clustering import MIN_POINTS_PER_CLUSTER, KMeansResult, kmeans
+from ccim_lightning.dictionary.kmeans import MIN_POINTS_PER_CLUSTER, KMeansResult, kmeans
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -205,7 +205,7 @@ def test_few_points_per_cluster_warns_and_enough_does_not():
 
 def test_logs_the_backend(caplog):
     features, _ = separated_blobs(n=600)
-    with caplog.at_level(logging.INFO, logger="ccim_lightning.clustering"):
+    with caplog.at_level(logging.INFO, logger="ccim_lightning.dictionary.kmeans"):
         kmeans(features, 12)
     assert "backend faiss-cpu" in caplog.text and "k-means done" in caplog.text
 
@@ -213,7 +213,7 @@ def test_logs_the_backend(caplog):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
 def test_cuda_request_without_cuda_falls_back_to_cpu_and_says_so(caplog):
     features, _ = separated_blobs(n=600)
-    with caplog.at_level(logging.INFO, logger="ccim_lightning.clustering"):
+    with caplog.at_level(logging.INFO, logger="ccim_lightning.dictionary.kmeans"):
         result = kmeans(features, 12, device="cuda")
     assert result.backend == "faiss-cpu" and result.device == "cpu"
     assert "falling back to the CPU" in caplog.text

@@ -1,4 +1,4 @@
-"""Tests for ccim_lightning.context_features: a frozen timm scene CNN, random or from a local weights file."""
+"""Tests for ccim_lightning.dictionary.features: a frozen timm scene CNN, random or from a local weights file."""
 
 import hashlib
 import logging
@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from ccim_lightning.context_features import ContextFeatureExtractor
+from ccim_lightning.dictionary.features import ContextFeatureExtractor
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def places_file(tmp_path_factory):
 
 
 def test_random_init_shape_name_digest_and_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="ccim_lightning.context_features"):
+    with caplog.at_level(logging.WARNING, logger="ccim_lightning.dictionary.features"):
         extractor = ContextFeatureExtractor("test_resnet")
     assert "random weights" in caplog.text and "Places365" in caplog.text
     assert extractor.weights_digest == "random-init:test_resnet"

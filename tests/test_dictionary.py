@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccim_lightning.dictionary import (
+from ccim_lightning.dictionary.store import (
     CACHE_KEY_FIELDS,
     ConfounderDictionary,
     DictionaryFileError,

@@ -96,7 +96,7 @@ def kmeans(
     """Clusters feature vectors into ``num_clusters`` groups with k-means (k-means++ seeding, FAISS Lloyd steps).
 
     Deterministic for a given ``seed``, input and backend. Progress and the backend used are logged on the
-    ``ccim_lightning.clustering`` logger.
+    ``ccim_lightning.dictionary.kmeans`` logger.
 
     Args:
         features: (n, d) features, a torch tensor (any float dtype, any device) or a numpy array.

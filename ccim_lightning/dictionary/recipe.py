@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from ccim_lightning.clustering import kmeans
-from ccim_lightning.context_features import ContextFeatureExtractor
-from ccim_lightning.dictionary import ConfounderDictionary, dataset_fingerprint
+from ccim_lightning.dictionary.kmeans import kmeans
+from ccim_lightning.dictionary.features import ContextFeatureExtractor
+from ccim_lightning.dictionary.store import ConfounderDictionary, dataset_fingerprint
 
 log = logging.getLogger(__name__)
 

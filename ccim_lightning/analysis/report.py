@@ -871,7 +871,7 @@ def cluster_contexts_from_config(
         Cluster ids (as contexts) and labels of the training samples.
     """
     from ccim_lightning.cli import build_cli
-    from ccim_lightning.context_features import ContextFeatureExtractor
+    from ccim_lightning.dictionary.features import ContextFeatureExtractor
 
     given = None if dictionary is None else _load_given_dictionary(dictionary)  # fail before the slow part
     # LightningCLI warns when it is given args while sys.argv holds others (here: the bias-report options).
@@ -911,7 +911,7 @@ def _training_samples(datamodule: Any, mask_subject: bool) -> Any:
 
 def _loader(dataset: Any, datamodule: Any, callback: Any, *, batch_size: int | None, num_workers: int | None) -> Any:
     """A fixed-order loader; sizes from the arguments, else the callback, else the datamodule."""
-    from ccim_lightning.dictionary_builder import dictionary_loader
+    from ccim_lightning.dictionary.recipe import dictionary_loader
 
     return dictionary_loader(
         dataset,
@@ -922,7 +922,7 @@ def _loader(dataset: Any, datamodule: Any, callback: Any, *, batch_size: int | N
 
 def _extract(extractor: Any, recorder: _TargetRecorder, progress: bool) -> Any:
     """Scene features of every sample, in index order, on the CPU."""
-    from ccim_lightning.dictionary_builder import ContextFeatures, extract_context_features, gather_features
+    from ccim_lightning.dictionary.recipe import ContextFeatures, extract_context_features, gather_features
 
     device = next(extractor.parameters()).device
     local = extract_context_features(extractor, recorder, device, progress=progress)
@@ -950,7 +950,7 @@ def _dictionary_callback(trainer: Any) -> Any:
 
 def _load_given_dictionary(path: str | os.PathLike) -> Any:
     """A dictionary file, refused when it is a random-Z one (its prototypes are no scene clusters)."""
-    from ccim_lightning.dictionary import ConfounderDictionary
+    from ccim_lightning.dictionary.store import ConfounderDictionary
 
     dictionary = ConfounderDictionary.load(path)
     if dictionary.source == "random":
@@ -971,7 +971,7 @@ def _dictionary_for(
     features: Any,
 ) -> Any:
     """The dictionary to assign samples to: the given one, the callback's matching cache, or a fresh build."""
-    from ccim_lightning.dictionary_builder import expected_cache_key, fingerprint_of
+    from ccim_lightning.dictionary.recipe import expected_cache_key, fingerprint_of
 
     fingerprint = fingerprint_of(dataset)
     wanted = expected_cache_key(

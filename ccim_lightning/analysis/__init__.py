@@ -1,0 +1,1 @@
+"""Dataset analysis: how much a dataset's context predicts its emotions (``ccim bias-report``)."""
