@@ -55,10 +55,9 @@ from torch.utils.data import Dataset
 
 from ccim_lightning import CCIMLightningModule
 from ccim_lightning.callbacks import ConfounderDictionaryCallback
-from ccim_lightning.dictionary.features import ContextFeatureExtractor
 from ccim_lightning.datamodules import SyntheticContextDataModule
 from ccim_lightning.datamodules.synthetic import SyntheticContextDataset
-from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryFileError
+from ccim_lightning.dictionary.features import ContextFeatureExtractor
 from ccim_lightning.dictionary.recipe import (
     cluster_dictionary,
     dictionary_loader,
@@ -66,6 +65,7 @@ from ccim_lightning.dictionary.recipe import (
     extract_context_features,
     fingerprint_of,
 )
+from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryFileError
 from ccim_lightning.hosts import TwoStreamHost
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"

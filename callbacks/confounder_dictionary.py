@@ -12,7 +12,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ccim_lightning.dictionary.features import ContextFeatureExtractor
-from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryFileError
 from ccim_lightning.dictionary.recipe import (
     ContextFeatures,
     cluster_dictionary,
@@ -22,6 +21,7 @@ from ccim_lightning.dictionary.recipe import (
     fingerprint_of,
     gather_features,
 )
+from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryFileError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Tests for ccim_lightning.analysis.report: the statistics against hand computations and scikit-learn, the table reader,
+"""Tests for ccim_lightning.analysis.report: statistics against hand computations and scikit-learn, the table reader,
 the outputs, the command, and the synthetic data's known bias."""
 
 import argparse

@@ -7,8 +7,8 @@ import torch
 from ccim_lightning import CCIMLightningModule, ContextFeatureExtractor
 from ccim_lightning.callbacks import ConfounderDictionaryCallback
 from ccim_lightning.datamodules import SyntheticContextDataModule
-from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryFileError
 from ccim_lightning.dictionary.recipe import ContextFeatures, gather_features
+from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryFileError
 from ccim_lightning.hosts import TwoStreamHost
 
 EXTRACTOR = "test_efficientnet"  # timm's tiny test model: 256-d features, fast on CPU

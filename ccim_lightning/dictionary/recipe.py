@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from ccim_lightning.dictionary.kmeans import kmeans
 from ccim_lightning.dictionary.features import ContextFeatureExtractor
+from ccim_lightning.dictionary.kmeans import kmeans
 from ccim_lightning.dictionary.store import ConfounderDictionary, dataset_fingerprint
 
 log = logging.getLogger(__name__)
