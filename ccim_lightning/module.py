@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import ClasswiseWrapper, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
+from typing_extensions import override
 
+from ccim_lightning.compat import instantiated_by_cli
+from ccim_lightning.debias.base import DebiasMethod
+from ccim_lightning.dictionary.store import ConfounderDictionary
 from ccim_lightning.head import ContextualCausalIntervention
-
-try:  # Set by LightningCLI while it instantiates the model: then the hparams are config dicts, not modules.
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-except ImportError:  # pragma: no cover - older/newer Lightning without it: treat every call as a Python call
-    _given_hyperparameters = None
 
 log = logging.getLogger(__name__)
 
 Task = Literal["multiclass", "multilabel"]
+
+
+class TorchModule(Protocol):
+    """Any ``torch.nn.Module`` (the type of ``backbone`` and the losses).
+
+    A protocol rather than ``nn.Module`` itself so that ``ccim fit --model.help`` does not list every module torch
+    and timm define; any ``nn.Module`` subclass fits.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def parameters(self, recurse: bool = True) -> Any: ...
 
 
 class CCIMLightningModule(L.LightningModule):
@@ -36,13 +48,16 @@ class CCIMLightningModule(L.LightningModule):
     ``compute_loss`` (the training objective), ``predict_probabilities`` (logits to probabilities).
 
     Args:
-        backbone: Host model, ``forward(batch) -> h``. From YAML: ``class_path`` / ``init_args``.
+        backbone: Host model, any ``nn.Module`` with ``forward(batch) -> h`` (B, d_h). Shipped hosts:
+            ``ccim_lightning.hosts.TwoStreamHost``, ``ccim_lightning.hosts.EmotNet`` (EMOTIC's two-stream
+            baseline), ``ccim_lightning.hosts.CAERNet`` (CAER-Net-S). From YAML: ``class_path`` / ``init_args``.
         num_classes: Number of emotion classes (linked from the datamodule by the ``ccim`` CLI).
         task: ``"multiclass"`` (one label, cross-entropy, top-1 accuracy) or ``"multilabel"`` (multi-hot,
             BCE-with-logits, mean average precision).
         feature_dim: ``d_h``; read from ``backbone.feature_dim`` when not given.
         num_prototypes: ``N``, dictionary size (paper: EMOTIC 256, CAER-S 128, GroupWalk 256).
-        confounder_dim: ``d``, width of the dictionary features (2048 for ResNet-152 features).
+        confounder_dim: ``d``, width of the dictionary features (2048 for ResNet-152 features). The ``ccim`` CLI
+            sets it from the scene CNN (``--dictionary.extractor``), so it is set in one place.
         attention: ``"dot_product"`` (eq. 6, the paper's default), ``"additive"`` (eq. 7) or ``"none"`` (baseline).
         hidden_dim: ``d_m`` of eq. 4.
         attention_dim: ``d_n`` of eqs. 6-7.
@@ -50,7 +65,10 @@ class CCIMLightningModule(L.LightningModule):
         residual_scale: Weight of the residual block's output.
         use_prior: Multiply by ``P(z)`` in eq. 5 (False: the "without P(z)" ablation).
         uniform_attention: Uniform ``lambda`` (the "without lambda" ablation).
-        loss: Replaces the default loss; called as ``loss(logits, target)``.
+        loss: Replaces the default loss; called as ``loss(logits, target)``. With ``debias`` it must have a
+            ``reduction`` attribute (the methods weight per-sample losses).
+        debias: A method from :mod:`ccim_lightning.debias` that changes what the host learns (e.g.
+            ``ccim_lightning.debias.ClusterReweighting``); combines with any ``attention``.
         optimizer: Optimizer factory, called with the parameters (default ``torch.optim.AdamW`` with its defaults).
         lr_scheduler: Optional scheduler factory, called with the optimizer; ReduceLROnPlateau monitors
             ``val/loss``.
@@ -65,7 +83,7 @@ class CCIMLightningModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: TorchModule,
         num_classes: int,
         task: Task = "multiclass",
         feature_dim: int | None = None,
@@ -78,21 +96,21 @@ class CCIMLightningModule(L.LightningModule):
         residual_scale: float = 0.3,
         use_prior: bool = True,
         uniform_attention: bool = False,
-        loss: nn.Module | None = None,
+        loss: TorchModule | None = None,
+        debias: DebiasMethod | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         class_names: Sequence[str] | None = None,
-        continuous_loss: nn.Module | None = None,
+        continuous_loss: TorchModule | None = None,
         continuous_weight: float = 1.0,
         continuous_key: str = "vad",
         continuous_dim: int = 3,
     ) -> None:
         super().__init__()
-        cli_hparams = _given_hyperparameters is not None and _given_hyperparameters.get() is not None
         # From Python the backbone and loss are live modules: keeping them in hparams would pickle whole models
         # into every checkpoint; pass them again to ``load_from_checkpoint``. From the CLI they are configs.
-        python_only = ["backbone", "loss", "continuous_loss", "optimizer", "lr_scheduler"]
-        self.save_hyperparameters(ignore=None if cli_hparams else python_only)
+        python_only = ["backbone", "loss", "debias", "continuous_loss", "optimizer", "lr_scheduler"]
+        self.save_hyperparameters(ignore=None if instantiated_by_cli() else python_only)
         if task not in ("multiclass", "multilabel"):
             raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
         if feature_dim is None:
@@ -124,6 +142,20 @@ class CCIMLightningModule(L.LightningModule):
         if loss is None:
             loss = nn.CrossEntropyLoss() if task == "multiclass" else nn.BCEWithLogitsLoss()
         self.loss = loss
+        self.debias = debias
+        self._elementwise = None
+        if debias is not None:
+            if not hasattr(loss, "reduction"):
+                raise ValueError(
+                    f"debias={type(debias).__name__} weights per-sample losses, but the loss {type(loss).__name__} "
+                    "has no `reduction` attribute to turn off: give it one (reduction='none' -> per-element loss)."
+                )
+            self._elementwise = copy.copy(loss)
+            self._elementwise.reduction = "none"
+            debias.bind(num_classes=num_classes, task=task, num_clusters=num_prototypes)
+        # Each training sample's dictionary cluster (sample-index order; -1: not clustered), for the debiasing
+        # methods. Its length is the training split's, known only after the build: resized in on_load_checkpoint.
+        self.register_buffer("train_clusters", torch.zeros(0, dtype=torch.long))
         self.continuous_loss = continuous_loss
         self.continuous_weight = continuous_weight
         self.continuous_key = continuous_key
@@ -149,14 +181,81 @@ class CCIMLightningModule(L.LightningModule):
 
     # --- forward and steps -----------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Returns logits (B, num_classes) for a batch dict."""
-        return self._outputs(batch)[0]
+        """Returns the logits (B, num_classes) to predict from (after the debiasing method's inference rule)."""
+        logits, _ = self._outputs(batch)
+        return self.debias.inference_logits(logits, batch) if self.debias is not None else logits
 
     def _outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits, and the continuous predictions when a ``continuous_loss`` is set (else None)."""
+        """The head's logits, and the continuous predictions when a ``continuous_loss`` is set (else None)."""
         features = self.head.forward_features(self.extract_features(batch))
         continuous = self.continuous_head(features) if self.continuous_head is not None else None
         return self.head.forward_head(features), continuous
+
+    # --- the confounder dictionary -------------------------------------------------------------------------------
+    @property
+    def needs_dictionary(self) -> bool:
+        """Whether the head or the debiasing method reads the confounder dictionary."""
+        return self.head.uses_dictionary or (self.debias is not None and self.debias.needs_clusters)
+
+    @property
+    def has_dictionary(self) -> bool:
+        """Whether everything that reads the dictionary has it (built, or restored from a checkpoint)."""
+        head_ready = not self.head.uses_dictionary or self.head.is_dictionary_filled
+        clusters_ready = self.debias is None or not self.debias.needs_clusters or self.train_clusters.numel() > 0
+        return head_ready and clusters_ready
+
+    @property
+    def dictionary_shape(self) -> tuple[int, int]:
+        """(N, d) the dictionary must have."""
+        return self.head.num_prototypes, self.head.confounder_dim
+
+    def set_dictionary(self, dictionary: ConfounderDictionary) -> None:
+        """Puts a dictionary into the model: the head's prototypes and prior, the training samples' clusters.
+
+        Raises:
+            ValueError: A debiasing method needs the samples' clusters and targets but the dictionary has none
+                (the random-Z ablation has no clusters).
+        """
+        if self.head.uses_dictionary:
+            self.head.set_dictionary(dictionary.prototypes, dictionary.prior)
+        if dictionary.assignments is not None:
+            self.train_clusters = dictionary.assignments.to(self.device)
+        if self.debias is not None and self.debias.needs_clusters:
+            if dictionary.assignments is None or dictionary.targets is None:
+                raise ValueError(
+                    f"debias={type(self.debias).__name__} needs each training sample's cluster and label, but this "
+                    f"dictionary (source={dictionary.source!r}) has none: use source='features' (the random-Z "
+                    "ablation has no clusters)."
+                )
+            known = dictionary.assignments >= 0
+            self.debias.fit_clusters(dictionary.assignments[known], dictionary.targets[known])
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before the state dict is loaded: give the variable-length buffer the checkpoint's length.
+        saved = checkpoint.get("state_dict", {}).get("train_clusters")
+        if saved is not None:
+            self.train_clusters = torch.zeros_like(saved, device=self.train_clusters.device)
+
+    def _batch_clusters(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if self.debias is None or not self.debias.needs_clusters:
+            return None
+        if self.train_clusters.numel() == 0:
+            raise RuntimeError(
+                f"debias={type(self.debias).__name__} needs each training sample's dictionary cluster, but none is "
+                "known: add ConfounderDictionaryCallback (the ccim CLI always does) or call set_dictionary()."
+            )
+        index = batch["index"]
+        if int(index.max()) >= self.train_clusters.numel():
+            raise IndexError(
+                f"Batch sample index {int(index.max())} is beyond the {self.train_clusters.numel()} training samples "
+                "the dictionary was built on: the training split changed since; rebuild the dictionary."
+            )
+        clusters = self.train_clusters[index]
+        if (clusters < 0).any():
+            missing = index[clusters < 0].tolist()[:10]
+            raise ValueError(f"Training samples {missing} have no dictionary cluster (skipped during the build).")
+        return clusters
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
@@ -170,6 +269,8 @@ class CCIMLightningModule(L.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Returns ``{"index": (B,), "probabilities": (B, C)}`` so predictions can be matched to samples."""
         logits, continuous = self._outputs(batch)
+        if self.debias is not None:
+            logits = self.debias.inference_logits(logits, batch)
         outputs = {"index": batch["index"], "probabilities": self.predict_probabilities(logits.float())}
         if continuous is not None:
             outputs[self.continuous_key] = continuous.float()
@@ -177,9 +278,18 @@ class CCIMLightningModule(L.LightningModule):
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits, continuous = self._outputs(batch)
-        loss = self.compute_loss(logits, batch)
         batch_size = logits.shape[0]
         on_step = stage == "train"
+        if self.debias is not None and stage == "train":
+            loss, terms = self.debias.training_loss(
+                logits, batch, self._batch_clusters(batch), self._elementwise_loss
+            )
+            for name, value in terms.items():
+                self.log(f"train/debias/{name}", value, on_step=True, on_epoch=True, batch_size=batch_size)
+        else:
+            if self.debias is not None:
+                logits = self.debias.inference_logits(logits, batch)
+            loss = self.compute_loss(logits, batch)
         if continuous is not None:
             continuous_loss = self.continuous_loss(continuous.float(), batch[self.continuous_key].float())
             self.log(f"{stage}/{self.continuous_key}_loss", continuous_loss, on_step=on_step, on_epoch=True,
@@ -212,20 +322,26 @@ class CCIMLightningModule(L.LightningModule):
             self._metrics(stage, per_class=True).update(scores, target)
         return loss
 
+    def _elementwise_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._elementwise(logits, self._loss_target(target))
+
     def _loss_target(self, target: torch.Tensor) -> torch.Tensor:
         return target.float() if self.task == "multilabel" else target
 
     # --- metrics ---------------------------------------------------------------------------------------------------
     def _make_metrics(self, stage: str, per_class: bool) -> MetricCollection:
-        if per_class:  # multilabel AP of every class, logged under its class name at epoch end
-            return MetricCollection({"AP": MultilabelAveragePrecision(self.num_classes, average=None)})
+        if per_class:  # multilabel AP of every class, logged as <stage>/AP/<class name> at epoch end
+            per_class_ap = MultilabelAveragePrecision(self.num_classes, average=None)
+            return MetricCollection({"AP": ClasswiseWrapper(per_class_ap, labels=self.class_names, prefix=f"{stage}/AP/")})
         if self.task == "multiclass":
             metrics: dict[str, Metric] = {
                 "acc": MulticlassAccuracy(self.num_classes, average="micro"),
                 "macro_acc": MulticlassAccuracy(self.num_classes, average="macro"),
             }
         else:
-            # torchmetrics leaves classes without a positive sample (AP undefined) out of the macro mean.
+            # The macro mean runs over all C classes: a class without a positive sample in the evaluated set has an
+            # undefined AP that torchmetrics (like scikit-learn) counts as 0, which lowers mAP
+            # (tests/test_module.py checks this against a hand computation).
             metrics = {"mAP": MultilabelAveragePrecision(self.num_classes, average="macro")}
         return MetricCollection(metrics, prefix=f"{stage}/")
 
@@ -261,9 +377,8 @@ class CCIMLightningModule(L.LightningModule):
             metric = self._metrics(stage, per_class=True)["AP"]
             if not metric.update_called:
                 continue
-            per_class = metric.compute()
-            for name, value in zip(self.class_names, per_class):
-                self.log(f"{stage}/AP/{name}", value, add_dataloader_idx=False)
+            for name, value in metric.compute().items():
+                self.log(name, value, add_dataloader_idx=False)
             metric.reset()
 
     def setup(self, stage: str) -> None:

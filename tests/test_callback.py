@@ -7,7 +7,7 @@ import torch
 from ccim_lightning import CCIMLightningModule, ContextFeatureExtractor
 from ccim_lightning.callbacks import ConfounderDictionaryCallback
 from ccim_lightning.datamodules import SyntheticContextDataModule
-from ccim_lightning.dictionary.recipe import ContextFeatures, gather_features
+from ccim_lightning.dictionary.recipe import ContextFeatures, DictionaryRecipe, gather_features
 from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryFileError
 from ccim_lightning.hosts import TwoStreamHost
 
@@ -82,22 +82,23 @@ def test_builds_dictionary_whose_prior_weighted_mean_is_the_feature_mean(tmp_pat
 def test_cluster_statistics_against_hand_counts():
     from sklearn.metrics import normalized_mutual_info_score
 
-    from ccim_lightning.dictionary.recipe import cluster_dictionary
-
     # Two tight blobs of 4 points; scenes 0,0,0,1 in the first and 1,1,1,1 in the second: purity (3 + 4) / 8.
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
     features = centres.repeat_interleave(4, dim=0) + 0.01 * torch.randn(8, 2, generator=g)
     scenes = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])
-    gathered = ContextFeatures(features, torch.arange(8), scenes)
-    dictionary = cluster_dictionary(
-        gathered, 2, extractor_name="x", weights_digest="y", mask_subject=True, seed=0, fingerprint="f"
-    )
+    gathered = ContextFeatures(features, torch.arange(8), targets=torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), scenes=scenes)
+    wanted = {"extractor": "x", "weights_digest": "y", "dataset_fingerprint": "f", "transform": "t"}
+    dictionary = DictionaryRecipe(seed=0).cluster(gathered, 2, wanted)
     assert dictionary.extra["scene_purity"] == pytest.approx(7 / 8)
     blob = [0, 0, 0, 0, 1, 1, 1, 1]
     assert dictionary.extra["scene_nmi"] == pytest.approx(normalized_mutual_info_score(scenes, blob), abs=1e-6)
     assert sorted(dictionary.extra["cluster_sizes"]) == [4, 4]
     assert torch.allclose(dictionary.prior, torch.tensor([0.5, 0.5]))
+    # Each sample's cluster, in index order: the first four share one cluster, the last four the other.
+    a = dictionary.assignments.tolist()
+    assert len(set(a[:4])) == 1 and len(set(a[4:])) == 1 and a[0] != a[4]
+    assert dictionary.targets.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
 
 
 def test_unmasked_dictionary_uses_unmasked_images(tmp_path):
@@ -176,7 +177,7 @@ def test_cache_is_reused_when_it_matches_and_rebuilt_when_it_does_not(tmp_path, 
     saved = ConfounderDictionary.load(cache)
     assert saved.num_prototypes == 6 and saved.extractor == EXTRACTOR and saved.num_samples == 96
 
-    import ccim_lightning.callbacks.confounder_dictionary as module
+    import ccim_lightning.dictionary.recipe as module
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("a matching cache must not be rebuilt")
@@ -221,13 +222,116 @@ def test_damaged_cache_is_an_error_not_silently_used(tmp_path):
 def test_gather_removes_sampler_padding_and_restores_index_order():
     # Two ranks of a DistributedSampler over 5 samples: rank 0 gets 0, 2, 4 and rank 1 gets 1, 3, 0 (padding).
     features = torch.arange(5, dtype=torch.float32)[:, None].repeat(1, 3)
-    shards = [torch.tensor([0, 2, 4]), torch.tensor([1, 3, 0])]
-    stacked = ContextFeatures(torch.stack([features[s] for s in shards]), torch.stack(shards))
-
-    def fake_all_gather(tensor):  # what each rank would receive: every rank's shard, stacked
-        return stacked.features if tensor.is_floating_point() else stacked.indices
-
-    local = ContextFeatures(stacked.features[0], stacked.indices[0])
-    gathered = gather_features(local, fake_all_gather, world_size=2)
+    shards = [ContextFeatures(features[s], s) for s in (torch.tensor([0, 2, 4]), torch.tensor([1, 3, 0]))]
+    gathered = gather_features(shards[0], _two_rank_all_gather(shards), world_size=2)
     assert torch.equal(gathered.indices, torch.arange(5))
     assert torch.equal(gathered.features, features)
+
+
+def test_gather_accepts_shards_of_unequal_size():
+    # Rank 1 skipped an undecodable sample (3): 3 rows against 1.
+    features = torch.arange(5, dtype=torch.float32)[:, None].repeat(1, 2)
+    shards = [ContextFeatures(features[s], s) for s in (torch.tensor([0, 2, 4]), torch.tensor([1]))]
+    gathered = gather_features(shards[0], _two_rank_all_gather(shards), world_size=2)
+    assert gathered.indices.tolist() == [0, 1, 2, 4]
+    assert torch.equal(gathered.features, features[[0, 1, 2, 4]])
+
+
+def _two_rank_all_gather(shards):
+    """An all_gather as rank 0 of two would see it: rank 1's sends are worked out by running it on rank 1's shard.
+
+    ``gather_features`` sends, in order: the optional-column flags, then for each row tensor its row count and
+    the padded rows. Rank 1's tensors are computed from its shard the same way the code under test pads them.
+    """
+    other = shards[1]
+    other_sends = [torch.tensor([other.targets is not None, other.scenes is not None]).long()]
+    for tensor in (other.features, other.indices):
+        other_sends += [torch.tensor([tensor.shape[0]]), tensor]
+    sends = iter(other_sends)
+
+    def all_gather(tensor):
+        theirs = next(sends)
+        if theirs.ndim and tensor.ndim and theirs.shape[0] < tensor.shape[0]:  # pad theirs as they would
+            theirs = torch.cat([theirs, theirs.new_zeros((tensor.shape[0] - theirs.shape[0], *theirs.shape[1:]))])
+        if theirs.shape[0] > tensor.shape[0]:  # pad ours to theirs (both ranks pad to the largest)
+            tensor = torch.cat([tensor, tensor.new_zeros((theirs.shape[0] - tensor.shape[0], *tensor.shape[1:]))])
+        return torch.stack([tensor, theirs])
+
+    return all_gather
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"num_iterations": 3}, "num_iterations"),
+        ({"pca_dim": 8}, "pca_dim"),
+        ({"seed": 1}, "seed"),
+    ],
+)
+def test_cache_key_covers_the_clustering_settings(tmp_path, caplog, change, field):
+    cache = str(tmp_path / "dictionary.pt")
+    fit(tmp_path, tiny_model(), tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=cache))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        callback = ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=cache, progress=False, **change)
+        fit(tmp_path, tiny_model(), tiny_data(), callback)
+    assert "does not match" in caplog.text and f"{field}:" in caplog.text
+
+
+def test_cache_key_covers_the_dictionary_transform(tmp_path, caplog):
+    cache = str(tmp_path / "dictionary.pt")
+    # image_size changes the scene CNN's input but not the samples' identities (same seed, same scenes).
+    fit(tmp_path, tiny_model(), tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=cache))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        fit(tmp_path, tiny_model(), tiny_data(image_size=40), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=cache))
+    assert "does not match" in caplog.text and "transform:" in caplog.text
+
+
+def test_cache_path_that_is_a_folder_is_a_clear_error(tmp_path):
+    folder = tmp_path / "cache_dir"
+    folder.mkdir()
+    with pytest.raises(DictionaryFileError, match="is a folder"):
+        fit(tmp_path, tiny_model(), tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(folder)))
+
+
+def test_read_only_cache_folder_fails_before_extracting(tmp_path, monkeypatch):
+    import os
+
+    import ccim_lightning.dictionary.recipe as module
+    import ccim_lightning.dictionary.store as store
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("extraction must not start when the cache cannot be written")
+
+    monkeypatch.setattr(module, "extract_context_features", no_extraction)
+    monkeypatch.setattr(store.os, "access", lambda path, mode: False)  # root may write anywhere: fake read-only
+    assert os.access(tmp_path, os.W_OK) is False
+    with pytest.raises(DictionaryFileError, match="not writable"):
+        cache = str(tmp_path / "sub" / "d.pt")
+        fit(tmp_path, tiny_model(), tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=cache))
+
+
+def test_stale_temporary_files_of_a_killed_save_are_removed(tmp_path):
+    cache = tmp_path / "d.pt"
+    stale = tmp_path / ".d.pt.999999999.tmp"  # no such process
+    stale.write_bytes(b"half a file")
+    fit(tmp_path, tiny_model(), tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache)))
+    assert cache.exists() and not stale.exists()
+
+
+def test_build_records_each_training_samples_cluster_in_the_model(tmp_path):
+    callback = ConfounderDictionaryCallback(extractor=EXTRACTOR, progress=False)
+    model = tiny_model()
+    fit(tmp_path, model, tiny_data(), callback)
+    clusters = model.train_clusters
+    assert clusters.shape == (96,) and clusters.min() >= 0 and clusters.max() < 6
+    # Independent check: each prototype is the mean of the features of the samples recorded in its cluster.
+    features = independent_features(tiny_data())
+    for k in clusters.unique().tolist():
+        member_mean = features[clusters == k].mean(0)
+        assert torch.allclose(model.head.dictionary[k], member_mean, atol=1e-4, rtol=1e-4)
+    data = tiny_data()
+    data.setup("fit")
+    labels = torch.tensor([int(data.dictionary_dataset()[i]["target"]) for i in range(96)])
+    assert torch.equal(callback.last_dictionary.targets, labels)

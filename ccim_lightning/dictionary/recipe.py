@@ -1,16 +1,25 @@
-"""Builds a confounder dictionary: masked context images -> scene CNN features -> k-means -> prototypes + prior.
+"""The one owner of the confounder dictionary: its settings, its cache key, and load-or-build on every rank.
 
-The steps are plain functions so the Lightning callback (per rank, under DDP) and the standalone
-``ccim build-dictionary`` command share them.
+:class:`DictionaryRecipe` is used by ``ConfounderDictionaryCallback`` (before fitting), ``ccim build-dictionary``,
+``ccim bias-report`` (cluster mode) and ``benchmarks/debias.py``, so all of them build, key and reuse a dictionary
+the same way. The build: the datamodule's ``dictionary_dataset(mask_subject=...)`` (train split, eval transforms,
+subject filled with zeros) -> the scene CNN on this rank's device, each rank over its own shard -> features gathered
+from all ranks (shards may differ in size), the sampler's padding repeats removed -> k-means once on rank 0 ->
+broadcast. Every rank returns the same :class:`~ccim_lightning.dictionary.store.ConfounderDictionary`, with each
+training sample's cluster in sample-index order.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -18,32 +27,70 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ccim_lightning.dictionary.features import ContextFeatureExtractor
 from ccim_lightning.dictionary.kmeans import kmeans
-from ccim_lightning.dictionary.store import ConfounderDictionary, dataset_fingerprint
+from ccim_lightning.dictionary.store import (
+    ConfounderDictionary,
+    DictionaryFileError,
+    check_cache_path,
+    dataset_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
 
+class Collectives(Protocol):
+    """What the recipe needs from the process group: a Lightning ``Strategy`` (``trainer.strategy``) has it all."""
+
+    @property
+    def root_device(self) -> torch.device: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def global_rank(self) -> int: ...
+
+    @property
+    def is_global_zero(self) -> bool: ...
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any: ...
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool: ...
+
+
+class RankFailedError(RuntimeError):
+    """Another rank failed during a step of the dictionary build; its own log holds the cause."""
+
+
 @dataclass
 class ContextFeatures:
-    """Scene features of a split's samples, in sample order.
+    """Scene features of a split's samples.
 
     Attributes:
         features: (n, d) float32 features.
         indices: (n,) int64 sample index in the split.
+        targets: (n,) int64 labels or (n, C) float multi-hot targets, or ``None`` where the batches have none.
         scenes: (n,) int64 true scene ids where the dataset knows them (synthetic data), else ``None``.
     """
 
     features: torch.Tensor
     indices: torch.Tensor
+    targets: torch.Tensor | None = None
     scenes: torch.Tensor | None = None
+
+    def rows(self, rows: torch.Tensor) -> ContextFeatures:
+        """The subset of these rows."""
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return ContextFeatures(self.features[rows], self.indices[rows], pick(self.targets), pick(self.scenes))
 
 
 def sample_identities(dataset: Dataset) -> list[str]:
     """Stable names of a dataset's samples, for the dictionary's dataset fingerprint.
 
-    Datasets that know their samples (image path and box, or generator seed and index) define
-    ``sample_identities()``; for any other dataset the class name and position are used, which cannot tell two
-    datasets of the same class and size apart, so a warning says the cache check is weak.
+    Datasets that know their samples (image path, box, file size and modification time; or generator seed and
+    index) define ``sample_identities()``; for any other dataset the class name and position are used, which cannot
+    tell two datasets of the same class and size apart, so a warning says the cache check is weak.
     """
     identities = getattr(dataset, "sample_identities", None)
     if callable(identities):
@@ -60,8 +107,8 @@ def dictionary_loader(
 ) -> DataLoader:
     """A fixed-order loader over ``dataset``, sharded across ranks when ``world_size > 1``.
 
-    The DistributedSampler pads the last shard with repeated samples so every rank runs the same number of
-    batches (equal-sized collectives); :func:`gather_features` removes the repeats by sample index.
+    The DistributedSampler pads the last shard with repeated samples; :func:`gather_features` removes the repeats by
+    sample index (and copes with shards that differ in size once undecodable images are skipped).
     """
     sampler = None
     if world_size > 1:
@@ -81,33 +128,23 @@ def dictionary_loader(
 
 @torch.no_grad()
 def extract_context_features(
-    extractor: ContextFeatureExtractor,
-    loader: DataLoader,
-    device: torch.device,
-    *,
-    progress: bool = True,
+    extractor: ContextFeatureExtractor, loader: DataLoader, device: torch.device, *, progress: bool = True
 ) -> ContextFeatures:
     """Runs the scene CNN over a loader of samples in the shared batch schema.
 
     Uses ``batch["context"]`` (the image with the subject filled with zeros, unless the dataset was asked for
-    unmasked images) and ``batch["index"]``. On CUDA it runs in bfloat16 autocast with channels_last, where
-    convolutions are fastest; features come back as float32.
-
-    Args:
-        extractor: The frozen scene CNN, already on ``device``.
-        loader: Batches with ``context`` and ``index`` (and optionally ``scene``).
-        device: Device of this rank.
-        progress: Show a progress bar.
+    unmasked images), ``batch["index"]`` and, where present, ``target`` and ``scene``. On CUDA it runs in bfloat16
+    autocast with channels_last, where convolutions are fastest; features come back as float32.
 
     Returns:
-        The features of the samples this loader yields, on ``device``.
+        The features of the samples this loader yields, on ``device``; empty (0 rows) for an empty shard.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     on_cuda = device.type == "cuda"
     if on_cuda:
         extractor = extractor.to(memory_format=torch.channels_last)
-    features, indices, scenes = [], [], []
+    parts: dict[str, list[torch.Tensor]] = {"features": [], "indices": [], "targets": [], "scenes": []}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("Confounder dictionary: scene features", total=len(loader))
@@ -116,14 +153,32 @@ def extract_context_features(
             if on_cuda:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_cuda):
-                features.append(extractor(images).float())
-            indices.append(batch["index"].to(device))
+                parts["features"].append(extractor(images).float())
+            parts["indices"].append(batch["index"].to(device).long())
+            if "target" in batch:
+                parts["targets"].append(batch["target"].to(device))
             if "scene" in batch:
-                scenes.append(batch["scene"].to(device))
+                parts["scenes"].append(batch["scene"].to(device).long())
             bar.advance(task)
-    if not features:
-        raise ValueError("The dictionary loader yielded no batches: the training split is empty.")
-    return ContextFeatures(torch.cat(features), torch.cat(indices).long(), torch.cat(scenes).long() if scenes else None)
+    if not parts["features"]:
+        return ContextFeatures(torch.zeros(0, extractor.num_features, device=device), torch.zeros(0, dtype=torch.long, device=device)
+        )
+    cat = lambda name: torch.cat(parts[name]) if parts[name] else None  # noqa: E731
+    return ContextFeatures(cat("features"), cat("indices"), cat("targets"), cat("scenes"))
+
+
+def all_gather_rows(tensor: torch.Tensor, all_gather: Callable[[torch.Tensor], torch.Tensor], world_size: int):
+    """Every rank's rows of ``tensor`` concatenated (rank order), when ranks hold different numbers of rows.
+
+    Collectives need equal shapes: the row counts are gathered first, each shard is padded to the largest, and the
+    padding is cut off again after the gather.
+    """
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = all_gather(count).reshape(-1).tolist()
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = all_gather(padded).reshape(world_size, max(counts), *tensor.shape[1:])
+    return torch.cat([gathered[rank, :n] for rank, n in enumerate(counts)])
 
 
 def gather_features(
@@ -132,8 +187,8 @@ def gather_features(
     """Collects every rank's features, drops the sampler's padding repeats and sorts by sample index.
 
     Args:
-        local: This rank's shard (every rank has the same number of rows: DistributedSampler pads).
-        all_gather: A collective returning (world_size, *shape) for a tensor (e.g. ``trainer.strategy.all_gather``);
+        local: This rank's shard; shards may differ in size (samples skipped at decode time).
+        all_gather: A collective returning (world_size, *shape) for a tensor (``trainer.strategy.all_gather``);
             ``None`` in a single process.
         world_size: Number of ranks.
 
@@ -141,112 +196,296 @@ def gather_features(
         All samples exactly once, in index order, so the result equals a single-process extraction.
     """
     if world_size > 1 and all_gather is not None:
-
-        def flat(tensor: torch.Tensor) -> torch.Tensor:
-            return all_gather(tensor).reshape(-1, *tensor.shape[1:])
-
+        # Every rank must take part in the same collectives: agree on which optional columns exist first.
+        flags = torch.tensor([local.targets is not None, local.scenes is not None], device=local.features.device)
+        have = all_gather(flags.long()).reshape(world_size, 2).min(dim=0).values.bool().tolist()
+        gather = lambda t: all_gather_rows(t, all_gather, world_size)  # noqa: E731
         local = ContextFeatures(
-            flat(local.features), flat(local.indices), None if local.scenes is None else flat(local.scenes)
+            gather(local.features),
+            gather(local.indices),
+            gather(local.targets) if have[0] else None,
+            gather(local.scenes) if have[1] else None,
         )
     order = torch.argsort(local.indices, stable=True)
     indices = local.indices[order]
     keep = torch.ones_like(indices, dtype=torch.bool)
     keep[1:] = indices[1:] != indices[:-1]
-    rows = order[keep]
-    return ContextFeatures(
-        local.features[rows], local.indices[rows], None if local.scenes is None else local.scenes[rows]
-    )
+    return local.rows(order[keep])
 
 
-def cluster_dictionary(
-    gathered: ContextFeatures,
-    num_prototypes: int,
-    *,
-    extractor_name: str,
-    weights_digest: str,
-    mask_subject: bool,
-    seed: int,
-    fingerprint: str,
-    num_iterations: int = 25,
-    pca_dim: int | None = None,
-) -> ConfounderDictionary:
-    """Clusters gathered features into the dictionary: centroids as prototypes, cluster shares as prior.
+def _scene_statistics(assignments: torch.Tensor, scenes: torch.Tensor, num_clusters: int) -> dict[str, float]:
+    from torchmetrics.functional.clustering import normalized_mutual_info_score
+
+    with warnings.catch_warnings():  # torch's notice about sparse invariant checks, from inside torchmetrics
+        warnings.filterwarnings("ignore", message="Sparse invariant checks")
+        nmi = float(normalized_mutual_info_score(assignments, scenes))
+    # NMI is capped well below 1 when there are more clusters than scenes; purity (the share of samples whose
+    # cluster's most common scene is theirs) says directly whether clusters mix scenes.
+    joint = torch.zeros(num_clusters, int(scenes.max()) + 1, dtype=torch.long)
+    joint.index_put_((assignments, scenes), torch.ones_like(scenes), accumulate=True)
+    return {"scene_nmi": nmi, "scene_purity": float(joint.max(dim=1).values.sum() / len(scenes))}
+
+
+@dataclass
+class DictionaryRecipe:
+    """How a confounder dictionary is made, keyed and reused.
 
     Args:
-        gathered: All training samples' features (see :func:`gather_features`).
-        num_prototypes: N.
-        extractor_name: Name of the scene CNN (metadata).
-        weights_digest: Digest of its weights (metadata).
-        mask_subject: Whether the subjects were masked (metadata).
-        seed: k-means seed.
-        fingerprint: :func:`~ccim_lightning.dictionary.dataset_fingerprint` of the split.
-        num_iterations: Lloyd iterations.
-        pca_dim: Optional PCA size before clustering (the paper mentions PCA without a size).
-
-    Returns:
-        The dictionary, with extra statistics (cluster sizes, time, NMI against true scenes when known).
+        extractor: timm model name of the scene CNN (the paper: ``resnet152`` on Places365).
+        weights: Local weights file for the scene CNN (e.g. ``resnet152_places365.pth.tar``); None = random init.
+        source: ``"features"`` (the method) or ``"random"`` (the paper's random-Z ablation; seeded, uniform prior).
+        mask_subject: Fill the subject box with zeros (False = the paper's "without masking" ablation).
+        seed: k-means (or random dictionary) seed.
+        num_iterations: k-means Lloyd iterations.
+        pca_dim: Optional PCA size before k-means (the paper mentions PCA without a size).
+        batch_size: Extraction batch size; defaults to the datamodule's ``batch_size`` or 64.
+        num_workers: Extraction loader workers; defaults to the datamodule's ``num_workers`` or 0.
+        cache: A dictionary file: reused when its cache key matches this run, (re)written after a build.
+        progress: Show a progress bar while extracting.
     """
-    start = time.perf_counter()
-    result = kmeans(
-        gathered.features,
-        num_prototypes,
-        seed=seed,
-        num_iterations=num_iterations,
-        pca_dim=pca_dim,
-        sample_ids=gathered.indices.tolist(),
-    )
-    extra: dict = {
-        "cluster_sizes": result.counts.tolist(),
-        "kmeans_seconds": time.perf_counter() - start,
-        "feature_dim": int(gathered.features.shape[1]),
+
+    extractor: str = "resnet152"
+    weights: str | None = None
+    source: Literal["features", "random"] = "features"
+    mask_subject: bool = True
+    seed: int = 0
+    num_iterations: int = 25
+    pca_dim: int | None = None
+    batch_size: int | None = None
+    num_workers: int | None = None
+    cache: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.source not in ("features", "random"):
+            raise ValueError(f"source must be 'features' or 'random', got {self.source!r}")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be at least 1, got {self.num_iterations}")
+
+    @property
+    def cache_path(self) -> Path | None:
+        """``cache`` as a path, or None."""
+        return Path(self.cache).expanduser() if self.cache else None
+
+    # ------------------------------------------------------------------------------------------------ the key
+    def cache_key(self, datamodule: Any, dataset: Dataset, extractor: ContextFeatureExtractor, num_prototypes: int):
+        """What a cached dictionary's metadata must say to be reused by this run.
+
+        Covers the scene CNN and its weights' digest, N, masking, seed, source, k-means iterations and PCA size, the
+        dictionary transform (``datamodule.dictionary_signature()``: sizes, normalisation, masking fill) and the
+        data (:func:`sample_identities`: paths, boxes, and for file-backed data each image's size and modification
+        time; an edit that keeps both is invisible, as is a change to annotation columns that are not identities).
+        """
+        return {
+            "extractor": extractor.name,
+            "weights_digest": extractor.weights_digest,
+            "num_prototypes": num_prototypes,
+            "mask_subject": self.mask_subject,
+            "seed": self.seed,
+            "source": self.source,
+            "num_iterations": self.num_iterations,
+            "pca_dim": self.pca_dim,
+            "transform": transform_signature(datamodule),
+            "dataset_fingerprint": dataset_fingerprint(sample_identities(dataset)),
+        }
+
+    def load_cache(self, wanted: dict[str, Any]) -> ConfounderDictionary | None:
+        """The cached dictionary if ``cache`` exists and its cache key equals ``wanted``; else None (logs why)."""
+        path = self.cache_path
+        if path is None or not path.exists():
+            return None
+        if path.is_dir():
+            check_cache_path(path)  # raises: a folder
+        try:
+            cached = ConfounderDictionary.load(path)
+        except DictionaryFileError as error:
+            raise DictionaryFileError(f"{error} (the `cache` of the dictionary recipe)") from error
+        reasons = cached.mismatches(wanted)
+        if reasons:
+            log.info("Confounder dictionary: cache %s does not match this run, rebuilding: %s", path, "; ".join(reasons))
+            return None
+        log.info("Confounder dictionary: reusing %s", path)
+        return cached
+
+    # ---------------------------------------------------------------------------------------------- the build
+    def load_or_build(
+        self, collectives: Collectives, datamodule: Any, num_prototypes: int, dim: int
+    ) -> ConfounderDictionary:
+        """The dictionary for this run: from the cache when it matches, else built; every rank returns the same.
+
+        Every step that can fail on one rank is followed by an agreement on success across ranks, so a failure ends
+        every rank at once (:class:`RankFailedError` on the others) instead of leaving them in a collective until
+        the process-group timeout.
+
+        Args:
+            collectives: The process group (``trainer.strategy``).
+            datamodule: The data; must have ``dictionary_dataset(mask_subject=...)``.
+            num_prototypes: N of the model.
+            dim: d of the model (the scene CNN's feature width).
+        """
+        if self.source == "random":
+            return ConfounderDictionary.random(num_prototypes, dim, seed=self.seed)
+        with _agreed(collectives, "preparing the dictionary build"):
+            make_dataset = getattr(datamodule, "dictionary_dataset", None)
+            if not callable(make_dataset):
+                raise TypeError(
+                    "The confounder dictionary needs a datamodule with dictionary_dataset(mask_subject=...) (the "
+                    f"train split with eval transforms); got {type(datamodule).__name__}. Use a ccim_lightning "
+                    "datamodule or add that method to yours."
+                )
+            dataset = make_dataset(mask_subject=self.mask_subject)
+            device = collectives.root_device
+            extractor = ContextFeatureExtractor(self.extractor, self.weights).to(device)
+            if extractor.num_features != dim:
+                raise ValueError(
+                    f"The scene CNN {extractor.name!r} gives {extractor.num_features}-dim features but the model's "
+                    f"confounder_dim is {dim}: set model.init_args.confounder_dim: {extractor.num_features} (the "
+                    "ccim CLI links it to --dictionary.extractor)."
+                )
+            wanted = self.cache_key(datamodule, dataset, extractor, num_prototypes)
+            cached = None
+            if collectives.is_global_zero:
+                # Rank 0 decides and tells the others: ranks that judged the cache on their own could disagree
+                # (node-local disks, a file being written) and then wait in different collectives forever.
+                cached = self.load_cache(wanted)
+                if cached is None and self.cache_path is not None:
+                    check_cache_path(self.cache_path)  # before hours of extraction, not after
+        cached = collectives.broadcast(cached, src=0)
+        if cached is not None:
+            return cached
+
+        start = time.perf_counter()
+        with _agreed(collectives, "extracting scene features"):
+            loader = dictionary_loader(
+                dataset,
+                batch_size=self.batch_size or getattr(datamodule, "batch_size", 64),
+                num_workers=self.num_workers if self.num_workers is not None else getattr(datamodule, "num_workers", 0),
+                world_size=collectives.world_size,
+                rank=collectives.global_rank,
+            )
+            show = self.progress and collectives.is_global_zero
+            local = extract_context_features(extractor, loader, device, progress=show)
+        del extractor
+        gathered = gather_features(local, collectives.all_gather, collectives.world_size)
+        dictionary = None
+        with _agreed(collectives, "clustering the scene features"):
+            if collectives.is_global_zero:
+                dictionary = self.cluster(gathered, num_prototypes, wanted, num_samples=len(dataset))
+                dictionary.extra["build_seconds"] = time.perf_counter() - start
+        # Every rank takes part in the broadcast; only rank 0 has something to send.
+        return collectives.broadcast(dictionary, src=0)
+
+    def cluster(
+        self, gathered: ContextFeatures, num_prototypes: int, wanted: dict[str, Any], num_samples: int | None = None
+    ) -> ConfounderDictionary:
+        """k-means of gathered features with this recipe's settings; saved to ``cache`` when one is set.
+
+        Args:
+            gathered: Every training sample's scene features, once each, in index order.
+            num_prototypes: N.
+            wanted: The run's cache key (:meth:`cache_key`), recorded in the dictionary.
+            num_samples: Size of the split (samples skipped at decode time get cluster -1); default: the rows.
+        """
+        if gathered.features.shape[0] == 0:
+            raise ValueError("No training sample could be read for the confounder dictionary: the split is empty.")
+        start = time.perf_counter()
+        result = kmeans(
+            gathered.features,
+            num_prototypes,
+            seed=self.seed,
+            num_iterations=self.num_iterations,
+            pca_dim=self.pca_dim,
+            sample_ids=gathered.indices.tolist(),
+        )
+        size = int(num_samples if num_samples is not None else int(gathered.indices.max()) + 1)
+        indices = gathered.indices.cpu()
+        assignments = torch.full((size,), -1, dtype=torch.long)
+        assignments[indices] = result.assignments.cpu()
+        targets = None
+        if gathered.targets is not None:
+            source = gathered.targets.cpu()
+            targets = source.new_zeros((size, *source.shape[1:]))
+            targets[indices] = source
+        extra: dict[str, Any] = {
+            "cluster_sizes": result.counts.tolist(),
+            "kmeans_seconds": time.perf_counter() - start,
+            "feature_dim": int(gathered.features.shape[1]),
+            "skipped_samples": int(size - len(indices)),
+        }
+        if gathered.scenes is not None:
+            extra.update(_scene_statistics(result.assignments.cpu(), gathered.scenes.cpu(), num_prototypes))
+        dictionary = ConfounderDictionary.from_clustering(
+            result.centroids.cpu(),
+            result.counts.cpu(),
+            extractor=wanted["extractor"],
+            weights_digest=wanted["weights_digest"],
+            mask_subject=self.mask_subject,
+            seed=self.seed,
+            dataset_fingerprint=wanted["dataset_fingerprint"],
+            num_samples=int(gathered.features.shape[0]),
+            inertia=float(result.inertia),
+            num_iterations=self.num_iterations,
+            pca_dim=self.pca_dim,
+            transform=wanted["transform"],
+            assignments=assignments,
+            targets=targets,
+            extra=extra,
+        )
+        if self.cache_path is not None:
+            dictionary.save(self.cache_path)
+            log.info("Confounder dictionary: saved to %s", self.cache_path)
+        return dictionary
+
+def transform_signature(datamodule: Any) -> str:
+    """Canonical text of the datamodule's dictionary transform (``dictionary_signature()``), for the cache key."""
+    signature = getattr(datamodule, "dictionary_signature", None)
+    if not callable(signature):
+        log.warning(
+            "%s has no dictionary_signature(): the dictionary cache cannot see changes of its image size or "
+            "normalisation; delete the cache file after changing them.",
+            type(datamodule).__name__,
+        )
+        return "unknown"
+    return json.dumps(signature(), sort_keys=True, default=str)
+
+
+@contextmanager
+def _agreed(collectives: Collectives, step: str) -> Iterator[None]:
+    """Runs a step, then has all ranks agree it succeeded everywhere before any of them goes on.
+
+    An exception on one rank is re-raised there after the agreement; the other ranks raise
+    :class:`RankFailedError`. Without this, the healthy ranks would block in the next collective until the
+    process-group timeout (hours with ``configs/trainer/ddp.yaml``).
+    """
+    if collectives.world_size <= 1:
+        yield
+        return
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as exc:  # re-raised below, once every rank knows
+        error = exc
+    if not collectives.reduce_boolean_decision(error is None, all=True):
+        if error is not None:
+            raise error
+        raise RankFailedError(
+            f"Confounder dictionary: another rank failed while {step}; this rank (global rank "
+            f"{collectives.global_rank}) stops too. The failing rank's log has the cause."
+        )
+    if error is not None:  # pragma: no cover - reduce says all succeeded although this rank failed: impossible
+        raise error
+
+
+def dictionary_summary(dictionary: ConfounderDictionary) -> dict[str, float]:
+    """The numbers a person checks after a build: samples, N, d, inertia, time, and scene NMI/purity when known."""
+    stats = {
+        "num_samples": float(dictionary.num_samples),
+        "num_prototypes": float(dictionary.prototypes.shape[0]),
+        "feature_dim": float(dictionary.dim),
     }
-    if gathered.scenes is not None:
-        from torchmetrics.functional.clustering import normalized_mutual_info_score
-
-        assignments, scenes = result.assignments.cpu(), gathered.scenes.cpu()
-        with warnings.catch_warnings():  # torch's notice about sparse invariant checks, from inside torchmetrics
-            warnings.filterwarnings("ignore", message="Sparse invariant checks")
-            extra["scene_nmi"] = float(normalized_mutual_info_score(assignments, scenes))
-        # NMI is capped well below 1 when there are more clusters than scenes; purity (the share of samples whose
-        # cluster's most common scene is theirs) says directly whether clusters mix scenes.
-        joint = torch.zeros(num_prototypes, int(scenes.max()) + 1, dtype=torch.long)
-        joint.index_put_((assignments, scenes), torch.ones_like(scenes), accumulate=True)
-        extra["scene_purity"] = float(joint.max(dim=1).values.sum() / len(scenes))
-    return ConfounderDictionary.from_clustering(
-        result.centroids.cpu(),
-        result.counts.cpu(),
-        extractor=extractor_name,
-        weights_digest=weights_digest,
-        mask_subject=mask_subject,
-        seed=seed,
-        dataset_fingerprint=fingerprint,
-        num_samples=int(gathered.features.shape[0]),
-        inertia=float(result.inertia),
-        extra=extra,
-    )
-
-
-def expected_cache_key(
-    *,
-    extractor: ContextFeatureExtractor,
-    num_prototypes: int,
-    mask_subject: bool,
-    seed: int,
-    source: str,
-    fingerprint: str,
-) -> dict:
-    """What a cached dictionary's metadata must say to be reused by this run."""
-    return {
-        "extractor": extractor.name,
-        "weights_digest": extractor.weights_digest,
-        "num_prototypes": num_prototypes,
-        "mask_subject": mask_subject,
-        "seed": seed,
-        "source": source,
-        "dataset_fingerprint": fingerprint,
-    }
-
-
-def fingerprint_of(dataset: Dataset, extra: Sequence[str] = ()) -> str:
-    """The dataset fingerprint of a split (identities of its samples plus any extra identity strings)."""
-    return dataset_fingerprint([*sample_identities(dataset), *extra])
+    if dictionary.inertia is not None:
+        stats["inertia"] = dictionary.inertia
+    for name in ("build_seconds", "skipped_samples", "scene_nmi", "scene_purity"):
+        if name in dictionary.extra:
+            stats[name] = float(dictionary.extra[name])
+    return stats

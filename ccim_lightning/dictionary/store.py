@@ -21,12 +21,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["CACHE_KEY_FIELDS", "ConfounderDictionary", "DictionaryFileError", "dataset_fingerprint"]
+__all__ = [
+    "CACHE_KEY_FIELDS",
+    "ConfounderDictionary",
+    "DictionaryFileError",
+    "check_cache_path",
+    "dataset_fingerprint",
+]
 
 FORMAT_TAG = "ccim-lightning/confounder-dictionary"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: clustering settings and the dictionary transform in the cache key; per-sample clusters
 SOURCES = ("features", "random")
-#: Metadata that must be equal for a cached dictionary to be reused.
+#: Metadata that must be equal for a cached dictionary to be reused: everything that changes the result.
 CACHE_KEY_FIELDS = (
     "extractor",
     "weights_digest",
@@ -34,6 +40,9 @@ CACHE_KEY_FIELDS = (
     "mask_subject",
     "seed",
     "source",
+    "num_iterations",
+    "pca_dim",
+    "transform",
     "dataset_fingerprint",
 )
 #: Keys :meth:`ConfounderDictionary.mismatches` accepts besides the cache key: checked only when given.
@@ -67,7 +76,15 @@ class ConfounderDictionary:
         dataset_fingerprint: :func:`dataset_fingerprint` of the samples the features came from, or ``"none"``.
         num_samples: Number of samples clustered (0 for random ones).
         num_prototypes: N; filled from ``prototypes`` when not given, checked against it when given.
+        num_iterations: k-means Lloyd iterations (``None`` for random dictionaries).
+        pca_dim: PCA size before k-means, or ``None`` (no PCA).
+        transform: Canonical text of the dictionary transform (image size, normalisation, masking fill), so a
+            changed transform never reuses a file; ``"none"`` where unknown.
         inertia: Final clustering objective (sum of squared distances to the centroids), if known.
+        assignments: (n,) int64 cluster of every sample of the split, in sample-index order; -1 for a sample that
+            was not clustered (skipped at decode time). ``None`` for random dictionaries.
+        targets: (n,) int64 labels or (n, C) float32 multi-hot targets of the same samples (the debiasing methods'
+            P(y | z) counts), or ``None``.
         created: ISO-8601 UTC time of creation.
         extra: Free-form information for logs (clustering settings, timings); plain Python values only, so that the
             file loads with ``torch.load(weights_only=True)``.
@@ -84,13 +101,22 @@ class ConfounderDictionary:
     dataset_fingerprint: str
     num_samples: int
     num_prototypes: int | None = None
+    num_iterations: int | None = None
+    pca_dim: int | None = None
+    transform: str = "none"
     inertia: float | None = None
+    assignments: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
     created: str = field(default_factory=_now)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.prototypes = torch.as_tensor(self.prototypes, dtype=torch.float32)
         self.prior = torch.as_tensor(self.prior, dtype=torch.float32)
+        if self.assignments is not None:
+            self.assignments = torch.as_tensor(self.assignments, dtype=torch.int64).flatten()
+        if self.targets is not None:
+            self.targets = torch.as_tensor(self.targets)
         problem = self._problem()
         if problem:
             raise ValueError(f"Invalid confounder dictionary: {problem}.")
@@ -124,6 +150,12 @@ class ConfounderDictionary:
                 return f"{name} must be a string, got {type(getattr(self, name)).__name__}"
         if not isinstance(self.extra, dict):
             return f"extra must be a dict, got {type(self.extra).__name__}"
+        if self.assignments is not None:
+            a = self.assignments
+            if a.numel() and (a.min() < -1 or a.max() >= z.shape[0]):
+                return f"assignments must be cluster ids in [-1, {z.shape[0]}), got [{a.min()}, {a.max()}]"
+            if self.targets is not None and self.targets.shape[0] != a.shape[0]:
+                return f"targets have {self.targets.shape[0]} rows but there are {a.shape[0]} assignments"
         return None
 
     @property
@@ -146,6 +178,11 @@ class ConfounderDictionary:
         dataset_fingerprint: str,
         num_samples: int | None = None,
         inertia: float | None = None,
+        num_iterations: int | None = None,
+        pca_dim: int | None = None,
+        transform: str = "none",
+        assignments: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
         extra: dict[str, Any] | None = None,
     ) -> ConfounderDictionary:
         """The dictionary of a clustering: z_i = centroid i, P(z_i) = N_i / sum_j N_j (paper, Sec. "Z").
@@ -160,6 +197,11 @@ class ConfounderDictionary:
             dataset_fingerprint: :func:`dataset_fingerprint` of the clustered samples.
             num_samples: Number of samples clustered; defaults to ``counts.sum()``.
             inertia: Final clustering objective, if known.
+            num_iterations: Lloyd iterations of the clustering.
+            pca_dim: PCA size of the clustering, or None.
+            transform: Canonical text of the dictionary transform.
+            assignments: (n,) cluster of every sample, in sample-index order (-1: not clustered).
+            targets: The samples' targets, in the same order.
             extra: Free-form information for logs.
 
         Returns:
@@ -182,6 +224,11 @@ class ConfounderDictionary:
             dataset_fingerprint=dataset_fingerprint,
             num_samples=round(total) if num_samples is None else int(num_samples),
             inertia=None if inertia is None else float(inertia),
+            num_iterations=num_iterations,
+            pca_dim=pca_dim,
+            transform=transform,
+            assignments=assignments,
+            targets=targets,
             extra=dict(extra or {}),
         )
 
@@ -295,6 +342,9 @@ class ConfounderDictionary:
             "prior": self.prior.detach().to("cpu", torch.float32).contiguous().clone(),
             "metadata": metadata,
         }
+        for name in _OPTIONAL_TENSOR_FIELDS:
+            value = getattr(self, name)
+            payload[name] = None if value is None else value.detach().cpu().contiguous().clone()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
@@ -361,7 +411,8 @@ class ConfounderDictionary:
             problem = f"tensors are {payload['prototypes'].dtype}/{payload['prior'].dtype}, not float32"
         if problem is None:
             try:
-                return cls(payload["prototypes"], payload["prior"], **metadata)
+                optional = {name: payload.get(name) for name in _OPTIONAL_TENSOR_FIELDS}
+                return cls(payload["prototypes"], payload["prior"], **optional, **metadata)
             except (ValueError, TypeError) as exc:
                 problem = str(exc).removeprefix("Invalid confounder dictionary: ").rstrip(".")
         raise DictionaryFileError(f"{where} is inconsistent: {problem}. {remedy}")
@@ -374,7 +425,56 @@ class ConfounderDictionary:
         )
 
 
-_TENSOR_FIELDS = ("prototypes", "prior")
+def check_cache_path(path: str | os.PathLike) -> Path:
+    """Checks, before any work, that a dictionary can be written to ``path``; removes stale temporary files.
+
+    A build takes minutes to hours: finding only at the end that the path is a folder or the folder is read-only
+    wastes it. Temporary files of :meth:`ConfounderDictionary.save` left by a killed process (``.<name>.<pid>.tmp``
+    whose process is gone) are deleted.
+
+    Args:
+        path: The cache file.
+
+    Returns:
+        The path, expanded.
+
+    Raises:
+        DictionaryFileError: ``path`` is a folder, or its folder cannot be created or written.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise DictionaryFileError(
+            f"The dictionary cache {str(path)!r} is a folder; give a file path such as {str(path / 'dictionary.pt')!r}."
+        )
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DictionaryFileError(f"Cannot create the dictionary cache folder {str(folder)!r}: {error}.") from error
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DictionaryFileError(
+            f"The dictionary cache folder {str(folder)!r} is not writable: choose another `cache` path (checked "
+            "before building, so no work is lost)."
+        )
+    for stale in folder.glob(f".{path.name}.*.tmp"):
+        pid = stale.name.removeprefix(f".{path.name}.").removesuffix(".tmp")
+        if pid.isdigit() and not _process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    return path
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+_OPTIONAL_TENSOR_FIELDS = ("assignments", "targets")
+_TENSOR_FIELDS = ("prototypes", "prior", *_OPTIONAL_TENSOR_FIELDS)
 
 
 def _is_required(f: dataclasses.Field) -> bool:
