@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	rm -rf runs/synthetic
 	$(BIN)/ccim fit --config configs/synthetic.yaml
-	$(BIN)/ccim test --config configs/synthetic.yaml --ckpt_path runs/synthetic/checkpoints/last.ckpt
+	$(BIN)/ccim test --config configs/synthetic.yaml --ckpt_path last
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q

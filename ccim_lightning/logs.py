@@ -1,0 +1,37 @@
+"""Logging as Lightning does it: a library user sees ccim-lightning's INFO lines without configuring anything,
+and under DDP each event once (rank 0), while errors are shown by every rank."""
+
+from __future__ import annotations
+
+import logging
+
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+PACKAGE_LOGGER = "ccim_lightning"
+
+
+class RankZeroFilter(logging.Filter):
+    """Passes every record on rank 0 and only errors on the other ranks (one line per event under DDP)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or getattr(rank_zero_only, "rank", 0) == 0
+
+
+def configure_package_logging() -> logging.Logger:
+    """Sets up the ``ccim_lightning`` logger once, at import.
+
+    Level INFO. When the application has configured no logging (the root logger has no handler), the package gets
+    its own stream handler and does not propagate, exactly as ``lightning.pytorch`` does; otherwise records go to
+    the application's handlers. Either way non-zero ranks only pass errors.
+    """
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(f, RankZeroFilter) for f in logger.filters):
+        logger.addFilter(RankZeroFilter())
+    if not logging.getLogger().hasHandlers() and not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is not news to users
+    return logger
