@@ -40,7 +40,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
-__all__ = ["PredictionWriter", "default_predictions_path", "predictions_frame"]
+__all__ = ["PredictionWriter", "dataset_file_stem", "default_predictions_path", "predictions_frame"]
 
 log = logging.getLogger(__name__)
 
