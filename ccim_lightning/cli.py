@@ -20,7 +20,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from ccim_lightning.callbacks import ConfounderDictionaryCallback
+from ccim_lightning.callbacks import ConfounderDictionaryCallback, PredictionWriter
+from ccim_lightning.callbacks.prediction_writer import default_predictions_path
 from ccim_lightning.module import CCIMLightningModule
 
 log = logging.getLogger(__name__)
@@ -102,11 +103,12 @@ class CCIMCLI(LightningCLI):
 
     @override
     def after_predict(self) -> None:
-        writers = [cb for cb in self.trainer.callbacks if type(cb).__name__ == "PredictionWriter"]
-        if not writers:
+        if not any(isinstance(cb, PredictionWriter) for cb in self.trainer.callbacks):
+            would = default_predictions_path(self.trainer)  # a collective under DDP: every rank asks
             log.warning(
-                "ccim predict: the config has no PredictionWriter, so the predictions were only returned in memory; "
-                "add ccim_lightning.callbacks.PredictionWriter to trainer.callbacks to get a CSV."
+                "ccim predict: the config has no PredictionWriter, so the predictions were only returned in memory, "
+                "not written. Add --trainer.callbacks+=ccim_lightning.callbacks.PredictionWriter to write them to %s.",
+                would,
             )
 
 

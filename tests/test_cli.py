@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ccim_lightning import CCIMLightningModule
-from ccim_lightning.cli import build_cli
+from ccim_lightning.cli import CheckpointConfigMismatch, build_cli, build_dictionary, main, scene_feature_dim
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 SYNTHETIC = str(Path(__file__).parents[1] / "configs" / "synthetic.yaml")
@@ -31,14 +31,20 @@ def test_every_config_parses_and_instantiates(config, tmp_path, monkeypatch):
     assert cli.model.task == cli.datamodule.task
 
 
+def run_checkpoint(root: Path) -> Path:
+    """The one last.ckpt of the runs under ``root`` (a test that finds two has a collision)."""
+    found = sorted(root.glob("**/checkpoints/last.ckpt"))
+    assert len(found) == 1, found
+    return found[0]
+
+
 def test_fit_then_test_from_checkpoint_reports_both_test_sets(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fitted = build_cli(["fit", "--config", SYNTHETIC, *TINY])
     assert bool(fitted.model.head.dictionary_filled)
-    checkpoint = tmp_path / "runs" / "synthetic" / "checkpoints" / "last.ckpt"
-    assert checkpoint.exists()
+    checkpoint = run_checkpoint(tmp_path / "runs" / "synthetic")
 
-    tested = build_cli(["test", "--config", SYNTHETIC, *TINY, "--ckpt_path", str(checkpoint)])
+    tested = build_cli(["test", "--config", SYNTHETIC, *TINY, "--ckpt_path", "last"])
     metrics = tested.trainer.callback_metrics
     for name in ("test_biased/acc", "test_unbiased/acc", "test_biased/macro_acc", "test_unbiased/macro_acc"):
         assert 0.0 <= float(metrics[name]) <= 1.0, name
@@ -51,66 +57,111 @@ def test_fit_then_test_from_checkpoint_reports_both_test_sets(tmp_path, monkeypa
     assert restored.num_classes == 4 and restored.task == "multiclass"
 
 
+def test_named_groups_reach_the_dictionary_and_checkpoint_and_runs_never_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = build_cli(["fit", "--config", SYNTHETIC, *TINY, "--dictionary.source", "random", "--checkpoint.monitor",
+                       "val/loss", "--trainer.default_root_dir", "elsewhere"])  # fmt: skip
+    (callback,) = [cb for cb in first.trainer.callbacks if type(cb).__name__ == "ConfounderDictionaryCallback"]
+    assert callback.recipe.source == "random" and callback.last_dictionary.source == "random"
+    assert first.trainer.checkpoint_callback.monitor == "val/loss"
+    # Checkpoints land under the run's default_root_dir, one folder per run: a second run never writes beside it.
+    first_ckpt = run_checkpoint(tmp_path / "elsewhere")
+    build_cli(["fit", "--config", SYNTHETIC, *TINY, "--trainer.default_root_dir", "elsewhere"])
+    found = sorted((tmp_path / "elsewhere").glob("**/checkpoints/*.ckpt"))
+    assert all("-v1" not in p.name for p in found)
+    assert len({p.parent for p in found}) == 2 and first_ckpt.exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_confounder_dim_follows_the_scene_cnn(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["--config", SYNTHETIC, *TINY], run=False)
+    assert cli.model.head.confounder_dim == 256  # test_efficientnet's pooled width
+    cli = build_cli(["--config", SYNTHETIC, *TINY, "--dictionary.extractor", "test_resnet"], run=False)
+    assert cli.model.head.confounder_dim == 96 == scene_feature_dim("test_resnet")
+
+
+def test_checkpoint_that_disagrees_with_the_config_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    build_cli(["fit", "--config", SYNTHETIC, *TINY, "--model.init_args.attention", "none"])
+    with pytest.raises(CheckpointConfigMismatch) as error:
+        build_cli(["test", "--config", SYNTHETIC, *TINY, "--model.init_args.num_prototypes=4", "--ckpt_path", "last"])
+    message = str(error.value)
+    assert "attention: config 'dot_product', checkpoint 'none'" in message
+    assert "num_prototypes: config 4, checkpoint 8" in message
+    # Agreeing settings (here given as overrides) test fine.
+    tested = build_cli(["test", "--config", SYNTHETIC, *TINY, "--model.init_args.attention", "none", "--ckpt_path",
+                        "last"])  # fmt: skip
+    assert tested.model.head.attention == "none"
+
+
+def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="no run under"):
+        build_cli(["test", "--config", SYNTHETIC, *TINY, "--ckpt_path", "last"])
+
+
+def test_overview_lists_every_subcommand_and_help_is_readable(capsys):
+    main(["--help"])
+    text = capsys.readouterr().out
+    for name in ("fit", "validate", "test", "predict", "build-dictionary", "bias-report"):
+        assert f"  {name} " in text
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "CCIMLightningModule"])
+    help_text = capsys.readouterr().out
+    assert len(help_text.splitlines()) < 300
+    assert "ccim_lightning.hosts.EmotNet" in help_text and "torch.nn.Conv2d" not in help_text
+    with pytest.raises(SystemExit):
+        main(["build-dictionary", "--help"])
+    assert "--out" in capsys.readouterr().out
+
+
 def test_build_dictionary_then_fit_reuses_it_and_resume_keeps_it(tmp_path, monkeypatch, caplog):
     import logging
 
-    from ccim_lightning.cli import build_dictionary
     from ccim_lightning.dictionary.store import ConfounderDictionary
 
     monkeypatch.chdir(tmp_path)
     cache = tmp_path / "dictionary.pt"
-    out = build_dictionary(["--config", SYNTHETIC, *TINY, "--out", str(cache)])
+    with pytest.warns() as record:
+        out = build_dictionary(["--config", SYNTHETIC, *TINY, "--out", str(cache)])
+    assert not [w for w in record if "LightningCLI's args parameter" in str(w.message)]
     assert out == cache
     saved = ConfounderDictionary.load(cache)
     assert saved.num_prototypes == 8 and saved.num_samples == 128 and saved.extractor == "test_efficientnet"
+    assert saved.assignments.shape == (128,)
 
-    # The fit finds the same file through the callback's cache and does not extract again.
-    import ccim_lightning.callbacks.confounder_dictionary as callback_module
+    # The fit finds the same file through --dictionary.cache and does not extract again.
+    import ccim_lightning.dictionary.recipe as recipe_module
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("the cached dictionary must be reused")
 
-    monkeypatch.setattr(callback_module, "extract_context_features", no_extraction)
-    override = tmp_path / "cache.yaml"
-    override.write_text(
-        "trainer:\n  callbacks:\n"
-        "    - class_path: ccim_lightning.callbacks.ConfounderDictionaryCallback\n"
-        f"      init_args: {{extractor: test_efficientnet, cache: {cache}}}\n"
-        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
-        "      init_args: {dirpath: runs/synthetic/checkpoints, save_last: true}\n"
-    )
+    monkeypatch.setattr(recipe_module, "extract_context_features", no_extraction)
     with caplog.at_level(logging.INFO):
-        fitted = build_cli(["fit", "--config", SYNTHETIC, "--config", str(override), *TINY])
+        fitted = build_cli(["fit", "--config", SYNTHETIC, *TINY, "--dictionary.cache", str(cache)])
     assert "reusing" in caplog.text
     assert torch.equal(fitted.model.head.dictionary, saved.prototypes)
+    assert torch.equal(fitted.model.train_clusters, saved.assignments)
 
     # Resuming restores the dictionary from the checkpoint, even where the data would now give another one.
-    checkpoint = tmp_path / "runs" / "synthetic" / "checkpoints" / "last.ckpt"
+    checkpoint = run_checkpoint(tmp_path / "runs" / "synthetic")
     caplog.clear()
     with caplog.at_level(logging.INFO):
         resumed = build_cli(
-            [
-                "fit",
-                "--config",
-                SYNTHETIC,
-                *TINY,
-                "--data.init_args.seed=7",
-                "--trainer.max_epochs=2",
-                "--ckpt_path",
-                str(checkpoint),
-            ]
-        )
+            ["fit", "--config", SYNTHETIC, *TINY, "--data.init_args.seed=7", "--trainer.max_epochs=2", "--ckpt_path",
+             str(checkpoint)]
+        )  # fmt: skip
     assert "already filled" in caplog.text
     assert torch.equal(resumed.model.head.dictionary, saved.prototypes)
+    assert torch.equal(resumed.model.train_clusters, saved.assignments)
 
 
-def test_test_from_checkpoint_needs_no_dictionary_callback(tmp_path, monkeypatch):
+def test_predict_without_a_writer_says_where_predictions_went(tmp_path, monkeypatch, caplog):
+    import logging
+
     monkeypatch.chdir(tmp_path)
-    fitted = build_cli(["fit", "--config", SYNTHETIC, *TINY])
-    checkpoint = tmp_path / "runs" / "synthetic" / "checkpoints" / "last.ckpt"
-    tested = build_cli(["test", "--config", SYNTHETIC, *TINY, "--trainer.callbacks=[]", "--ckpt_path", str(checkpoint)])
-    assert not tested.trainer.callbacks or all(
-        type(cb).__name__ != "ConfounderDictionaryCallback" for cb in tested.trainer.callbacks
-    )
-    assert torch.equal(tested.model.head.dictionary, fitted.model.head.dictionary)
-    assert "test_unbiased/acc" in tested.trainer.callback_metrics
+    build_cli(["fit", "--config", SYNTHETIC, *TINY])
+    with caplog.at_level(logging.WARNING):
+        build_cli(["predict", "--config", SYNTHETIC, *TINY, "--trainer.callbacks=[]", "--ckpt_path", "last"])
+    assert "only returned in memory" in caplog.text and "PredictionWriter" in caplog.text
