@@ -302,3 +302,11 @@ def test_bad_constructor_arguments():
         GroupDRO(multilabel_groups="scene")
     with pytest.raises(ValueError, match="task"):
         GroupDRO().bind(num_classes=2, task="binary", num_clusters=2)
+
+
+def test_reweighting_without_smoothing_gives_empty_cells_a_finite_neutral_ratio():
+    method = bound(ClusterReweighting(smoothing=0.0, max_weight=None))
+    method.fit_clusters(CLUSTERS, LABELS)  # cell (z=1, y=0) is empty
+    # Filled cells: P(y)/P(y|z) = 0.5/(3/4), 0.5/(1/4), 0.5/1; mean over samples (3 x 2/3 + 2 + 2 x 0.5) / 6 = 5/6.
+    raw = torch.tensor([[2 / 3, 2.0], [1.0, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(method.weights.double(), raw / (5 / 6))

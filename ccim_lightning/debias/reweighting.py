@@ -30,6 +30,7 @@ class ClusterReweighting(DebiasMethod):
 
     * ``P(y) = n_y / n`` (unsmoothed: the marginal is well estimated);
     * ``P(y | z) = (n[z, y] + s) / (n_z + C s)`` with ``s = smoothing`` (additive smoothing keeps rare cells finite);
+      with ``s = 0``, cells without a training sample (whose weight no training sample reads) get the ratio 1;
     * ``w[z, y] = min(P(y) / P(y | z), max_weight)``: the bound applies to the ratio, where 1 means "this
       cluster-label pair is as frequent as it would be without confounding";
     * the table is divided by the mean of ``w[z_i, y_i]`` over the training samples, so the weights have mean 1
@@ -81,10 +82,9 @@ class ClusterReweighting(DebiasMethod):
         label_axis = 1 if self.task == "multiclass" else 2
         conditional = (counts + s) / (counts + s).sum(dim=label_axis, keepdim=True)
         marginal = counts.sum(dim=0, keepdim=True) / len(clusters)
-        if s == 0 and bool((conditional == 0).any()):
-            # Only cells with no training sample can be 0 here; their weight is never read, so make it finite.
-            conditional = conditional.clamp_min(torch.finfo(torch.float64).tiny)
-        ratio = marginal / conditional
+        # With s = 0 a cell without training samples has P(y | z) = 0; no training sample reads its weight, so it
+        # gets the neutral ratio 1 instead of inf or nan.
+        ratio = torch.where(conditional > 0, marginal / conditional.clamp_min(1e-300), torch.ones_like(conditional))
         if self.max_weight is not None:
             ratio = ratio.clamp(max=self.max_weight)
         ratio = ratio / self._sample_mean(ratio, clusters, targets)
