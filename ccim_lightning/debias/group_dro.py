@@ -1,0 +1,146 @@
+"""Group DRO (Sagawa et al., ICLR 2020) over groups made of the label and the dictionary cluster."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from ccim_lightning.debias._inputs import (
+    check_clusters,
+    check_elementwise,
+    check_targets,
+    check_task,
+    cluster_label_counts,
+    require_bound,
+)
+from ccim_lightning.debias.base import DebiasMethod, ElementwiseLoss, Task
+
+log = logging.getLogger(__name__)
+
+MultilabelGroups = Literal["category_cluster", "cluster"]
+
+
+class GroupDRO(DebiasMethod):
+    """Minimises the loss of the worst groups, with online group weights ``q`` (Sagawa et al. 2020, Algorithm 1).
+
+    Groups, with the cluster ``z`` of the confounder dictionary standing in for the unknown context group:
+
+    * multiclass: ``g = (y, z)``, ``N * C`` groups, indexed ``g = z * C + y`` (``q.view(N, C)[z, y]``);
+    * multilabel, ``multilabel_groups="category_cluster"`` (default): each (sample, category) element of the BCE
+      loss belongs to ``g = (c, y_c, z)``: category, its value (0/1) and cluster, ``N * C * 2`` groups, indexed
+      ``g = (z * C + c) * 2 + y_c`` (``q.view(N, C, 2)``). This is the per-category form of ``(y, z)``: it can
+      up-weight "category present in a cluster where it is rare" as the multiclass groups do;
+    * multilabel, ``multilabel_groups="cluster"``: ``g = z`` alone, ``N`` groups; a sample's loss is its BCE
+      averaged over the categories.
+
+    At every training batch, with ``L_g`` the mean loss of the batch's elements in group ``g`` (0 for groups
+    absent from the batch):
+
+    1. ``q_g <- q_g * exp(eta * L_g)``, then ``q <- q / sum(q)`` (no gradient; ``q`` starts uniform);
+    2. loss ``= sum_g q_g L_g`` with the updated ``q``, i.e. the sum over the groups present in the batch.
+
+    With ``N * C`` groups most groups are absent from a batch, so this sum is smaller than the mean loss by about
+    the ``q`` mass of the absent groups. ``normalize=True`` divides it by the ``q`` mass of the groups present
+    (a ``q``-weighted mean of the present groups' losses, on the scale of the ordinary loss); the default keeps
+    Sagawa et al.'s sum. Sagawa et al. stress strong regularisation (weight decay) or early stopping.
+
+    DDP: when ``torch.distributed`` is initialised, the per-group loss sums and counts are all-reduced before step 1,
+    so every rank updates ``q`` with the same group losses of the global batch and ``q`` stays identical across
+    ranks; the gradient comes from each rank's own groups, which DDP then averages.
+
+    Args:
+        eta: Step size of the group-weight update.
+        multilabel_groups: Grouping for multilabel data (see above); ignored for multiclass.
+        normalize: Divide the loss by the ``q`` mass of the groups in the batch (see above).
+
+    Buffers (in checkpoints): ``q`` (G,), the group weights.
+    """
+
+    def __init__(
+        self, eta: float = 0.01, multilabel_groups: MultilabelGroups = "category_cluster", normalize: bool = False
+    ) -> None:
+        super().__init__()
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if multilabel_groups not in ("category_cluster", "cluster"):
+            raise ValueError(f"multilabel_groups must be 'category_cluster' or 'cluster', got {multilabel_groups!r}")
+        self.eta = float(eta)
+        self.multilabel_groups = multilabel_groups
+        self.normalize = normalize
+
+    def bind(self, *, num_classes: int, task: Task, num_clusters: int) -> None:
+        check_task(task)
+        super().bind(num_classes=num_classes, task=task, num_clusters=num_clusters)
+        if task == "multiclass":
+            self.num_groups = num_clusters * num_classes
+        elif self.multilabel_groups == "category_cluster":
+            self.num_groups = num_clusters * num_classes * 2
+        else:
+            self.num_groups = num_clusters
+        self.register_buffer("q", torch.full((self.num_groups,), 1.0 / self.num_groups))
+
+    def fit_clusters(self, clusters: torch.Tensor, targets: torch.Tensor) -> None:
+        """Checks the training split's clusters and labels and logs how many groups it fills (``q`` needs none)."""
+        require_bound(self)
+        clusters = check_clusters(clusters, self.num_clusters)
+        targets = check_targets(targets, self.task, self.num_classes, len(clusters))
+        if self.task == "multilabel" and self.multilabel_groups == "cluster":
+            filled = int((torch.bincount(clusters, minlength=self.num_clusters) > 0).sum())
+        else:
+            counts = cluster_label_counts(clusters, targets, self.task, self.num_clusters, self.num_classes)
+            filled = int((counts > 0).sum())
+        log.info("GroupDRO: the training split fills %d of %d groups.", filled, self.num_groups)
+
+    def group_losses(
+        self, loss: torch.Tensor, clusters: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group loss sums (G,) (differentiable) and element counts (G,) of a batch."""
+        if self.task == "multiclass":
+            groups, values = clusters * self.num_classes + target, loss
+        elif self.multilabel_groups == "category_cluster":
+            categories = torch.arange(self.num_classes, device=clusters.device)
+            groups = ((clusters[:, None] * self.num_classes + categories[None, :]) * 2 + target.long()).reshape(-1)
+            values = loss.reshape(-1)
+        else:
+            groups, values = clusters, loss.mean(dim=1)
+        sums = torch.zeros(self.num_groups, dtype=values.dtype, device=values.device).index_add(0, groups, values)
+        counts = torch.bincount(groups, minlength=self.num_groups).to(values.dtype)
+        return sums, counts
+
+    def training_loss(
+        self,
+        logits: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        clusters: torch.Tensor | None,
+        elementwise_loss: ElementwiseLoss,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        require_bound(self)
+        if clusters is None:
+            raise ValueError("GroupDRO needs each training sample's cluster, got clusters=None")
+        batch_size = logits.shape[0]
+        clusters = check_clusters(clusters, self.num_clusters, "clusters of the batch")
+        target = check_targets(batch["target"], self.task, self.num_classes, batch_size, name='batch["target"]')
+        loss = check_elementwise(elementwise_loss(logits, target), self.task, batch_size, self.num_classes).float()
+        sums, counts = self.group_losses(loss, clusters, target)
+        stats = torch.stack([sums.detach(), counts])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)  # every rank sees the global batch's group losses: q stays in sync
+        global_losses = stats[0] / stats[1].clamp_min(1)
+        with torch.no_grad():
+            # q * exp(eta L) / sum(...) written as a softmax in log space, which cannot overflow.
+            self.q.copy_(torch.softmax(self.q.log() + self.eta * global_losses.to(self.q.dtype), dim=0))
+        q = self.q.to(loss.dtype)
+        total = (q * (sums / counts.clamp_min(1))).sum()
+        present = counts > 0
+        if self.normalize:
+            total = total / q[present].sum()
+        present_global = stats[1] > 0
+        terms = {
+            "q_max": self.q.max().detach(),
+            "worst_group_loss": global_losses[present_global].max().detach(),
+            "groups_in_batch": present_global.sum().to(loss.dtype),
+        }
+        return total, terms
