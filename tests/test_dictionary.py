@@ -24,6 +24,11 @@ def _clustered(num_prototypes: int = 8, dim: int = 6, **overrides) -> Confounder
         "seed": 7,
         "dataset_fingerprint": dataset_fingerprint(f"train:{i}" for i in range(100)),
         "inertia": 12.5,
+        "num_iterations": 10,
+        "pca_dim": 3,
+        "transform": '{"size": 224}',
+        "assignments": torch.tensor([0, 1, -1, 1, 0]),
+        "targets": torch.tensor([2, 0, 0, 1, 1]),
         "extra": {"pca_dim": 256, "niter": 20, "timings": {"cluster_s": 1.5}, "sizes": (1, 2)},
     } | overrides
     counts = torch.arange(1, num_prototypes + 1)
@@ -92,7 +97,7 @@ def test_save_load_round_trip_keeps_every_field(tmp_path):
     assert loaded.cache_key() == z.cache_key()
     assert loaded.mismatches(z.cache_key()) == []
     payload = _payload(path)
-    assert payload["format"] == "ccim-lightning/confounder-dictionary" and payload["version"] == 1
+    assert payload["format"] == "ccim-lightning/confounder-dictionary" and payload["version"] == 2
 
 
 def test_save_replaces_an_existing_file(tmp_path):
@@ -140,7 +145,7 @@ def _rewrite(path, edit) -> None:
 @pytest.mark.parametrize(
     ("edit", "reason"),
     [
-        pytest.param(lambda p: p.update(version=2), "format version 2", id="version"),
+        pytest.param(lambda p: p.update(version=1), "format version 1", id="version"),
         pytest.param(lambda p: p.update(prior=p["prior"] * 2), "prior sums to 2", id="prior_sum"),
         pytest.param(lambda p: p["prior"].__setitem__(0, -p["prior"][0]), "negative", id="negative"),
         pytest.param(lambda p: p["prior"].__setitem__(0, float("nan")), "prior contains NaN", id="nan_prior"),
@@ -232,3 +237,13 @@ def test_dataset_fingerprint():
     assert fingerprint == f"n=50;sha256={reference}"
     with pytest.raises(TypeError, match="strings"):
         dataset_fingerprint([1, 2])
+
+
+def test_assignments_out_of_range_or_misaligned_targets_are_rejected():
+    base = dict(extractor="r", weights_digest="d", mask_subject=True, seed=0, dataset_fingerprint="f")
+    with pytest.raises(ValueError, match="assignments must be cluster ids"):
+        ConfounderDictionary.from_clustering(torch.zeros(2, 3), [1, 1], assignments=torch.tensor([0, 2]), **base)
+    with pytest.raises(ValueError, match="targets have 3 rows but there are 2 assignments"):
+        ConfounderDictionary.from_clustering(
+            torch.zeros(2, 3), [1, 1], assignments=torch.tensor([0, 1]), targets=torch.zeros(3), **base
+        )

@@ -265,6 +265,7 @@ def test_a_second_run_never_overwrites_the_file_silently(tmp_path, caplog):
     assert CountingModule.steps == 0  # refused before predicting anything
     assert path.read_text() == "keep me\n"
 
+    caplog.clear()
     with caplog.at_level("INFO", logger="ccim_lightning.callbacks.prediction_writer"):
         writer = PredictionWriter(overwrite=True)
         quiet_trainer(tmp_path, writer).predict(model, datamodule=datamodule, return_predictions=False)
@@ -361,46 +362,35 @@ def test_paired_configs_reuse_the_dataset_config_and_reach_every_ablation(
     ablation = build_cli(
         [
             "--config", str(CONFIGS / config), *small, "--model.init_args.uniform_attention=true",
-            "--model.init_args.use_prior=false", "--trainer.callbacks.init_args.source=random",
-            "--trainer.callbacks.init_args.mask_subject=false",
+            "--model.init_args.use_prior=false", "--dictionary.source=random", "--dictionary.mask_subject=false",
         ],
         run=False,
     )  # fmt: skip
     head = ablation.model.head
     assert head.uniform_attention and not head.use_prior
     (callback,) = [c for c in ablation.trainer.callbacks if type(c).__name__ == "ConfounderDictionaryCallback"]
-    assert callback.source == "random" and callback.mask_subject is False
+    assert callback.recipe.source == "random" and callback.recipe.mask_subject is False
     baseline = build_cli(["--config", str(CONFIGS / config), *small, "--model.init_args.attention=none"], run=False)
     assert not baseline.model.head.uses_dictionary
 
 
 # --- through the CLI -----------------------------------------------------------------------------------------------
 def callbacks_arg(csv):
-    """The synthetic config's callbacks, with a small scene CNN, plus the PredictionWriter."""
-    return "--trainer.callbacks=" + json.dumps(
-        [
-            {
-                "class_path": "ccim_lightning.callbacks.ConfounderDictionaryCallback",
-                "init_args": {"extractor": "test_resnet", "num_iterations": 5, "progress": False},
-            },
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": "ckpt"}},
-            {"class_path": WRITER, "init_args": {"path": str(csv)}},
-        ]
-    )
+    """A small scene CNN for the dictionary, and the PredictionWriter writing to ``csv``."""
+    writer = "--trainer.callbacks=" + json.dumps([{"class_path": WRITER, "init_args": {"path": str(csv)}}])
+    return [writer, "--dictionary.extractor=test_resnet", "--dictionary.num_iterations=5", "--dictionary.progress=false"]
 
 
 def test_one_batch_fit_then_predict_writes_the_csv(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     csv = tmp_path / "predictions" / "synthetic.csv"
     common = [
-        "--config", SYNTHETIC, *TINY, callbacks_arg(csv), "--model.init_args.num_prototypes=4",
-        "--model.init_args.confounder_dim=96", "--model.init_args.backbone.init_args.feature_dim=16",
+        "--config", SYNTHETIC, *TINY, *callbacks_arg(csv), "--model.init_args.num_prototypes=4",
+        "--model.init_args.backbone.init_args.feature_dim=16",
     ]  # fmt: skip
     fitted = build_cli(["fit", *common, "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"])
     assert bool(fitted.model.head.dictionary_filled)
-    (checkpoint,) = (tmp_path / "ckpt").glob("*.ckpt")
-
-    build_cli(["predict", *common, "--ckpt_path", str(checkpoint)])
+    build_cli(["predict", *common, "--ckpt_path", "last"])
     frame = pd.read_csv(csv)
     classes = list(EMOTIONS[:4])
     assert list(frame.columns) == ["index", "split", "scene", *classes, "prediction", "target", "target_index"]
