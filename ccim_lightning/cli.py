@@ -97,7 +97,7 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] == ["build-dictionary"]:
         build_dictionary(argv[1:])
     elif argv[:1] == ["bias-report"]:
-        from ccim_lightning.analysis.report import main as bias_report_main
+        from ccim_lightning.analysis.command import main as bias_report_main
 
         bias_report_main(argv[1:])
     else:
