@@ -22,15 +22,16 @@ h(p) = -p ln p - (1 - p) ln(1 - p) the binary entropy in nats:
   share of e's uncertainty that the context removes (Theil's uncertainty coefficient).
 - Single-label data also get the categorical I(K; Y) and the normalised mutual information
   NMI = I(K; Y) / ((H(K) + H(Y)) / 2), the arithmetic-mean normalisation of scikit-learn's
-  ``normalized_mutual_info_score``.
+  ``normalized_mutual_info_score``. Both are torchmetrics' clustering scores (float32: about 1e-6 relative); the
+  per-emotion and per-cell values are float64 numpy (see :func:`_emotion_mi` for why).
 
 All estimates are plug-in (empirical frequencies), which overestimate mutual information when contexts are many or
 small. Each report therefore also gives the same statistics with the context values randomly permuted over the
 samples (the ``null_*`` values): a chance level to compare with. Rankings and histograms only count contexts with
 at least ``min_count`` samples, so tiny contexts (whose entropies are 0 by chance) do not dominate them.
 
-This module is the numpy/pandas core: :func:`compute_bias_report` turns context values and labels into a
-:class:`~ccim_lightning.analysis.report.BiasReport`. Where the contexts come from is
+This module is the numpy/pandas (and torchmetrics) core: :func:`compute_bias_report` turns context values and
+labels into a :class:`~ccim_lightning.analysis.report.BiasReport`. Where the contexts come from is
 :mod:`~ccim_lightning.analysis.sources`; writing and plotting are :mod:`~ccim_lightning.analysis.report` and
 :mod:`~ccim_lightning.analysis.plots`; the command is :mod:`~ccim_lightning.analysis.command`.
 """
