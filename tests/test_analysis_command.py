@@ -175,3 +175,16 @@ def test_a_typo_in_cluster_mode_is_reported_by_the_config_parser(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["--config", str(config), "--data.init_args.trian_size", "24"])
     assert "trian_size" in capsys.readouterr().err
+
+
+def test_the_ccim_command_routes_bias_report_here(tmp_path, capsys):
+    from ccim_lightning.cli import main as ccim_main
+
+    table = tmp_path / "t.csv"
+    table.write_text("scene,label\n" + "park,a\n" * 3 + "street,b\n" * 3)
+    ccim_main(["bias-report", "--table", str(table), "--context-column", "scene", "--label-column", "label",
+               "--out", str(tmp_path / "out"), "--min-count", "1", "--permutations", "0"])  # fmt: skip
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["nmi"] == pytest.approx(1.0)
+    with pytest.raises(SystemExit):
+        ccim_main(["bias-report", "--help"])
+    assert "config override" in capsys.readouterr().out
