@@ -1,6 +1,6 @@
-"""The ``ccim`` command: LightningCLI for ``fit | validate | test | predict`` plus ``build-dictionary`` and
-``bias-report``, all reading the same configs and overrides.
+"""The ``ccim`` command: LightningCLI's ``fit | validate | test | predict``, ``build-dictionary``, ``bias-report``.
 
+All six read the same configs and overrides.
 Thin on purpose: it parses, builds the objects and hands them down. The callbacks that always go with a CCIM model
 are named groups: ``--dictionary.*`` (``ConfounderDictionaryCallback``) and ``--checkpoint.*`` (``ModelCheckpoint``).
 """
@@ -257,7 +257,7 @@ def main(args: list[str] | None = None) -> None:
     if argv[0] == "build-dictionary":
         build_dictionary(argv[1:])
     elif argv[0] == "bias-report":
-        from ccim_lightning.analysis.report import main as bias_report_main
+        from ccim_lightning.analysis.command import main as bias_report_main
 
         bias_report_main(argv[1:])
     elif argv[0] in SUBCOMMANDS:

@@ -1,5 +1,7 @@
-"""Logging as Lightning does it: a library user sees ccim-lightning's INFO lines without configuring anything,
-and under DDP each event once (rank 0), while errors are shown by every rank."""
+"""Logging as Lightning does it: INFO lines visible without configuring anything, each event once under DDP.
+
+Errors are still shown by every rank.
+"""
 
 from __future__ import annotations
 

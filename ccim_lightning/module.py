@@ -281,9 +281,7 @@ class CCIMLightningModule(L.LightningModule):
         batch_size = logits.shape[0]
         on_step = stage == "train"
         if self.debias is not None and stage == "train":
-            loss, terms = self.debias.training_loss(
-                logits, batch, self._batch_clusters(batch), self._elementwise_loss
-            )
+            loss, terms = self.debias.training_loss(logits, batch, self._batch_clusters(batch), self._elementwise_loss)
             for name, value in terms.items():
                 self.log(f"train/debias/{name}", value, on_step=True, on_epoch=True, batch_size=batch_size)
         else:
@@ -332,7 +330,9 @@ class CCIMLightningModule(L.LightningModule):
     def _make_metrics(self, stage: str, per_class: bool) -> MetricCollection:
         if per_class:  # multilabel AP of every class, logged as <stage>/AP/<class name> at epoch end
             per_class_ap = MultilabelAveragePrecision(self.num_classes, average=None)
-            return MetricCollection({"AP": ClasswiseWrapper(per_class_ap, labels=self.class_names, prefix=f"{stage}/AP/")})
+            return MetricCollection(
+                {"AP": ClasswiseWrapper(per_class_ap, labels=self.class_names, prefix=f"{stage}/AP/")}
+            )
         if self.task == "multiclass":
             metrics: dict[str, Metric] = {
                 "acc": MulticlassAccuracy(self.num_classes, average="micro"),

@@ -284,7 +284,12 @@ def test_cache_key_covers_the_dictionary_transform(tmp_path, caplog):
     fit(tmp_path, tiny_model(), tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=cache))
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        fit(tmp_path, tiny_model(), tiny_data(image_size=40), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=cache))
+        fit(
+            tmp_path,
+            tiny_model(),
+            tiny_data(image_size=40),
+            ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=cache),
+        )
     assert "does not match" in caplog.text and "transform:" in caplog.text
 
 

@@ -378,7 +378,12 @@ def test_paired_configs_reuse_the_dataset_config_and_reach_every_ablation(
 def callbacks_arg(csv):
     """A small scene CNN for the dictionary, and the PredictionWriter writing to ``csv``."""
     writer = "--trainer.callbacks=" + json.dumps([{"class_path": WRITER, "init_args": {"path": str(csv)}}])
-    return [writer, "--dictionary.extractor=test_resnet", "--dictionary.num_iterations=5", "--dictionary.progress=false"]
+    return [
+        writer,
+        "--dictionary.extractor=test_resnet",
+        "--dictionary.num_iterations=5",
+        "--dictionary.progress=false",
+    ]
 
 
 def test_one_batch_fit_then_predict_writes_the_csv(tmp_path, monkeypatch):

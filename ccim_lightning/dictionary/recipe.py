@@ -161,7 +161,8 @@ def extract_context_features(
                 parts["scenes"].append(batch["scene"].to(device).long())
             bar.advance(task)
     if not parts["features"]:
-        return ContextFeatures(torch.zeros(0, extractor.num_features, device=device), torch.zeros(0, dtype=torch.long, device=device)
+        return ContextFeatures(
+            torch.zeros(0, extractor.num_features, device=device), torch.zeros(0, dtype=torch.long, device=device)
         )
     cat = lambda name: torch.cat(parts[name]) if parts[name] else None  # noqa: E731
     return ContextFeatures(cat("features"), cat("indices"), cat("targets"), cat("scenes"))
@@ -302,7 +303,9 @@ class DictionaryRecipe:
             raise DictionaryFileError(f"{error} (the `cache` of the dictionary recipe)") from error
         reasons = cached.mismatches(wanted)
         if reasons:
-            log.info("Confounder dictionary: cache %s does not match this run, rebuilding: %s", path, "; ".join(reasons))
+            log.info(
+                "Confounder dictionary: cache %s does not match this run, rebuilding: %s", path, "; ".join(reasons)
+            )
             return None
         log.info("Confounder dictionary: reusing %s", path)
         return cached
@@ -435,6 +438,7 @@ class DictionaryRecipe:
             dictionary.save(self.cache_path)
             log.info("Confounder dictionary: saved to %s", self.cache_path)
         return dictionary
+
 
 def transform_signature(datamodule: Any) -> str:
     """Canonical text of the datamodule's dictionary transform (``dictionary_signature()``), for the cache key."""
