@@ -12,8 +12,8 @@ Python global, whatever the installed torch's default. Every way a file can fail
 * unsafe (:class:`UnsafeCheckpointError`): the pickle needs globals such as ``os.system``; the message names them.
 
 :func:`check_checkpoint_finite` then names the first tensor holding NaN or inf, so that a checkpoint of a diverged run
-is not tested or resumed from as if it were sound. :func:`refused_globals` is shared with
-:mod:`ccim_lightning.weights`.
+is not tested or resumed from as if it were sound. :func:`refused_globals` and
+:func:`archive_damage` are shared with :mod:`ccim_lightning.weights`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "UnsafeCheckpointError", "check_checkpoint_finite", "load_checkpoint", "refused_globals"]
+__all__ = [
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "archive_damage",
+    "check_checkpoint_finite",
+    "load_checkpoint",
+    "refused_globals",
+]
 
 _LISTED = 8
 """How many keys, files or globals a message lists."""
@@ -81,7 +88,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"Checkpoint {str(path)!r} is empty (0 bytes): the save was interrupted. Use another one."
         )
-    _check_archive(path, size)
+    damage = archive_damage(path)
+    if damage:
+        raise CheckpointError(f"Checkpoint {str(path)!r} {damage}. Copy it again or use another checkpoint.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -160,25 +169,31 @@ def refused_globals(path: str | os.PathLike, exc: BaseException) -> list[str]:
     return list(dict.fromkeys(names))[:_LISTED]
 
 
-def _check_archive(path: Path, size: int) -> None:
-    """Raises when a zip-format torch file is truncated or an entry's CRC-32 is wrong (one read of the file)."""
+def archive_damage(path: str | os.PathLike) -> str | None:
+    """What is wrong with a zip-format torch file, or None: truncated, or an entry whose CRC-32 does not match.
+
+    Reads the whole file once. Files in the legacy (pre-1.6) format, or that are no zip at all, give None: torch.load
+    reports on those.
+
+    Args:
+        path: The file.
+
+    Returns:
+        A phrase such as ``"is a truncated or damaged zip archive (...)"``, to follow the file's name, or None.
+    """
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"PK\x03\x04":
-        return  # the legacy (pre-1.6) format or no torch file at all; torch.load tells which
+        return None
     try:
         with zipfile.ZipFile(path) as archive:
             broken = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise CheckpointError(
-            f"Checkpoint {str(path)!r} is a truncated or damaged zip archive ({size} bytes; {exc}): an interrupted "
-            "save or copy. Copy it again or use another checkpoint."
-        ) from exc
+        size = os.path.getsize(path)
+        return f"is a truncated or damaged zip archive ({size} bytes; {exc}): an interrupted save or copy"
     if broken is not None:
-        raise CheckpointError(
-            f"Checkpoint {str(path)!r} is damaged: the CRC-32 of its entry {broken!r} does not match its data (bytes "
-            "changed after saving). Copy it again or use another checkpoint."
-        )
+        return f"is damaged: the CRC-32 of its entry {broken!r} does not match its data (bytes changed after saving)"
+    return None
 
 
 def _unreadable(path: Path, exc: BaseException) -> str:
