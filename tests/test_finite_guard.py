@@ -16,8 +16,9 @@ from ccim_lightning.callbacks.finite_guard import FiniteLossGuard, NonFiniteTrai
 class Samples(Dataset):
     """Eight samples as dicts with their ``index``; one of them may carry an infinite input."""
 
-    def __init__(self, bad_index=None):
+    def __init__(self, bad_index=None, target_scale=1.0):
         self.x = torch.linspace(-1, 1, 8 * 3).reshape(8, 3)
+        self.target_scale = target_scale
         if bad_index is not None:
             self.x[bad_index, 1] = float("inf")
 
@@ -25,7 +26,7 @@ class Samples(Dataset):
         return 8
 
     def __getitem__(self, i):
-        return {"x": self.x[i], "y": self.x[i].sum(0, keepdim=True), "index": torch.tensor(i)}
+        return {"x": self.x[i], "y": self.target_scale * self.x[i].sum(0, keepdim=True), "index": torch.tensor(i)}
 
 
 class Tiny(L.LightningModule):
@@ -53,6 +54,8 @@ class Tiny(L.LightningModule):
 
 
 def fit(tmp_path, model, data, guard=True):
+    torch.manual_seed(0)
+    model.layer.reset_parameters()  # the same start in every test
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1, save_top_k=-1)
     trainer = L.Trainer(
         max_epochs=2,
@@ -100,9 +103,9 @@ def test_nan_gradients_of_a_finite_loss_stop_before_the_step_and_name_the_parame
 
 
 def test_weights_that_overflow_in_the_step_stop_before_a_checkpoint_saves_them(tmp_path):
-    # finite loss and gradients, but lr * gradient exceeds float32: the weights become inf in the first step
+    # finite loss and gradients (|gradient| > 100), but lr * gradient exceeds float32: inf weights in the first step
     with pytest.raises(NonFiniteTrainingError, match=r"Weights are not finite .*global step 1\).*layer.weight"):
-        fit(tmp_path, Tiny(lr=1e38), Samples())
+        fit(tmp_path, Tiny(lr=1e38), Samples(target_scale=1000.0))
     assert not list(tmp_path.glob("*.ckpt"))
 
 
