@@ -323,7 +323,7 @@ def test_fewer_distinct_points_than_clusters_warn_and_enough_do_not(caplog):
     with caplog.at_level(logging.WARNING, logger="ccim_lightning.dictionary.kmeans"), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # few points per cluster
         kmeans(features, 5)
-        assert "only 3 of the 300 feature rows are distinct, fewer than the 5 clusters" in caplog.text
+        assert "only 3 of 300 rows are distinct, fewer than the 5 clusters" in caplog.text
         caplog.clear()
         kmeans(features, 3)
     assert "distinct" not in caplog.text

@@ -284,19 +284,12 @@ def _warn_if_degenerate(x: torch.Tensor, num_clusters: int) -> None:
     distinct = torch.unique(x, dim=0).shape[0]  # a sort; about 0.25 s for 23,000 x 2048 on one CPU thread
     if distinct >= num_clusters:
         return
-    what = (
-        f"all {x.shape[0]} feature rows are identical"
-        if distinct == 1
-        else (f"only {distinct} of the {x.shape[0]} feature rows are distinct")
-    )
+    rows = x.shape[0]
+    what = f"all {rows} feature rows are identical" if distinct == 1 else f"only {distinct} of {rows} rows are distinct"
     logger.warning(
-        "k-means: %s, fewer than the %d clusters asked for, so k-means cannot form %d different clusters: centroids "
-        "will repeat one another. Identical features usually mean blank or fully masked images or a broken feature "
-        "extractor; check those, or lower num_clusters to at most %d",
-        what,
-        num_clusters,
-        num_clusters,
-        distinct,
+        f"k-means: {what}, fewer than the {num_clusters} clusters asked for, so k-means cannot form {num_clusters} "
+        "different clusters: centroids will repeat one another. Identical features usually mean blank or fully "
+        f"masked images or a broken feature extractor; check those, or lower num_clusters to at most {distinct}"
     )
 
 
