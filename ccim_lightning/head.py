@@ -281,9 +281,49 @@ class ContextualCausalIntervention(nn.Module):
             self._known_filled = bool(self.dictionary_filled)
         return self._known_filled
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A checkpoint's dictionary bypasses set_dictionary(); a NaN or inf in it would make every prediction NaN.
+        # Raised here, before anything of the head (or its submodules, loaded after it) is copied.
+        bad = self._non_finite_dictionary(state_dict, prefix)
+        if bad:
+            raise ValueError(bad)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self._known_filled = False  # `dictionary_filled` may have changed either way
+
+    def _non_finite_dictionary(self, state_dict: Mapping[str, Any], prefix: str) -> str | None:
+        """A message naming the ``dictionary``/``prior`` entries of a state dict that are not finite, else None.
+
+        Entries are checked in the buffers' dtype, into which loading casts them.
+        """
+        bad = []
+        for name in ("dictionary", "prior"):
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                cast = value.detach().to(getattr(self, name).dtype)
+                if not torch.isfinite(cast).all():
+                    bad.append(
+                        f"buffer '{prefix}{name}' holds {int((~torch.isfinite(cast)).sum())} NaN or infinite "
+                        f"value(s) (as {str(cast.dtype).removeprefix('torch.')})"
+                    )
+        if not bad:
+            return None
+        return (
+            "The confounder dictionary in this state dict is not finite: "
+            + "; ".join(bad)
+            + ". The checkpoint is damaged or was saved from a run that diverged; use an earlier checkpoint or "
+            "rebuild the dictionary (ConfounderDictionaryCallback / `ccim build-dictionary`)."
+        )
 
     @torch.no_grad()
     def set_dictionary(self, prototypes: torch.Tensor | np.ndarray, prior: torch.Tensor | np.ndarray) -> None:
@@ -294,8 +334,9 @@ class ContextualCausalIntervention(nn.Module):
             prior: Cluster frequencies ``P(z_i)``, (N,) or (N, 1); non-negative, summing to one.
 
         Raises:
-            ValueError: On a shape other than the buffers', a NaN or infinite value, a negative prior, or a prior whose
-                sum differs from one by more than 1e-4.
+            ValueError: On a shape other than the buffers', a NaN or infinite value (also one that only becomes
+                infinite in the buffers' dtype, such as 1e39 in float32), a negative prior, or a prior whose sum
+                differs from one by more than 1e-4.
         """
         n, d = self.num_prototypes, self.confounder_dim
         z = _as_tensor("prototypes", prototypes)
@@ -313,6 +354,17 @@ class ContextualCausalIntervention(nn.Module):
             raise ValueError(f"`prototypes` contains {int((~torch.isfinite(z64)).sum())} NaN or infinite values.")
         if not torch.isfinite(p64).all():
             raise ValueError(f"`prior` contains {int((~torch.isfinite(p64)).sum())} NaN or infinite values.")
+        # Checked again in the buffers' dtype: 1e39 is finite in float64 but inf in float32 (1e5 is inf in float16).
+        for name, value, buffer in (("prototypes", z, self.dictionary), ("prior", p, self.prior)):
+            cast = value.to(device=buffer.device, dtype=buffer.dtype)
+            if not torch.isfinite(cast).all():
+                largest = float(value.to(torch.float64).abs().max())
+                raise ValueError(
+                    f"`{name}` reaches magnitude {largest:.3g}, which overflows the head's "
+                    f"{str(buffer.dtype).removeprefix('torch.')} buffers (largest {torch.finfo(buffer.dtype).max:.3g}) "
+                    f"in {int((~torch.isfinite(cast)).sum())} value(s); normalise the scene features before "
+                    "clustering (or PCA them), or keep the head in float32."
+                )
         if (p64 < 0).any():
             raise ValueError(f"`prior` must be non-negative; its smallest value is {float(p64.min()):.6g}.")
         total = float(p64.sum())
@@ -476,6 +528,8 @@ class ContextualCausalIntervention(nn.Module):
                 f"Shape mismatch loading the reference CCIM state dict into {self._describe()}: "
                 + "; ".join(mismatched)
             )
+        if loaded_dictionary and (bad := self._non_finite_dictionary({k: v for k, (_, v) in mapped.items()}, "")):
+            raise ValueError(bad)
         if strict and (missing or unexpected):
             raise ValueError(
                 f"The reference CCIM state dict does not match {self._describe()}: missing keys {missing}, "

@@ -29,7 +29,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["LoadedWeights", "WeightsFileError", "WeightsMismatchError", "file_digest", "load_pretrained_weights"]
+from ccim_lightning.checkpoints import TRUST_ADVICE, archive_damage, refused_globals
+
+__all__ = [
+    "LoadedWeights",
+    "UnsafeWeightsError",
+    "WeightsFileError",
+    "WeightsMismatchError",
+    "file_digest",
+    "load_pretrained_weights",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +54,10 @@ _LIST_LIMIT = 10
 
 class WeightsFileError(ValueError):
     """A weights file could not be read or holds no state dict."""
+
+
+class UnsafeWeightsError(WeightsFileError):
+    """A weights file's pickle needs Python globals (possibly code) that a weights-only load refuses."""
 
 
 class WeightsMismatchError(ValueError):
@@ -123,7 +136,10 @@ def load_pretrained_weights(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        WeightsFileError: The file is not a torch file, needs ``trust_pickle``, or holds no state dict.
+        UnsafeWeightsError: The file needs Python globals a weights-only load refuses (named in the message) and
+            ``trust_pickle`` is false.
+        WeightsFileError: The file is damaged or truncated (zip CRC-32 checked), not a torch file, or holds no state
+            dict.
         WeightsMismatchError: The state dict does not fit the model (the message lists the keys).
     """
     path = Path(path).expanduser()
@@ -193,35 +209,37 @@ def load_pretrained_weights(
 
 
 def _read_torch_file(path: Path, *, trust_pickle: bool) -> object:
-    """``torch.load`` on CPU with errors that say what kind of file this is."""
+    """``torch.load`` on CPU with errors that say what kind of file this is: damaged, unsafe, or not torch at all."""
+    damage = archive_damage(path)
+    if damage:
+        raise WeightsFileError(
+            f"Weights file {str(path)!r} {damage}. Download or copy it again and compare its checksum with the "
+            "published one."
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = _disallowed_global(exc)
-        if reason is None:
+        names = refused_globals(path, exc)
+        if not names:
             raise WeightsFileError(_not_torch_message(path, exc)) from exc
         if not trust_pickle:
-            raise WeightsFileError(
-                f"Weights file {str(path)!r} stores Python objects besides tensors and plain types, so it cannot be "
-                f"read with torch.load(weights_only=True) ({reason}). If you trust its source, pass "
-                f"trust_pickle=True, or convert it once to a plain state dict: "
-                f"torch.save(torch.load(path, weights_only=False)['state_dict'], 'clean.pth')."
+            raise UnsafeWeightsError(
+                f"Refused weights file {str(path)!r}: its pickle needs the Python global(s) {', '.join(names)}, and "
+                "unpickling a global can run code stored in the file, so it is not read with "
+                f"torch.load(weights_only=True). The file is intact but unsafe to open; {TRUST_ADVICE}: weights must "
+                "come from trusted sources. If you trust this one (a release with extra objects, such as training "
+                "arguments), pass trust_pickle=True, or convert it once to a plain state dict: "
+                "torch.save(torch.load(path, weights_only=False)['state_dict'], 'clean.pth')."
             ) from exc
-        log.warning("Reading %s with torch.load(weights_only=False) (trust_pickle=True): %s.", path, reason)
-    except Exception as exc:  # text, truncated zip, empty file: KeyError, RuntimeError, EOFError, ...
+        log.warning(
+            "Reading %s with torch.load(weights_only=False) (trust_pickle=True); it needs %s.", path, ", ".join(names)
+        )
+    except Exception as exc:  # text, empty file, legacy-format damage: KeyError, RuntimeError, EOFError, ...
         raise WeightsFileError(_not_torch_message(path, exc)) from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise WeightsFileError(_not_torch_message(path, exc)) from exc
-
-
-def _disallowed_global(exc: BaseException) -> str | None:
-    """The line of a weights-only load error that names a disallowed global, if that is why it failed."""
-    for line in str(exc).splitlines():
-        if "Unsupported global" in line or "Unsupported class" in line:
-            return line.strip().removeprefix("WeightsUnpickler error:").strip()
-    return None
 
 
 def _not_torch_message(path: Path, exc: BaseException) -> str:

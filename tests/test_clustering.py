@@ -1,4 +1,6 @@
 import logging
+import subprocess
+import sys
 import warnings
 
 import faiss
@@ -248,3 +250,80 @@ def test_torch_backend_on_cuda():
     assert result.backend == "torch-gpu"
     check_partition(result, features, 12)
     assert adjusted_rand_score(labels, result.assignments.numpy()) > 0.99
+
+
+# Runs in a child process: before the fix FAISS aborted the whole process (std::terminate, no Python traceback).
+_SCALED_RUN = """
+import sys
+import numpy as np
+import torch
+from ccim_lightning.dictionary.kmeans import kmeans
+
+torch.set_num_threads(1)
+features = np.load(sys.argv[1])
+out = {}
+for backend, pca in (("auto", None), ("auto", 4), ("torch", None)):
+    for name, scale in (("one", 1.0), ("pow2", 2.0**70), ("tiny", 2.0**-90), ("e30", 1e30)):
+        result = kmeans((features.astype(np.float64) * scale).astype(np.float32), 6, backend=backend, pca_dim=pca)
+        key = f"{backend}-{pca}-{name}"
+        out[key + "-assignments"] = result.assignments.numpy()
+        out[key + "-centroids"] = result.centroids.numpy()
+        out[key + "-inertia"] = np.float64(result.inertia)
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_features_of_huge_or_tiny_magnitude_cluster_as_unit_features(tmp_path):
+    """|x| ~ 1e19 overflows float32 squared distances and |x| ~ 1e-20 underflows them; k-means is scale-invariant."""
+    features, labels = separated_blobs(n=600, dim=8, centers=6)
+    np.save(tmp_path / "features.npy", features)
+    done = subprocess.run(
+        [sys.executable, "-c", _SCALED_RUN, str(tmp_path / "features.npy"), str(tmp_path / "out.npz")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, f"k-means crashed (exit {done.returncode}):\n{done.stderr[-3000:]}"
+    out = np.load(tmp_path / "out.npz")
+    for backend, pca in (("auto", None), ("auto", 4), ("torch", None)):
+        key = f"{backend}-{pca}"
+        base = out[f"{key}-one-assignments"]
+        assert adjusted_rand_score(labels, base) > 0.99
+        for name, scale in (("pow2", 2.0**70), ("tiny", 2.0**-90)):
+            # a power of two scales every float exactly: the same partition, centroids scaled exactly
+            np.testing.assert_array_equal(out[f"{key}-{name}-assignments"], base)
+            expected = out[f"{key}-one-centroids"].astype(np.float64) * scale
+            np.testing.assert_allclose(out[f"{key}-{name}-centroids"], expected, rtol=1e-6)
+        scaled = features.astype(np.float64) * 1e30
+        assignments = out[f"{key}-e30-assignments"]
+        assert adjusted_rand_score(labels, assignments) > 0.99
+        # inertia recomputed in float64 from the returned centroids (about 1e63 here: far beyond float32)
+        assert float(out[f"{key}-e30-inertia"]) == pytest.approx(
+            reference_inertia(scaled, out[f"{key}-e30-centroids"], assignments), rel=1e-5
+        )
+
+
+@pytest.mark.parametrize("as_tensor", [True, False])
+def test_float64_features_beyond_float32_range_name_the_magnitude(as_tensor):
+    features = np.random.default_rng(0).standard_normal((200, 4)) * 1e40
+    features[7, 2] = 5e40
+    with pytest.raises(ValueError, match=r"magnitude 5e\+40, beyond the float32 range .*normalise .*PCA"):
+        kmeans(torch.from_numpy(features) if as_tensor else features, 2)
+
+
+def test_identical_features_warn_with_the_distinct_count(caplog):
+    with caplog.at_level(logging.WARNING, logger="ccim_lightning.dictionary.kmeans"):
+        kmeans(np.full((400, 6), 0.25, dtype=np.float32), 4)
+    assert "all 400 feature rows are identical" in caplog.text
+    assert "lower num_clusters to at most 1" in caplog.text
+
+
+def test_fewer_distinct_points_than_clusters_warn_and_enough_do_not(caplog):
+    features = np.repeat(np.eye(3, 4, dtype=np.float32), [150, 100, 50], axis=0)
+    with caplog.at_level(logging.WARNING, logger="ccim_lightning.dictionary.kmeans"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # few points per cluster
+        kmeans(features, 5)
+        assert "only 3 of 300 rows are distinct, fewer than the 5 clusters" in caplog.text
+        caplog.clear()
+        kmeans(features, 3)
+    assert "distinct" not in caplog.text

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from ccim_lightning.head import ContextualCausalIntervention
 
@@ -306,3 +307,45 @@ def test_load_official_state_dict_takes_own_dictionary_buffers():
     assert head.load_official_state_dict(official).loaded_dictionary
     assert head.is_dictionary_filled
     torch.testing.assert_close(head.dictionary, z)
+
+
+def test_set_dictionary_rejects_values_that_overflow_the_buffer_dtype():
+    head = ContextualCausalIntervention(D_H, C, N, D)  # float32 buffers
+    z = torch.randn(N, D, dtype=torch.float64)
+    z[3, 4] = 1e39  # finite in float64, inf in float32
+    with pytest.raises(ValueError, match=r"`prototypes` reaches magnitude 1e\+39, which overflows .*float32.*1 value"):
+        head.set_dictionary(z, torch.full((N,), 1 / N, dtype=torch.float64))
+    assert not head.is_dictionary_filled and not head.dictionary.any()
+    half = ContextualCausalIntervention(D_H, C, N, D).half()
+    with pytest.raises(ValueError, match=r"`prototypes` reaches magnitude 7e\+04, .*float16"):
+        half.set_dictionary(torch.full((N, D), 7e4), torch.full((N,), 1 / N))
+    # the largest float32 itself is accepted
+    head.set_dictionary(torch.full((N, D), torch.finfo(torch.float32).max, dtype=torch.float64), torch.full((N,), 0.1))
+    assert torch.isfinite(head.dictionary).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("dictionary", float("nan")), ("prior", float("inf")), ("dictionary", 1e39)]
+)
+def test_load_state_dict_rejects_a_non_finite_dictionary_and_names_the_buffer(name, value):
+    source = nn.Sequential()
+    source.add_module("head", make_head("dot_product"))
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state[f"head.{name}"][1] = value
+    target = nn.Sequential()
+    target.add_module("head", make_head("dot_product", filled=False, dtype=torch.float32, seed=1))
+    before = params_of(target.head)
+    with pytest.raises(ValueError, match=rf"buffer 'head\.{name}' holds \d+ NaN or infinite value\(s\) .*earlier"):
+        target.load_state_dict(state)
+    for key, tensor in target.head.state_dict().items():  # the head itself was left as it was
+        torch.testing.assert_close(tensor, before[key])
+    assert not target.head.is_dictionary_filled
+
+
+def test_load_official_state_dict_rejects_a_non_finite_dictionary():
+    official = official_state_dict(layers=(("caers", 7),))
+    official.update({"dictionary": torch.full((N, D), float("nan")), "prior": torch.full((N,), 1 / N)})
+    head = ContextualCausalIntervention(D_H, 7, N, D)
+    with pytest.raises(ValueError, match=r"buffer 'dictionary' holds 160 NaN"):
+        head.load_official_state_dict(official)
+    assert not head.is_dictionary_filled

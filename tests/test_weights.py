@@ -1,8 +1,13 @@
 """Tests for ccim_lightning.weights: every checkpoint layout is written here from small random models."""
 
 import argparse
+import builtins
 import hashlib
 import logging
+import os
+import pickle
+import struct
+import zipfile
 
 import pytest
 import timm
@@ -11,6 +16,7 @@ import torchvision
 
 from ccim_lightning.weights import (
     LoadedWeights,
+    UnsafeWeightsError,
     WeightsFileError,
     WeightsMismatchError,
     file_digest,
@@ -193,20 +199,73 @@ def test_missing_file_says_it_cannot_be_downloaded(tmp_path):
     assert str(path) in str(excinfo.value)
 
 
-@pytest.mark.parametrize("kind", ["text", "truncated", "empty"])
+@pytest.mark.parametrize("kind", ["text", "truncated", "empty", "flipped", "legacy_truncated"])
 def test_unreadable_file(tmp_path, kind):
     path = tmp_path / f"{kind}.pth"
+    state = timm.create_model("test_resnet").state_dict()
+    match = "not a PyTorch file, or it is damaged"
     if kind == "text":
         path.write_text("this is not a checkpoint\n")
     elif kind == "truncated":
-        torch.save(timm.create_model("test_resnet").state_dict(), path)
+        torch.save(state, path)
+        path.write_bytes(path.read_bytes()[:1000])
+        match = "is a truncated or damaged zip archive"
+    elif kind == "flipped":  # bytes changed inside the last tensor's data: torch.load alone reads them silently
+        torch.save(state, path)
+        data = bytearray(path.read_bytes())
+        with zipfile.ZipFile(path) as archive:
+            member = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.header_offset)
+        name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26 : member.header_offset + 30])
+        start = member.header_offset + 30 + name_length + extra_length
+        data[start : start + 4] = b"\x7f\x7f\x7f\x7f"
+        path.write_bytes(bytes(data))
+        match = r"is damaged: the CRC-32 of its entry '.*' does not match"
+    elif kind == "legacy_truncated":
+        torch.save(state, path, _use_new_zipfile_serialization=False)
         path.write_bytes(path.read_bytes()[:1000])
     else:
         path.write_bytes(b"")
 
-    with pytest.raises(WeightsFileError, match="not a PyTorch file, or it is damaged") as excinfo:
+    with pytest.raises(WeightsFileError, match=match) as excinfo:
         load_pretrained_weights(timm.create_model("test_resnet"), path)
     assert str(path) in str(excinfo.value)
+    assert not isinstance(excinfo.value, UnsafeWeightsError) and "Refused" not in str(excinfo.value)
+
+
+class _RunsShell:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+class _Evaluates:
+    def __reduce__(self):
+        return (builtins.eval, ("1 + 1",))
+
+
+@pytest.mark.parametrize(
+    ("payload", "name", "layout"),
+    [
+        (_RunsShell(), f"{os.system.__module__}.system", "zip"),
+        (_Evaluates(), "builtins.eval", "zip"),
+        (_RunsShell(), f"{os.system.__module__}.system", "legacy"),
+        (_RunsShell(), f"{os.system.__module__}.system", "raw_pickle"),
+    ],
+    ids=["os.system", "eval", "legacy-format", "raw-pickle"],
+)
+def test_malicious_file_is_refused_as_unsafe_not_damaged(tmp_path, monkeypatch, payload, name, layout):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    content = {"state_dict": timm.create_model("test_resnet").state_dict(), "extra": payload}
+    if layout == "raw_pickle":
+        path.write_bytes(pickle.dumps(content, protocol=5))
+    else:
+        torch.save(content, path, _use_new_zipfile_serialization=layout == "zip")
+    with pytest.raises(UnsafeWeightsError) as excinfo:
+        load_pretrained_weights(timm.create_model("test_resnet"), path)
+    message = str(excinfo.value)
+    assert message.startswith(f"Refused weights file '{path}'") and name in message
+    assert "trusted sources" in message and "damaged" not in message
+    assert not (tmp_path / "pwned.txt").exists()  # nothing ran
 
 
 def test_file_without_a_state_dict(tmp_path):
