@@ -200,9 +200,9 @@ class ContextualCausalIntervention(nn.Module):
         use_prior: Whether eq. 5 weights the prototypes by their prior ``P(z_i)``; ``False`` is the paper's
             "without P(z)" ablation (``E = sum_i lambda_i z_i``).
         uniform_attention: The paper's "without lambda" ablation: ``lambda_i = 1/N`` for every sample, i.e. uniform
-            weights with the softmax's normalisation (they sum to one). The query and key projections are still
-            created, unused, so the state dict keeps one layout for every setting; with DDP this needs
-            ``find_unused_parameters=True`` (or ``static_graph``).
+            weights with the softmax's normalisation (they sum to one). The query and key projections would go
+            unused, so they are not created: the head then trains under DDP with the default strategy (no
+            ``find_unused_parameters``), and its state dict has no ``causal_intervention.*`` entries.
         chunk_size: Prototypes scored at once by the additive attention (bounds its (B, chunk, d_n) temporaries).
 
     Raises:
@@ -256,6 +256,7 @@ class ContextualCausalIntervention(nn.Module):
         if self.uses_dictionary:
             self.w_g = nn.Parameter(torch.empty(self.confounder_dim, self.hidden_dim))
             nn.init.xavier_normal_(self.w_g)
+        if self.uses_dictionary and not self.uniform_attention:
             self.causal_intervention = CausalIntervention(
                 self.feature_dim, self.confounder_dim, self.attention_dim, attention, self.chunk_size
             )

@@ -1,10 +1,12 @@
 """A fit job run by tests/test_ddp.py as a script (Lightning's DDP launcher re-runs the script for each rank).
 
-Usage: python tests/ddp_dictionary_job.py OUT_DIR DEVICES [CACHE_FILE]. Each rank saves the dictionary its head
-holds when training starts to OUT_DIR/rank<k>.pt.
+Usage: python tests/ddp_dictionary_job.py OUT_DIR DEVICES [--cache FILE] [--uniform] [--fail-rank K]. Each rank
+saves the dictionary its head holds when training starts (and the training samples' clusters) to OUT_DIR/rank<k>.pt.
+``--uniform`` trains the "without lambda" head for two steps under the default DDP strategy; ``--fail-rank K`` makes
+rank K raise while the dictionary build starts.
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import lightning as L
@@ -24,25 +26,44 @@ class SaveDictionary(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         head = pl_module.head
         torch.save(
-            {"dictionary": head.dictionary.cpu(), "prior": head.prior.cpu(), "world_size": trainer.world_size},
+            {
+                "dictionary": head.dictionary.cpu(),
+                "prior": head.prior.cpu(),
+                "clusters": pl_module.train_clusters.cpu(),
+                "world_size": trainer.world_size,
+            },
             self.out / f"rank{trainer.global_rank}.pt",
         )
 
 
-def main(out: Path, devices: int, cache: str | None = None) -> None:
+class FailingData(SyntheticContextDataModule):
+    """Raises on one rank when the dictionary build asks for its dataset."""
+
+    def __init__(self, fail_rank: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fail_rank = fail_rank
+
+    def dictionary_dataset(self, mask_subject: bool = True):
+        if self.trainer.global_rank == self.fail_rank:
+            raise OSError(f"injected failure on rank {self.fail_rank}")
+        return super().dictionary_dataset(mask_subject)
+
+
+def main(out: Path, devices: int, cache: str | None, uniform: bool, fail_rank: int | None) -> None:
     L.seed_everything(0)
     # 75 samples over 2 ranks: the DistributedSampler pads one rank with a repeated sample, which must be dropped.
-    data = SyntheticContextDataModule(
-        seed=3, train_size=75, val_size=16, test_size=16, batch_size=16, image_size=32, subject_size=16
+    settings = dict(seed=3, train_size=75, val_size=16, test_size=16, batch_size=16, image_size=32, subject_size=16)
+    data = SyntheticContextDataModule(**settings) if fail_rank is None else FailingData(fail_rank, **settings)
+    model = CCIMLightningModule(
+        TwoStreamHost(feature_dim=16), num_classes=4, num_prototypes=6, confounder_dim=256, uniform_attention=uniform
     )
-    model = CCIMLightningModule(TwoStreamHost(feature_dim=16), num_classes=4, num_prototypes=6, confounder_dim=256)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         default_root_dir=out,
         max_epochs=1,
-        limit_train_batches=1,
+        limit_train_batches=2 if uniform else 1,
         limit_val_batches=0,
         logger=False,
         enable_checkpointing=False,
@@ -57,4 +78,11 @@ def main(out: Path, devices: int, cache: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("devices", type=int)
+    parser.add_argument("--cache")
+    parser.add_argument("--uniform", action="store_true")
+    parser.add_argument("--fail-rank", type=int)
+    args = parser.parse_args()
+    main(args.out, args.devices, args.cache, args.uniform, args.fail_rank)

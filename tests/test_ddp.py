@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -8,21 +9,23 @@ import torch
 JOB = Path(__file__).with_name("ddp_dictionary_job.py")
 
 
-def run_job(out: Path, devices: int, cache: Path | None = None) -> None:
+def run_job(out: Path, devices: int, *options: str, cache: Path | None = None, ok: bool = True):
     out.mkdir()
     result = subprocess.run(
-        [sys.executable, str(JOB), str(out), str(devices), *([str(cache)] if cache else [])],
+        [sys.executable, str(JOB), str(out), str(devices), *(["--cache", str(cache)] if cache else []), *options],
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
+    if ok:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
 
 
 @pytest.mark.slow
 def test_ddp_dictionary_is_identical_on_every_rank_and_to_a_single_process_build(tmp_path):
-    run_job(tmp_path / "ddp", devices=2)
-    run_job(tmp_path / "single", devices=1)
+    run_job(tmp_path / "ddp", 2)
+    run_job(tmp_path / "single", 1)
     rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
     rank1 = torch.load(tmp_path / "ddp" / "rank1.pt")
     single = torch.load(tmp_path / "single" / "rank0.pt")
@@ -34,14 +37,31 @@ def test_ddp_dictionary_is_identical_on_every_rank_and_to_a_single_process_build
     assert torch.allclose(rank0["prior"] * 75, (rank0["prior"] * 75).round(), atol=1e-4)
     # Features may differ in the last bits between batchings; k-means on them gives the same clusters.
     assert torch.allclose(rank0["dictionary"], single["dictionary"], atol=1e-4, rtol=1e-4)
+    # Each training sample's cluster, recorded in sample order, is the same on both ranks and as in one process.
+    assert rank0["clusters"].shape == (75,) and torch.equal(rank0["clusters"], rank1["clusters"])
+    assert torch.equal(rank0["clusters"], single["clusters"])
 
+
+@pytest.mark.slow
+def test_without_lambda_trains_under_ddp_with_the_default_strategy(tmp_path):
+    run_job(tmp_path / "uniform", 2, "--uniform")  # DDP raises on unused parameters otherwise
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_ends_every_rank_within_a_minute(tmp_path):
+    start = time.monotonic()
+    result = run_job(tmp_path / "fail", 2, "--fail-rank", "1", ok=False)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 120  # the process-group timeout would be 30 minutes (hours in ddp.yaml)
+    assert "injected failure on rank 1" in result.stderr
+    assert "another rank failed" in result.stderr
 
 @pytest.mark.slow
 def test_ddp_ranks_agree_on_reusing_a_cached_dictionary(tmp_path):
     cache = tmp_path / "dictionary.pt"
-    run_job(tmp_path / "build", devices=2, cache=cache)
+    run_job(tmp_path / "build", 2, cache=cache)
     assert cache.exists()
-    run_job(tmp_path / "reuse", devices=2, cache=cache)
+    run_job(tmp_path / "reuse", 2, cache=cache)
     built = torch.load(tmp_path / "build" / "rank0.pt")
     for rank in (0, 1):
         reused = torch.load(tmp_path / "reuse" / f"rank{rank}.pt")
