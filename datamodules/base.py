@@ -55,7 +55,10 @@ def transform_signature(transform: Callable) -> dict[str, Any]:
     signature = getattr(transform, "signature", None)
     if callable(signature):
         return dict(signature())
-    return {"transform": f"{type(transform).__module__}.{type(transform).__qualname__}", "repr": repr(transform)}
+    # a function names itself; an instance of a class is named by its class
+    name = getattr(transform, "__qualname__", None) or type(transform).__qualname__
+    module = getattr(transform, "__module__", None) or type(transform).__module__
+    return {"transform": f"{module}.{name}", "repr": repr(transform)}
 
 
 class PersonDataModule(L.LightningDataModule):

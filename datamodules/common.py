@@ -121,7 +121,7 @@ def csv_rows(path: Path, required: Sequence[str], expected: str) -> Iterator[tup
     Raises:
         AnnotationError: As above.
     """
-    line = 1
+    line = 1  # where the next record starts
     try:
         with path.open(newline="", encoding="utf-8") as file:
             reader = csv.DictReader(file)
@@ -133,9 +133,10 @@ def csv_rows(path: Path, required: Sequence[str], expected: str) -> Iterator[tup
             for position, row in enumerate(reader):
                 yield position, f"{path.name} line {reader.line_num}", row
                 line = reader.line_num + 1
-    except UnicodeDecodeError as error:
+    except UnicodeDecodeError:
+        number, snippet = _first_undecodable_line(path)
         raise AnnotationError(
-            f"{path} (around line {line}) is not UTF-8 text ({error}); re-save it as UTF-8, e.g. "
+            f"{path} line {number} is not UTF-8 text (bytes {snippet!r}); re-save the file as UTF-8, e.g. "
             f"`iconv -f latin1 -t utf-8 {path.name} > fixed.csv`"
         ) from None
     except csv.Error as error:
@@ -143,6 +144,17 @@ def csv_rows(path: Path, required: Sequence[str], expected: str) -> Iterator[tup
             f'{path} line {line}: {error}; a field over the size limit usually means an unclosed quote (") that '
             "runs on to the end of the file: check the quoting of that line"
         ) from None
+
+
+def _first_undecodable_line(path: Path) -> tuple[int, bytes]:
+    """The number and offending bytes of the first line that is not UTF-8 (the decoder reads ahead in blocks)."""
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return number, raw[max(error.start - 12, 0) : error.end + 12]
+    return 0, b""
 
 
 def check_cells(row: dict) -> None:
