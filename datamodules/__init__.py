@@ -1,15 +1,29 @@
-"""LightningDataModules of ccim-lightning (installed as ``ccim_lightning.datamodules``), one batch schema for all."""
+"""LightningDataModules of ccim-lightning (installed as ``ccim_lightning.datamodules``), one batch schema for all.
 
+The shared constructor arguments live in :class:`PersonDataModule` (``base.py``); the contracts callers rely on
+(batch keys, :class:`DictionaryDataModule`, :class:`IdentifiedDataset`) in ``schema.py``.
+"""
+
+from ccim_lightning.datamodules.base import PersonDataModule
 from ccim_lightning.datamodules.caers import CAERSDataModule
+from ccim_lightning.datamodules.common import AnnotationError
 from ccim_lightning.datamodules.emotic import EmoticDataModule
 from ccim_lightning.datamodules.groupwalk import GroupWalkDataModule
+from ccim_lightning.datamodules.schema import BATCH_KEYS, DictionaryDataModule, IdentifiedDataset
 from ccim_lightning.datamodules.synthetic import SyntheticContextDataModule
 from ccim_lightning.datamodules.table import TableDataModule
+from ccim_lightning.datamodules.transforms import ContextTransform
 
 __all__ = [
+    "BATCH_KEYS",
+    "AnnotationError",
     "CAERSDataModule",
+    "ContextTransform",
+    "DictionaryDataModule",
     "EmoticDataModule",
     "GroupWalkDataModule",
+    "IdentifiedDataset",
+    "PersonDataModule",
     "SyntheticContextDataModule",
     "TableDataModule",
 ]

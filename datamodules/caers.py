@@ -3,9 +3,9 @@
 Layout (``docs/datasets.md``): ``<root>/train/<Class>/*.png`` and ``<root>/test/<Class>/*.png``. The anger folder
 is ``Angry`` in train and ``Anger`` in test (both class 0); split folders may be capitalised (``Train``, ``Test``).
 Labels in alphabetical order: :data:`CLASSES`. There is no validation split: a deterministic, stratified share of
-train is held out (:func:`~ccim_lightning.datamodules.common.stratified_holdout`, by image path and seed). Frames
-of one clip are near-duplicates, so a random hold-out is an optimistic validation set; the test split is the
-benchmark.
+train is held out (:func:`~ccim_lightning.datamodules.common.stratified_holdout`, by image path and seed; one
+person per image, so no image is on both sides). Frames of one clip are near-duplicates and CAER-S does not say
+which frames share a clip, so this hold-out is an optimistic validation set; the test split is the benchmark.
 
 Faces: with ``face_boxes`` (the public hand-checked face-box file: lines
 ``<split>/<Class>/<NNNN>.png,<label>,<x1>,<y1>,<x2>,<y2>``, paths relative to the root), ``subject`` is the face
@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ccim_lightning.datamodules.base import PersonDataModule
 from ccim_lightning.datamodules.common import (
     IMAGE_EXTENSIONS,
     AnnotationError,
     BadSamples,
-    OnBadSample,
-    PersonDataModule,
     PersonTable,
+    finite_box,
     make_table,
     scan_images,
     stratified_holdout,
@@ -160,9 +161,10 @@ def _parse_face_line(line: str, where: str) -> FaceBox:
     folder_label = CLASS_FOLDERS.get(parts[1].lower())
     try:
         label = int(cells[1])
-        box = tuple(float(cell) for cell in cells[2:])
+        numbers = [float(cell) for cell in cells[2:]]
     except ValueError:
         raise AnnotationError(f"{line.strip()!r}: label and box must be numbers ({expected})") from None
+    box = tuple(finite_box(numbers, "box"))
     if folder_label is None or label != folder_label:
         raise AnnotationError(f"label {label} does not match class folder {parts[1]!r} (labels: {list(CLASSES)})")
     return FaceBox(parts[0].lower(), parts[1], parts[2], label, box, where)
@@ -180,14 +182,11 @@ class CAERSDataModule(PersonDataModule):
             found as given); None: subjects are not localised (module docstring).
         val_fraction: Share of each training class held out for validation, in (0, 1).
         seed: Seed of the hold-out.
-        context_size: Context size, an int or (height, width).
         subject_size: Face crop size, an int or (height, width) (default 96, as CAER-Net-S).
-        flip: Random horizontal flips of training samples.
-        batch_size: Batch size of every loader.
-        num_workers: Loader worker processes.
-        on_bad_sample: ``"error"`` (default) or ``"skip"``: leave out, count and report bad lines and images.
-        train_transform: Replaces the default training transform.
-        eval_transform: Replaces the default evaluation transform.
+        **kwargs: The shared arguments of
+            :class:`~ccim_lightning.datamodules.base.PersonDataModule`: ``context_size``, ``flip``,
+            ``batch_size``, ``num_workers``, ``on_bad_sample`` (``"skip"``: leave out, count and report bad lines
+            and images), ``train_transform``, ``eval_transform``.
     """
 
     dataset_name = "CAER-S"
@@ -200,29 +199,12 @@ class CAERSDataModule(PersonDataModule):
         face_boxes: str | list[str] | None = None,
         val_fraction: float = 0.1,
         seed: int = 0,
-        context_size: int | tuple[int, int] = 224,
         subject_size: int | tuple[int, int] = 96,
-        flip: bool = True,
-        batch_size: int = 32,
-        num_workers: int = 4,
-        on_bad_sample: OnBadSample = "error",
-        train_transform: Callable | None = None,
-        eval_transform: Callable | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root,
-            context_size,
-            subject_size,
-            flip,
-            batch_size,
-            num_workers,
-            on_bad_sample,
-            train_transform,
-            eval_transform,
-        )
+        super().__init__(root, subject_size=subject_size, **kwargs)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
         self.class_names = list(CLASSES)
         self.face_boxes = face_boxes
         self.val_fraction = val_fraction
@@ -239,7 +221,7 @@ class CAERSDataModule(PersonDataModule):
             paths = [p if p.exists() or p.is_absolute() else self.root / p for p in paths]
             bad = BadSamples(self.dataset_name, "face boxes", self.on_bad_sample)
             faces = read_face_boxes(paths, bad)
-            self.dropped["face boxes"] = bad.report(len(faces))
+            self._dropped["face boxes"] = bad.report(len(faces))
             self._faces = {(face.split, face.label, face.filename): face for face in faces}
         return self._faces
 
@@ -279,6 +261,11 @@ class CAERSDataModule(PersonDataModule):
                         )
             self._listings[split] = (make_table(paths, boxes, labels, list(sources)), bad)
         return self._listings[split]
+
+    def split_source(self, split: str) -> str:
+        folder = "test" if split == "test" else "train"
+        boxes = "" if self.face_boxes is None else f" with face boxes {self.face_boxes}"
+        return f"{self.root}/{folder}{boxes}"
 
     def build_split(self, split: str, bad: BadSamples) -> PersonTable:
         listing, listing_bad = self._listing("test" if split == "test" else "train")

@@ -1,50 +1,39 @@
-"""What the image datamodules share: person tables, image checks, box clipping, the default transform, the dataset.
+"""What the image readers share: accounting, person tables, CSV reading, image checks, box clipping, hold-outs.
 
 Every reader (EMOTIC, CAER-S, a user's table) turns its annotations into a :class:`PersonTable` (one row per
 annotated person: image path, box, target, extras). :func:`scan_images` checks the images once at setup (exists,
-header readable) and clips each box to the image's decoded size; :class:`PersonImageDataset` then decodes with PIL
-and applies a :class:`ContextTransform`, producing the suite's batch schema (``docs/design.md``):
+header readable) and clips each box to the image's decoded size; ``ccim_lightning.datamodules.dataset`` then
+decodes them into the suite's batch schema (``ccim_lightning.datamodules.schema``).
 
-- ``subject`` float32 (3, Hs, Ws): the box resized to ``subject_size``.
-- ``context`` float32 (3, Hc, Wc): the whole image resized to ``context_size``, normalised, with the box filled
-  with zeros (after normalisation, so the box holds the mean colour, as in the synthetic data).
-- ``target``: int64 scalar (multiclass) or float32 (C,) multi-hot (multilabel).
-- ``index`` int64: position in the split; ``box`` float32 (4,): x1, y1, x2, y2 in original image pixels, after
-  clipping (and after a horizontal flip, when the sample was flipped).
-- extras, e.g. ``vad`` float32 (3,) for EMOTIC.
-
-Box rules (one place, shared by all datasets): boxes are clipped to ``[0, width] x [0, height]`` of the decoded
-image (stored sizes are not trusted). A box that has less than one pixel of width or height after clipping
-(reversed, empty or entirely outside the image) is *degenerate*: the subject is then not localised, so the
+Box rules (one place, shared by all datasets): a box must be four finite numbers (NaN or infinite coordinates in an
+annotation are a bad sample naming the file, row and field). Boxes are clipped to ``[0, width] x [0, height]`` of
+the decoded image (stored sizes are not trusted). A box that has less than one pixel of width or height after
+clipping (reversed, empty or entirely outside the image) is *degenerate*: the subject is then not localised, so the
 subject crop is the whole image and nothing is masked in the context (masking the whole image would leave no
-context); ``box`` reports the whole image. Degenerate boxes are counted and reported per split.
+context); ``box`` reports the whole image. A box of which less than :data:`MIN_INSIDE_FRACTION` of the area lies
+inside the image is kept (clipped) but counted under its own reason: such boxes usually mean swapped coordinates
+or a box meant for another image. Both are counted and reported per split.
 
 Bad input: a missing, unreadable or malformed item is an error naming the file and row (``on_bad_sample="error"``,
 the default) or, with ``on_bad_sample="skip"``, is left out, counted, and reported once per split in a warning.
+Duplicate rows and persons that appear in two splits are kept but counted and reported.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 import math
-import os
-import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
-import pandas as pd
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
-
-from ccim_lightning.datamodules.synthetic import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +41,11 @@ OnBadSample = Literal["error", "skip"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SKIP_HINT = "pass on_bad_sample='skip' to leave such samples out (they are counted and reported)"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MIN_INSIDE_FRACTION = 0.5
+"""A box with less than this share of its area inside the image is reported (kept, clipped)."""
+DUPLICATE_KEY = "duplicate rows (same image and box; kept)"
+MOSTLY_OUTSIDE_KEY = f"boxes mostly outside the image (< {MIN_INSIDE_FRACTION:.0%} of the box inside; kept, clipped)"
+DEGENERATE_KEY = "degenerate boxes (subject = whole image, context not masked)"
 
 
 class AnnotationError(ValueError):
@@ -83,9 +77,9 @@ class BadSamples:
             raise error(f"{self.dataset} {self.split}: {message}; {SKIP_HINT}")
         self.note(f"skipped ({reason})", message)
 
-    def note(self, key: str, message: str) -> None:
+    def note(self, key: str, message: str, count: int = 1) -> None:
         """Counts something that is not an error (an image left out by design, a repaired box)."""
-        self.counts[key] += 1
+        self.counts[key] += count
         examples = self.examples.setdefault(key, [])
         if len(examples) < 3:
             examples.append(message)
@@ -111,6 +105,76 @@ def check_on_bad_sample(on_bad_sample: str) -> None:
         raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
 
 
+# --- annotation files ----------------------------------------------------------------------------------------------
+def csv_rows(path: Path, required: Sequence[str], expected: str) -> Iterator[tuple[int, str, dict[str, str]]]:
+    """Yields ``(position, where, row)`` for each data row of a CSV file with a header, in file order.
+
+    ``where`` is ``"<file> line <n>"``; header names are stripped of spaces. File-level problems are errors naming
+    the file: missing columns, text that is not UTF-8, and ``csv`` errors such as a field over the size limit
+    (usually an unclosed quote that swallows the rest of the file).
+
+    Args:
+        path: The CSV file.
+        required: Columns that must be in the header.
+        expected: The expected header, for the missing-columns message.
+
+    Raises:
+        AnnotationError: As above.
+    """
+    line = 1  # where the next record starts
+    try:
+        with path.open(newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            header = [name.strip() for name in reader.fieldnames or []]
+            reader.fieldnames = header
+            missing = [column for column in required if column not in header]
+            if missing:
+                raise AnnotationError(f"{path} lacks the columns {missing}; expected a header like {expected}")
+            for position, row in enumerate(reader):
+                yield position, f"{path.name} line {reader.line_num}", row
+                line = reader.line_num + 1
+    except UnicodeDecodeError:
+        number, snippet = _first_undecodable_line(path)
+        raise AnnotationError(
+            f"{path} line {number} is not UTF-8 text (bytes {snippet!r}); re-save the file as UTF-8, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path.name} > fixed.csv`"
+        ) from None
+    except csv.Error as error:
+        raise AnnotationError(
+            f'{path} line {line}: {error}; a field over the size limit usually means an unclosed quote (") that '
+            "runs on to the end of the file: check the quoting of that line"
+        ) from None
+
+
+def _first_undecodable_line(path: Path) -> tuple[int, bytes]:
+    """The number and offending bytes of the first line that is not UTF-8 (the decoder reads ahead in blocks)."""
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return number, raw[max(error.start - 12, 0) : error.end + 12]
+    return 0, b""
+
+
+def check_cells(row: dict) -> None:
+    """A ``csv.DictReader`` row with more or fewer cells than the header is malformed."""
+    if None in row or None in row.values():
+        header = sum(1 for key in row if key is not None)
+        cells = header + len(row.get(None, [])) - sum(1 for value in row.values() if value is None)
+        raise AnnotationError(f"has {cells} cells but the header has {header}")
+
+
+def finite_box(values: Sequence[float], name: str) -> list[float]:
+    """``values`` as four floats; NaN or infinite coordinates are malformed (named by ``name``)."""
+    box = [float(v) for v in values]
+    if len(box) != 4:
+        raise AnnotationError(f"{name} {box} has {len(box)} numbers, expected 4 (x1, y1, x2, y2)")
+    if not all(math.isfinite(v) for v in box):
+        raise AnnotationError(f"{name} {box} is not finite (NaN or infinite coordinate); fix or remove the row")
+    return box
+
+
 # --- person tables -------------------------------------------------------------------------------------------------
 @dataclass
 class PersonTable:
@@ -125,6 +189,7 @@ class PersonTable:
         rows: (N,) int64 position of each row in its annotation source (e.g. to index ``*_arr.npy``).
         sizes: (N, 2) int64 decoded image width and height, set by :func:`scan_images`.
         localised: (N,) bool, False where the subject has no usable box, set by :func:`scan_images`.
+        groups: Per row, the group a validation hold-out must keep together (e.g. the video); None: the image.
     """
 
     paths: list[str]
@@ -135,6 +200,7 @@ class PersonTable:
     rows: np.ndarray | None = None
     sizes: np.ndarray | None = None
     localised: np.ndarray | None = None
+    groups: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -157,11 +223,37 @@ class PersonTable:
             rows=take(self.rows),
             sizes=take(self.sizes),
             localised=take(self.localised),
+            groups=None if self.groups is None else [self.groups[i] for i in keep],
         )
 
     def identities(self) -> list[str]:
-        """One stable string per row: image path and box (for the dictionary cache fingerprint)."""
+        """One stable string per row: image path and box."""
         return [f"{path}|{','.join(f'{v:g}' for v in box)}" for path, box in zip(self.paths, self.boxes)]
+
+    def holdout_groups(self) -> list[str]:
+        """The group of each row that a hold-out must keep on one side.
+
+        Rows are joined when they share an image or a non-empty ``groups`` value (transitively: an image whose
+        rows name two videos joins both), so neither an image nor a group can straddle the split. Each group is
+        named by the smallest image path in it, which does not depend on the row order.
+        """
+        parent: dict[str, str] = {}
+
+        def find(key: str) -> str:
+            while parent.setdefault(key, key) != key:
+                parent[key] = parent[parent[key]]
+                key = parent[key]
+            return key
+
+        groups = self.groups if self.groups is not None else [""] * len(self)
+        for path, group in zip(self.paths, groups):
+            if group:
+                parent[find("image:" + path)] = find("group:" + group)
+        names: dict[str, str] = {}
+        for path in self.paths:
+            root = find("image:" + path)
+            names[root] = min(names.get(root, path), path)
+        return [names[find("image:" + path)] for path in self.paths]
 
 
 def make_table(
@@ -173,6 +265,7 @@ def make_table(
     rows: Sequence[int] | None = None,
     multilabel: bool = False,
     num_classes: int | None = None,
+    groups: list[str] | None = None,
 ) -> PersonTable:
     """Builds a :class:`PersonTable` from Python lists (targets as class indices, or multi-hot rows)."""
     n = len(paths)
@@ -185,9 +278,35 @@ def make_table(
         boxes=np.asarray(boxes, dtype=np.float64).reshape(n, 4),
         targets=target_array,
         sources=sources,
-        extras={key: np.asarray(value, dtype=np.float32).reshape(n, -1) for key, value in (extras or {}).items()},
+        # an empty split has no rows to infer the width from
+        extras={
+            key: np.asarray(value, dtype=np.float32).reshape(n, -1 if n else 0) for key, value in (extras or {}).items()
+        },
         rows=None if rows is None else np.asarray(rows, dtype=np.int64),
+        groups=groups,
     )
+
+
+def note_duplicates(table: PersonTable, bad: BadSamples) -> None:
+    """Counts rows that repeat an earlier row's image and box (they weigh that person twice)."""
+    first: dict[str, int] = {}
+    for i, identity in enumerate(table.identities()):
+        if identity in first:
+            bad.note(DUPLICATE_KEY, f"{table.sources[i]} repeats {table.sources[first[identity]]}")
+        else:
+            first[identity] = i
+
+
+def note_overlap(table: PersonTable, split: str, others: dict[str, PersonTable], bad: BadSamples) -> None:
+    """Counts the persons (image and box) of ``table`` that are also in another, already built split."""
+    mine = table.identities()
+    for other_split, other in others.items():
+        if other_split == split:
+            continue
+        shared = set(mine) & set(other.identities())
+        if shared:
+            example = next(table.sources[i] for i, identity in enumerate(mine) if identity in shared)
+            bad.note(f"persons also in {other_split} (same image and box)", example, count=len(shared))
 
 
 # --- images and boxes ----------------------------------------------------------------------------------------------
@@ -254,254 +373,77 @@ def scan_images(root: Path, table: PersonTable, bad: BadSamples, threads: int = 
 
 
 def apply_box_rule(table: PersonTable, bad: BadSamples) -> PersonTable:
-    """Clips ``table.boxes`` to ``table.sizes`` in place, sets ``localised`` and counts degenerate boxes."""
+    """Clips ``table.boxes`` to ``table.sizes`` in place, sets ``localised``, counts degenerate and outlying boxes."""
     has_box = ~np.isnan(table.boxes).any(axis=1)
     original = table.boxes
     table.boxes, table.localised = clip_boxes(table.boxes, table.sizes)
     for i in np.flatnonzero(has_box & ~table.localised):
         width, height = table.sizes[i]
+        bad.note(DEGENERATE_KEY, f"{table.sources[i]}: box {original[i].tolist()} in a {width}x{height} image")
+    with np.errstate(invalid="ignore"):
+        area = (original[:, 2] - original[:, 0]) * (original[:, 3] - original[:, 1])
+        inside = (table.boxes[:, 2] - table.boxes[:, 0]) * (table.boxes[:, 3] - table.boxes[:, 1])
+        outlying = has_box & table.localised & (inside < MIN_INSIDE_FRACTION * area)
+    for i in np.flatnonzero(outlying):
+        width, height = table.sizes[i]
         bad.note(
-            "degenerate boxes (subject = whole image, context not masked)",
-            f"{table.sources[i]}: box {original[i].tolist()} in a {width}x{height} image",
+            MOSTLY_OUTSIDE_KEY,
+            f"{table.sources[i]}: box {original[i].tolist()} in a {width}x{height} image, {inside[i] / area[i]:.0%} "
+            "inside",
         )
     return table
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decodes an image with PIL into RGB."""
+    """Decodes an image with PIL into 8-bit RGB; 16-bit greyscale (modes ``I;16*``, ``I``) is scaled, not clipped.
+
+    PIL's own ``convert("RGB")`` clips 16-bit values at 255, which turns a 16-bit PNG into a black-and-white
+    image; here values are divided by 257 (65535 -> 255). Mode ``I`` (32-bit integers, what older Pillow versions
+    give for 16-bit PNGs) is accepted when its values fit 16 bits.
+
+    Raises:
+        OSError: When the file cannot be decoded, or holds 32-bit integer values beyond 16 bits.
+    """
     image = Image.open(path)
     image.load()
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-# --- transform -----------------------------------------------------------------------------------------------------
-def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    if height < 1 or width < 1:
-        raise ValueError(f"{name} must be positive (an int or (height, width)), got {size}")
-    return int(height), int(width)
-
-
-class ContextTransform:
-    """The default sample transform: resize, normalise and (optionally) flip the subject crop and the context.
-
-    Called as ``transform(image, box, subject=None)`` with a PIL RGB ``image``, the clipped ``box`` (x1, y1, x2, y2)
-    in its pixels or ``None`` (subject not localised: the whole image) and optionally a ready-made ``subject``
-    image (e.g. a pre-cut body array). Returns a dict with ``subject`` (3, Hs, Ws) and ``context`` (3, Hc, Wc)
-    float32 tensors, ``box``: the box in ``image`` pixels after any flip, and ``mask_box``: the integer region of
-    ``context`` covering the box (outward-rounded, so the whole subject is covered; ``None`` when not localised).
-    Masking is left to the dataset, so one transform serves masked and unmasked loaders. A replacement transform
-    must follow the same contract.
-
-    Args:
-        context_size: Context output size, an int or (height, width).
-        subject_size: Subject output size, an int or (height, width).
-        flip: Flip subject, context and box horizontally with probability 0.5 (Python's ``random``, which the
-            DataLoader seeds per worker and ``seed_everything`` seeds).
-        mean: Per-channel mean on the [0, 1] scale (default ImageNet).
-        std: Per-channel standard deviation on the [0, 1] scale (default ImageNet).
-        reducing_gap: PIL ``resize`` ``reducing_gap``: a faster, slightly less exact downscale (None = exact).
-    """
-
-    def __init__(
-        self,
-        context_size: int | tuple[int, int] = 224,
-        subject_size: int | tuple[int, int] = 128,
-        flip: bool = False,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        reducing_gap: float | None = None,
-    ) -> None:
-        self.context_size = _pair(context_size, "context_size")
-        self.subject_size = _pair(subject_size, "subject_size")
-        self.flip = flip
-        self.reducing_gap = reducing_gap
-        # (x / 255 - mean) / std as one multiply-add per pixel on the uint8 values
-        self._scale = np.array([1.0 / (255.0 * s) for s in std], dtype=np.float32)[:, None, None]
-        self._bias = np.array([-m / s for m, s in zip(mean, std)], dtype=np.float32)[:, None, None]
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(context_size={self.context_size}, subject_size={self.subject_size}, "
-            f"flip={self.flip})"
-        )
-
-    def _resize(self, image: Image.Image, size: tuple[int, int], box: Sequence[float] | None = None) -> Image.Image:
-        height, width = size
-        if box is not None and all(float(v).is_integer() for v in box):
-            image, box = image.crop(tuple(int(v) for v in box)), None  # cropping first is faster for pixel boxes
-        if box is None and image.size == (width, height):
-            return image
-        return image.resize((width, height), Image.Resampling.BILINEAR, box=box, reducing_gap=self.reducing_gap)
-
-    def _to_tensor(self, image: Image.Image) -> torch.Tensor:
-        # numpy, not torch: torch's intra-op threads make these small per-sample ops many times slower in a busy
-        # main process (num_workers=0); numpy runs them single-threaded.
-        pixels = np.asarray(image)
-        out = np.empty((3, pixels.shape[0], pixels.shape[1]), dtype=np.float32)
-        np.multiply(pixels.transpose(2, 0, 1), self._scale, out=out)
-        out += self._bias
-        return torch.from_numpy(out)
-
-    def __call__(
-        self, image: Image.Image, box: Sequence[float] | None, subject: Image.Image | None = None
-    ) -> dict[str, Any]:
-        width, height = image.size
-        context_h, context_w = self.context_size
-        if subject is None:
-            subject = self._resize(image, self.subject_size, (0, 0, width, height) if box is None else tuple(box))
-        else:
-            subject = self._resize(subject, self.subject_size)
-        context = self._resize(image, self.context_size)
-        flip = self.flip and random.random() < 0.5
-        if flip:
-            context = context.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            subject = subject.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if box is None:
-            out_box, mask_box = (0.0, 0.0, float(width), float(height)), None
-        else:
-            x1, y1, x2, y2 = (float(v) for v in box)
-            out_box = (x1, y1, x2, y2)
-            sx, sy = context_w / width, context_h / height
-            mask_box = (
-                max(math.floor(x1 * sx), 0),
-                max(math.floor(y1 * sy), 0),
-                min(math.ceil(x2 * sx), context_w),
-                min(math.ceil(y2 * sy), context_h),
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image).astype(np.int64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise OSError(
+                f"{path}: 32-bit integer image with values {pixels.min()}..{pixels.max()}, beyond 16 bits; convert "
+                "it to an 8-bit or 16-bit image"
             )
-        if flip:
-            x1, y1, x2, y2 = out_box
-            out_box = (width - x2, y1, width - x1, y2)
-            if mask_box is not None:
-                mask_box = (context_w - mask_box[2], mask_box[1], context_w - mask_box[0], mask_box[3])
-        return {
-            "subject": self._to_tensor(subject),
-            "context": self._to_tensor(context),
-            "box": out_box,
-            "mask_box": mask_box,
-        }
-
-
-# --- dataset -------------------------------------------------------------------------------------------------------
-def collate_skipping_none(samples: list[dict | None]) -> dict[str, torch.Tensor]:
-    """``default_collate`` without the samples a ``skip``-mode dataset could not decode (returned as ``None``)."""
-    kept = [sample for sample in samples if sample is not None]
-    if not kept:
-        raise RuntimeError(
-            f"All {len(samples)} samples of a batch failed to decode (see the warnings naming the files); "
-            "check the image files or remove them from the annotations."
-        )
-    return default_collate(kept)
-
-
-def sample_dict(output: dict[str, Any], table: PersonTable, index: int, mask_subject: bool) -> dict[str, torch.Tensor]:
-    """Assembles one sample of the batch schema from a transform output (masking the context if asked)."""
-    context = output["context"]
-    mask_box = output["mask_box"]
-    if mask_subject and mask_box is not None:
-        x1, y1, x2, y2 = mask_box
-        context.numpy()[:, y1:y2, x1:x2] = 0.0  # in numpy for the reason given in ContextTransform._to_tensor
-    target = table.targets[index]
-    sample = {
-        "subject": output["subject"],
-        "context": context,
-        "target": torch.tensor(target, dtype=torch.float32 if target.ndim else torch.int64),
-        "index": torch.tensor(index, dtype=torch.int64),
-        "box": torch.tensor(output["box"], dtype=torch.float32),
-    }
-    for key, values in table.extras.items():
-        sample[key] = torch.from_numpy(values[index].copy())
-    return sample
-
-
-class PersonImageDataset(Dataset):
-    """A split of persons in images, decoded with PIL, in the suite's batch schema (module docstring).
-
-    Args:
-        root: Folder the table's image paths are relative to.
-        table: The split, after :func:`scan_images`.
-        transform: ``transform(image, box) -> dict`` (:class:`ContextTransform` contract).
-        mask_subject: Fill the subject box of ``context`` with zeros.
-        on_bad_sample: What to do when an image that passed the setup check fails to decode: ``"error"`` raises,
-            ``"skip"`` warns once per file and returns ``None``, which :attr:`collate_fn` drops from the batch.
-        name: ``"<dataset> <split>"``, for messages.
-    """
-
-    collate_fn = staticmethod(collate_skipping_none)
-
-    def __init__(
-        self,
-        root: Path,
-        table: PersonTable,
-        transform: Callable[..., dict[str, Any]],
-        mask_subject: bool = True,
-        on_bad_sample: OnBadSample = "error",
-        name: str = "",
-    ) -> None:
-        check_on_bad_sample(on_bad_sample)
-        if table.localised is None:
-            raise ValueError("PersonImageDataset needs a table checked by scan_images (sizes and clipped boxes)")
-        self.root = Path(root)
-        self.table = table
-        self.transform = transform
-        self.mask_subject = mask_subject
-        self.on_bad_sample = on_bad_sample
-        self.name = name
-        self._failed: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def sample_identities(self) -> list[str]:
-        """One stable string per sample (image path relative to the root, and box)."""
-        return self.table.identities()
-
-    def sample_table(self) -> pd.DataFrame:
-        """One row per sample in index order: image path (relative to the root) and box, for prediction files."""
-        boxes = np.asarray(self.table.boxes, dtype=np.float64).reshape(-1, 4)
-        return pd.DataFrame(
-            {"image": self.table.paths, "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3]}
-        )
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | None:
-        table = self.table
-        path = self.root / table.paths[index]
-        try:
-            image = load_rgb(path)
-        except Exception as error:
-            message = f"{self.name}: cannot decode image {path} ({table.sources[index]}, sample {index}): {error}"
-            if self.on_bad_sample == "error":
-                raise OSError(f"{message}; {SKIP_HINT}") from error
-            if table.paths[index] not in self._failed:
-                self._failed.add(table.paths[index])
-                log.warning("%s; skipped (on_bad_sample='skip')", message)
-            return None
-        box = table.boxes[index]
-        if table.localised[index]:
-            width, height = image.size
-            if (width, height) != tuple(table.sizes[index]):  # the file changed since setup: clip again
-                clipped, ok = clip_boxes(box[None], np.array([[width, height]]))
-                box = clipped[0] if ok[0] else None
-        else:
-            box = None
-        return sample_dict(self.transform(image, box), table, index, self.mask_subject)
+        grey = ((pixels * 255 + 32767) // 65535).astype(np.uint8)  # rounded 65535 -> 255 scaling
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return image.convert("RGB")
 
 
 # --- hold-out ------------------------------------------------------------------------------------------------------
 def stratified_holdout(
-    identities: Sequence[str], strata: Sequence[Any], fraction: float, seed: int
+    identities: Sequence[str],
+    strata: Sequence[Any],
+    fraction: float,
+    seed: int,
+    groups: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Splits rows into (train, val) indices: ``fraction * n`` (rounded half up) of each stratum to val.
+    """Splits rows into (train, val) indices, keeping each group on one side, about ``fraction`` of each stratum.
 
-    Within a stratum, rows are ranked by a hash of ``(seed, identity)``, so the choice depends on neither the
-    order of the rows nor the other strata, and a row keeps its side when files are added or removed elsewhere.
-    A stratum keeps at least one row in train.
+    Rows of one group (an image with several persons, the frames of one video) are never split: a validation
+    person whose image (or video) is also in train measures memorisation, not generalisation. Groups are ranked by
+    a hash of ``(seed, group)``, so the choice does not depend on the row order; walking that ranking, a group goes
+    to val when it brings the val rows of its strata closer, in total, to their targets (``fraction`` of each
+    stratum's rows, rounded half up) and leaves every stratum at least one row in train. With one row per group
+    this holds out exactly the rounded share of each stratum, and a row keeps its side when rows of other strata
+    are added or removed.
 
     Args:
-        identities: One stable string per row (e.g. the image path).
+        identities: One stable string per row (e.g. the image path); the group key when ``groups`` is None.
         strata: One stratum key per row (e.g. the label).
         fraction: Share of each stratum held out, in (0, 1).
         seed: Changes the choice.
+        groups: One group key per row (e.g. from ``PersonTable.holdout_groups``); default: ``identities``.
 
     Returns:
         Sorted train indices and sorted val indices.
@@ -511,168 +453,44 @@ def stratified_holdout(
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
-    groups: dict[Any, list[int]] = {}
-    for i, stratum in enumerate(strata):
-        groups.setdefault(stratum, []).append(i)
+    groups = identities if groups is None else groups
+    members: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    totals = Counter(strata)
+    targets = {stratum: math.floor(fraction * total + 0.5) for stratum, total in totals.items()}
+    held: Counter = Counter()
     val: list[int] = []
-    for members in groups.values():
-        count = min(math.floor(fraction * len(members) + 0.5), len(members) - 1)
-        ranked = sorted(members, key=lambda i: hashlib.blake2b(f"{seed}:{identities[i]}".encode()).digest())
-        val.extend(ranked[:count])
+    for group in sorted(members, key=lambda g: hashlib.blake2b(f"{seed}:{g}".encode()).digest()):
+        counts = Counter(strata[i] for i in members[group])
+        change = sum(abs(held[s] + n - targets[s]) - abs(held[s] - targets[s]) for s, n in counts.items())
+        if change < 0 and all(held[s] + n < totals[s] for s, n in counts.items()):
+            held.update(counts)
+            val.extend(members[group])
     if not val:
-        sizes = sorted(len(members) for members in groups.values())
+        sizes = sorted(totals.values())
         raise ValueError(
-            f"val_fraction={fraction} holds out no row: each class (stratum) is too small (sizes {sizes}); raise "
-            "val_fraction or give validation rows"
+            f"val_fraction={fraction} holds out no row: every class (stratum) is too small for it (stratum sizes "
+            f"{sizes} in {len(members)} images or groups kept together); raise val_fraction or give validation rows"
         )
-    val_mask = np.zeros(len(identities), dtype=bool)
+    val_mask = np.zeros(len(groups), dtype=bool)
     val_mask[val] = True
     return np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
 
 
-# --- datamodule base -----------------------------------------------------------------------------------------------
-class PersonDataModule(L.LightningDataModule):
-    """Base of the image datamodules: lazy, checked splits and the loaders; subclasses read the annotations.
+_MOVED = {
+    "PersonDataModule": "base",
+    "ContextTransform": "transforms",
+    "PersonImageDataset": "dataset",
+    "collate_skipping_none": "dataset",
+    "sample_dict": "dataset",
+}
 
-    Subclasses set ``dataset_name``, ``num_classes``, ``class_names`` and ``task`` in ``__init__`` (no disk access
-    there, so configs instantiate without the data) and implement :meth:`build_split`.
 
-    Args:
-        root: Dataset root folder.
-        context_size: Context image size, an int or (height, width).
-        subject_size: Subject crop size, an int or (height, width).
-        flip: Random horizontal flips of training samples.
-        batch_size: Batch size of every loader.
-        num_workers: Loader worker processes.
-        on_bad_sample: ``"error"`` or ``"skip"`` (module docstring).
-        train_transform: Replaces the default training transform (:class:`ContextTransform` contract).
-        eval_transform: Replaces the default evaluation transform (also used for the dictionary).
-    """
+def __getattr__(name: str) -> Any:
+    """The names that moved out of this module in the ``base``/``dataset``/``transforms`` split, for old imports."""
+    if name in _MOVED:
+        import importlib
 
-    dataset_name = "dataset"
-
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        context_size: int | tuple[int, int] = 224,
-        subject_size: int | tuple[int, int] = 128,
-        flip: bool = True,
-        batch_size: int = 32,
-        num_workers: int = 4,
-        on_bad_sample: OnBadSample = "error",
-        train_transform: Callable[..., dict[str, Any]] | None = None,
-        eval_transform: Callable[..., dict[str, Any]] | None = None,
-    ) -> None:
-        super().__init__()
-        check_on_bad_sample(on_bad_sample)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.root = Path(root).expanduser()
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.on_bad_sample = on_bad_sample
-        self.train_transform = train_transform or ContextTransform(context_size, subject_size, flip=flip)
-        self.eval_transform = eval_transform or ContextTransform(context_size, subject_size, flip=False)
-        self.train_dataset: Dataset | None = None
-        self.val_dataset: Dataset | None = None
-        self.test_dataset: Dataset | None = None
-        self.dropped: dict[str, dict[str, int]] = {}
-        """Per split: what was skipped, left out or repaired, by reason (also logged once per split)."""
-        self._tables: dict[str, PersonTable] = {}
-
-    # --- subclass points -------------------------------------------------------------------------------------------
-    def build_split(self, split: str, bad: BadSamples) -> PersonTable:
-        """Reads split ``split`` of the annotations and checks its images (see :func:`scan_images`)."""
-        raise NotImplementedError
-
-    def make_dataset(self, split: str, transform: Callable, mask_subject: bool) -> Dataset:
-        """The dataset of a split (default: images decoded from ``root``)."""
-        return PersonImageDataset(
-            self.image_root,
-            self.table(split),
-            transform,
-            mask_subject,
-            self.on_bad_sample,
-            f"{self.dataset_name} {split}",
-        )
-
-    @property
-    def image_root(self) -> Path:
-        """The folder the tables' image paths are relative to."""
-        return self.root
-
-    # --- splits ----------------------------------------------------------------------------------------------------
-    def check_root(self) -> None:
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"{self.dataset_name} root {self.root} does not exist or is not a folder; pass the dataset folder "
-                "as root (--data.init_args.root /path/to/data)"
-            )
-
-    def table(self, split: str) -> PersonTable:
-        """The checked persons of ``split`` (built on first use, then cached)."""
-        if split not in self._tables:
-            self.check_root()
-            bad = BadSamples(self.dataset_name, split, self.on_bad_sample)
-            table = self.build_split(split, bad)
-            self.dropped[split] = bad.report(len(table))
-            if len(table) == 0:
-                raise ValueError(f"{self.dataset_name} {split}: no usable samples under {self.root}")
-            self._tables[split] = table
-        return self._tables[split]
-
-    def setup(self, stage: str | None = None) -> None:
-        """Reads and checks the splits the stage needs (``fit``: train and val; ``test``/``predict``: test)."""
-        if stage in (None, "fit") and self.train_dataset is None:
-            self.train_dataset = self.make_dataset("train", self.train_transform, True)
-        if stage in (None, "fit", "validate") and self.val_dataset is None:
-            self.val_dataset = self.make_dataset("val", self.eval_transform, True)
-        if stage in (None, "test", "predict") and self.test_dataset is None:
-            self.test_dataset = self.make_dataset("test", self.eval_transform, True)
-
-    # --- loaders ---------------------------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset | None, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=batch_size or self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=collate_skipping_none,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test split."""
-        return self._loader(self.test_dataset)
-
-    def dictionary_dataset(self, mask_subject: bool = True) -> Dataset:
-        """The training split in its fixed order, with the evaluation transform, for the confounder dictionary.
-
-        Args:
-            mask_subject: Fill the subject box of ``context`` with zeros (the paper's setting); ``False`` gives
-                the "without masking" ablation.
-        """
-        return self.make_dataset("train", self.eval_transform, mask_subject)
-
-    def dictionary_dataloader(self, batch_size: int | None = None, mask_subject: bool = True) -> DataLoader:
-        """A non-shuffled loader over ``dictionary_dataset(mask_subject)``.
-
-        Args:
-            batch_size: Defaults to the datamodule's batch size.
-            mask_subject: See ``dictionary_dataset``.
-        """
-        return self._loader(self.dictionary_dataset(mask_subject), batch_size=batch_size)
+        return getattr(importlib.import_module(f"ccim_lightning.datamodules.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,37 +14,41 @@ One sample per annotated person: ``subject`` = the body crop, ``context`` = the 
 zeros, ``target`` = float32 (26,) multi-hot in :data:`CATEGORIES` order, ``vad`` = float32 (valence, arousal,
 dominance) on the annotation's 1-10 scale, NaN where the annotation has none (the ``.mat`` keeps such persons; the
 CSV tool dropped them). Persons without any category are kept with an all-zero target and counted in the split's
-report.
+report. A V/A/D value that is infinite or off the 1-10 scale, and a box with a NaN or infinite coordinate, make
+the person a bad sample (an error naming the file, row and field; counted and left out with
+``on_bad_sample="skip"``).
 """
 
 from __future__ import annotations
 
 import ast
-import csv
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ccim_lightning.datamodules.base import PersonDataModule
 from ccim_lightning.datamodules.common import (
     SPLITS,
     AnnotationError,
     BadSamples,
-    OnBadSample,
-    PersonDataModule,
     PersonTable,
     apply_box_rule,
-    collate_skipping_none,
+    check_cells,
+    csv_rows,
+    finite_box,
     make_table,
-    sample_dict,
     scan_images,
 )
+from ccim_lightning.datamodules.dataset import collate_skipping_none, file_stamp, sample_dict
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,10 @@ CATEGORIES: tuple[str, ...] = (
 _CATEGORY_INDEX = {name: i for i, name in enumerate(CATEGORIES)}
 CSV_COLUMNS: tuple[str, ...] = ("Folder", "Filename", "Image Size", "BBox", "Categorical_Labels", "Continuous_Labels")
 """Columns of the preprocessed CSV form that are read (``Index``, ``Gender``, ``Age`` are ignored)."""
+CSV_HEADER = "Index,Folder,Filename,Image Size,BBox,Categorical_Labels,Continuous_Labels,Gender,Age"
 _VAD = ("valence", "arousal", "dominance")
+VAD_RANGE = (1.0, 10.0)
+"""The annotation scale of valence, arousal and dominance."""
 
 
 # --- shared parsing helpers ----------------------------------------------------------------------------------------
@@ -71,6 +78,18 @@ def _multi_hot(names: list[str]) -> list[float]:
     for name in names:
         target[_CATEGORY_INDEX[name]] = 1.0
     return target
+
+
+def check_vad(vad: list[float], name: str) -> list[float]:
+    """V/A/D on the 1..10 scale; NaN (not annotated) is allowed, infinite or off-scale values are malformed."""
+    low, high = VAD_RANGE
+    wrong = [f"{key}={value:g}" for key, value in zip(_VAD, vad) if not math.isnan(value) and not low <= value <= high]
+    if wrong:
+        raise AnnotationError(
+            f"{name} {[float(v) for v in vad]}: {', '.join(wrong)} is off the {low:g}..{high:g} scale of EMOTIC's "
+            "valence/arousal/dominance (NaN marks a missing value)"
+        )
+    return vad
 
 
 def _note_person(bad: BadSamples, where: str, labels: list[str], vad: list[float]) -> None:
@@ -123,38 +142,30 @@ def read_emotic_csv(path: str | os.PathLike, bad: BadSamples | None = None) -> P
     if not path.is_file():
         raise FileNotFoundError(f"EMOTIC annotation file {path} does not exist")
     paths, boxes, targets, vads, sizes, rows, sources = [], [], [], [], [], [], []
-    with path.open(newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        missing = [column for column in CSV_COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise AnnotationError(
-                f"{path} lacks the columns {missing}; expected the preprocessed EMOTIC header "
-                "Index,Folder,Filename,Image Size,BBox,Categorical_Labels,Continuous_Labels,Gender,Age"
-            )
-        for row_number, row in enumerate(reader):
-            where = f"{path.name} line {reader.line_num}"
-            try:
-                if None in row or None in row.values():
-                    raise AnnotationError(f"has a different number of cells than the header ({len(reader.fieldnames)})")
-                folder, filename = row["Folder"].strip(), row["Filename"].strip()
-                if not folder or not filename:
-                    raise AnnotationError("Folder or Filename is empty")
-                size = _numbers(row["Image Size"], 2, "Image Size")
-                box = _numbers(row["BBox"], 4, "BBox")
-                labels = _labels(row["Categorical_Labels"])
-                target = _multi_hot(labels)
-                vad = _numbers(row["Continuous_Labels"], 3, "Continuous_Labels")
-            except AnnotationError as error:
-                bad.bad("malformed rows", f"{where}: {error}")
-                continue
-            _note_person(bad, where, labels, vad)
-            paths.append(f"{folder}/{filename}")
-            boxes.append(box)
-            targets.append(target)
-            vads.append(vad)
-            sizes.append(size)
-            rows.append(row_number)
-            sources.append(where)
+    for row_number, where, row in csv_rows(path, CSV_COLUMNS, f"the preprocessed EMOTIC header {CSV_HEADER}"):
+        try:
+            check_cells(row)
+            folder, filename = row["Folder"].strip(), row["Filename"].strip()
+            if not folder or not filename:
+                raise AnnotationError("Folder or Filename is empty")
+            size = _numbers(row["Image Size"], 2, "Image Size")
+            if not all(math.isfinite(v) and v >= 1 for v in size):
+                raise AnnotationError(f"Image Size {row['Image Size']!r} must be two positive numbers")
+            box = finite_box(_numbers(row["BBox"], 4, "BBox"), "BBox")
+            labels = _labels(row["Categorical_Labels"])
+            target = _multi_hot(labels)
+            vad = check_vad(_numbers(row["Continuous_Labels"], 3, "Continuous_Labels"), "Continuous_Labels")
+        except AnnotationError as error:
+            bad.bad("malformed rows", f"{where}: {error}")
+            continue
+        _note_person(bad, where, labels, vad)
+        paths.append(f"{folder}/{filename}")
+        boxes.append(box)
+        targets.append(target)
+        vads.append(vad)
+        sizes.append(size)
+        rows.append(row_number)
+        sources.append(where)
     table = make_table(
         paths, boxes, targets, sources, {"vad": vads}, rows, multilabel=True, num_classes=len(CATEGORIES)
     )
@@ -218,9 +229,9 @@ def _person_labels(person: Any, split: str) -> tuple[list[str], list[float]]:
         labels = _category_list(annotators[0].categories, "categories")
         continuous = _as_list(person.annotations_continuous)
         vad = _vad(continuous[0] if len(continuous) == 1 else np.empty(0), "annotations_continuous")
-        return labels, vad
+        return labels, check_vad(vad, "annotations_continuous")
     labels = _category_list(person.combined_categories, "combined_categories")
-    return labels, _vad(person.combined_continuous, "combined_continuous")
+    return labels, check_vad(_vad(person.combined_continuous, "combined_continuous"), "combined_continuous")
 
 
 def read_emotic_mat(
@@ -274,6 +285,7 @@ def read_emotic_mat(
                     box = np.asarray(person.body_bbox, dtype=np.float64).ravel()
                     if box.size != 4:
                         raise AnnotationError(f"body_bbox is {person.body_bbox!r}, expected [x1 y1 x2 y2]")
+                    box = finite_box(box.tolist(), "body_bbox")
                     labels, vad = _person_labels(person, split)
                     target = _multi_hot(labels)
                 except (AttributeError, TypeError, ValueError) as error:
@@ -293,6 +305,19 @@ def read_emotic_mat(
 
 
 # --- the *_arr.npy form --------------------------------------------------------------------------------------------
+def open_array(file: Path) -> np.ndarray:
+    """Memory-maps a ``.npy`` file; a file that cannot be mapped is an error naming it and the likely cause."""
+    try:
+        return np.load(file, mmap_mode="r")
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError) as error:
+        raise AnnotationError(
+            f"EMOTIC array {file} cannot be memory-mapped ({error}); it is truncated (an interrupted copy or "
+            "write), pickled object data, or not a .npy file: regenerate it with the preprocessing tool"
+        ) from error
+
+
 class EmoticArrayDataset(Dataset):
     """EMOTIC persons from the preprocessing tool's ``{split}_context_arr.npy`` / ``{split}_body_arr.npy``.
 
@@ -328,12 +353,25 @@ class EmoticArrayDataset(Dataset):
         return len(self.table)
 
     def sample_identities(self) -> list[str]:
-        """One stable string per sample (array source, image path and box)."""
-        return [f"arrays:{identity}" for identity in self.table.identities()]
+        """One string per sample: array source, image path, box, and the arrays' file sizes and mtimes (ns).
+
+        Size and modification time are a cheap content signal (see ``PersonImageDataset.sample_identities``): a
+        regenerated array changes them; an edit that keeps both does not show.
+        """
+        stamp = f"{file_stamp(self.context_file)}/{file_stamp(self.body_file)}"
+        return [
+            f"arrays:{identity}|row {row}|{stamp}" for identity, row in zip(self.table.identities(), self.table.rows)
+        ]
+
+    def sample_table(self) -> pd.DataFrame:
+        """One row per sample in index order: image path (relative to ``emotic/``), box and array row."""
+        boxes = np.asarray(self.table.boxes, dtype=np.float64).reshape(-1, 4)
+        columns = {"image": self.table.paths, "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2]}
+        return pd.DataFrame({**columns, "y2": boxes[:, 3], "array_row": self.table.rows})
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if self._arrays is None:
-            self._arrays = (np.load(self.context_file, mmap_mode="r"), np.load(self.body_file, mmap_mode="r"))
+            self._arrays = (open_array(self.context_file), open_array(self.body_file))
         contexts, bodies = self._arrays
         table = self.table
         row = int(table.rows[index])
@@ -359,7 +397,7 @@ def check_arrays(context_file: Path, body_file: Path, total_rows: int) -> None:
                 f"EMOTIC array {file} does not exist; use_arrays=True needs the preprocessing tool's "
                 "{split}_context_arr.npy and {split}_body_arr.npy next to the CSV files (or use_arrays=False)"
             )
-        array = np.load(file, mmap_mode="r")
+        array = open_array(file)
         if array.ndim != 4 or array.shape[3] != 3 or array.dtype != np.uint8 or array.shape[0] != total_rows:
             raise AnnotationError(
                 f"EMOTIC array {file} has shape {array.shape} and dtype {array.dtype}; expected "
@@ -383,14 +421,10 @@ class EmoticDataModule(PersonDataModule):
         annotation_format: ``"auto"``, ``"mat"`` or ``"csv"``.
         use_arrays: Read pixels from the CSV folder's ``{split}_context_arr.npy`` / ``{split}_body_arr.npy``
             instead of decoding images (CSV form only).
-        context_size: Context size, an int or (height, width) (default 224, as the EMOTIC baseline).
-        subject_size: Body crop size, an int or (height, width) (default 128, as the EMOTIC baseline).
-        flip: Random horizontal flips of training samples.
-        batch_size: Batch size of every loader.
-        num_workers: Loader worker processes.
-        on_bad_sample: ``"error"`` (default) or ``"skip"``: leave out, count and report bad rows and images.
-        train_transform: Replaces the default training transform.
-        eval_transform: Replaces the default evaluation transform.
+        **kwargs: The shared arguments of :class:`~ccim_lightning.datamodules.base.PersonDataModule`:
+            ``context_size`` (default 224) and ``subject_size`` (default 128) as the EMOTIC baseline, ``flip``,
+            ``batch_size``, ``num_workers``, ``on_bad_sample`` (``"skip"``: leave out, count and report bad rows
+            and images), ``train_transform``, ``eval_transform``.
     """
 
     dataset_name = "EMOTIC"
@@ -403,29 +437,11 @@ class EmoticDataModule(PersonDataModule):
         annotations: str | None = None,
         annotation_format: Literal["auto", "mat", "csv"] = "auto",
         use_arrays: bool = False,
-        context_size: int | tuple[int, int] = 224,
-        subject_size: int | tuple[int, int] = 128,
-        flip: bool = True,
-        batch_size: int = 32,
-        num_workers: int = 4,
-        on_bad_sample: OnBadSample = "error",
-        train_transform: Callable | None = None,
-        eval_transform: Callable | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root,
-            context_size,
-            subject_size,
-            flip,
-            batch_size,
-            num_workers,
-            on_bad_sample,
-            train_transform,
-            eval_transform,
-        )
+        super().__init__(root, **kwargs)
         if annotation_format not in ("auto", "mat", "csv"):
             raise ValueError(f"annotation_format must be 'auto', 'mat' or 'csv', got {annotation_format!r}")
-        self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
         self.class_names = list(CATEGORIES)
         self.annotations = annotations
         self.annotation_format = annotation_format
@@ -491,8 +507,7 @@ class EmoticDataModule(PersonDataModule):
         table = self._read_split(split, bad)
         if self.use_arrays:
             _, folder = self.annotation_source()
-            with (folder / f"{split}.csv").open(newline="", encoding="utf-8") as file:
-                total_rows = sum(1 for _ in csv.reader(file)) - 1
+            total_rows = sum(1 for _ in csv_rows(folder / f"{split}.csv", CSV_COLUMNS, CSV_HEADER))
             check_arrays(*self._array_files(split), total_rows)
             return apply_box_rule(table, bad)
         if not self.image_root.is_dir():
@@ -501,6 +516,15 @@ class EmoticDataModule(PersonDataModule):
                 "(or use_arrays=True with the preprocessed arrays)"
             )
         return scan_images(self.image_root, self._resolve_folders(table), bad)
+
+    def split_source(self, split: str) -> str:
+        fmt, path = self.annotation_source()
+        return f"{path / f'{split}.csv'}" if fmt == "csv" else f"the {split!r} struct array of {path}"
+
+    def pixel_source(self) -> str:
+        if not self.use_arrays:
+            return super().pixel_source()
+        return "emotic-arrays: {split}_context_arr.npy (the preprocessing tool's resize), PIL resize"
 
     def _array_files(self, split: str) -> tuple[Path, Path]:
         _, folder = self.annotation_source()

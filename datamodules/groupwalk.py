@@ -8,9 +8,8 @@ mAP over the four classes, as in the literature. The README shows how to build t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
-from ccim_lightning.datamodules.common import OnBadSample
 from ccim_lightning.datamodules.table import TableDataModule
 
 CLASSES: tuple[str, ...] = ("Angry", "Happy", "Neutral", "Sad")
@@ -20,19 +19,18 @@ CLASSES: tuple[str, ...] = ("Angry", "Happy", "Neutral", "Sad")
 class GroupWalkDataModule(TableDataModule):
     """GroupWalk from a person table: body crop + masked context, multi-hot over Angry, Happy, Neutral, Sad.
 
+    Give the table a ``video`` column: an automatic validation hold-out then keeps whole videos on one side
+    (without it, whole frames; frames of one video are near-duplicates, so that validation is optimistic).
+
     Args:
         root: Folder the table's image paths are relative to (e.g. the folder of extracted frames).
         table: The CSV table; a relative path is taken relative to ``root``.
         val_fraction: Share of train held out for validation when the table has no ``val`` rows, in (0, 1).
         seed: Seed of that hold-out.
-        context_size: Context size, an int or (height, width).
-        subject_size: Body crop size, an int or (height, width).
-        flip: Random horizontal flips of training samples.
-        batch_size: Batch size of every loader.
-        num_workers: Loader worker processes.
-        on_bad_sample: ``"error"`` (default) or ``"skip"``: leave out, count and report bad rows and images.
-        train_transform: Replaces the default training transform.
-        eval_transform: Replaces the default evaluation transform.
+        group_column: Column whose values the hold-out keeps on one side (default ``video``).
+        **kwargs: The shared arguments of :class:`~ccim_lightning.datamodules.base.PersonDataModule`:
+            ``context_size``, ``subject_size``, ``flip``, ``batch_size``, ``num_workers``, ``on_bad_sample``,
+            ``train_transform``, ``eval_transform``.
     """
 
     dataset_name = "GroupWalk"
@@ -43,28 +41,16 @@ class GroupWalkDataModule(TableDataModule):
         table: str = "annotations.csv",
         val_fraction: float = 0.1,
         seed: int = 0,
-        context_size: int | tuple[int, int] = 224,
-        subject_size: int | tuple[int, int] = 128,
-        flip: bool = True,
-        batch_size: int = 32,
-        num_workers: int = 4,
-        on_bad_sample: OnBadSample = "error",
-        train_transform: Callable | None = None,
-        eval_transform: Callable | None = None,
+        group_column: str | None = "video",
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             root,
             table,
-            list(CLASSES),
-            "multilabel",
-            val_fraction,
-            seed,
-            context_size,
-            subject_size,
-            flip,
-            batch_size,
-            num_workers,
-            on_bad_sample,
-            train_transform,
-            eval_transform,
+            class_names=list(CLASSES),
+            task="multilabel",
+            val_fraction=val_fraction,
+            seed=seed,
+            group_column=group_column,
+            **kwargs,
         )

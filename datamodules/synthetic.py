@@ -20,36 +20,30 @@ Samples follow the suite's batch schema (``docs/design.md``), a dict of tensors:
 - ``index`` int64 scalar: position in its split; ``box`` float32 (4,): x1, y1, x2, y2 in image pixels (integers,
   x2/y2 exclusive, so ``context[:, y1:y2, x1:x2]`` is the masked region).
 
-Images are rendered in [0, 1] RGB and normalised with the ImageNet mean/std (``IMAGENET_MEAN``, ``IMAGENET_STD``);
-the subject mask is applied after normalisation, so masked pixels are exactly 0 (the mean colour).
+Images are rendered in [0, 1] RGB and normalised with the ImageNet mean/std (timm's ``IMAGENET_DEFAULT_MEAN`` and
+``IMAGENET_DEFAULT_STD``); the subject mask is applied after normalisation, so masked pixels are exactly 0 (the
+mean colour).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
+
+from ccim_lightning.datamodules._drawing import EXPRESSIONS, SKIN_DARK, SKIN_LIGHT, choice, composite_person, hsv_to_rgb
+from ccim_lightning.datamodules.base import train_drop_last
+
+log = logging.getLogger(__name__)
 
 EMOTIONS: tuple[str, ...] = ("angry", "happy", "neutral", "sad", "surprise", "fear", "disgust")
 """Emotion names; ``num_classes=k`` uses the first ``k``."""
-
-# Face parameters per emotion: mouth curve (+ corners up), mouth opening, brow tilt (+ inner ends down), brow raise.
-_EXPRESSIONS = np.array(
-    [
-        [-0.3, 0.0, 1.0, -0.3],  # angry
-        [1.0, 0.0, 0.0, 0.0],  # happy
-        [0.0, 0.0, 0.0, 0.0],  # neutral
-        [-1.0, 0.0, -1.0, 0.3],  # sad
-        [0.0, 1.0, 0.0, 1.0],  # surprise
-        [-0.5, 0.6, -1.0, 0.6],  # fear
-        [-0.6, 0.0, 0.6, -0.8],  # disgust
-    ],
-    dtype=np.float32,
-)
 
 GENERATOR_VERSION = 2
 """Bumped whenever the same settings start producing different images (part of ``sample_identities``)."""
@@ -60,11 +54,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test", "test_unbiased")
 TEXTURES: tuple[str, ...] = ("stripes", "checkerboard", "dots", "horizon")
 """Background textures; scene ``s`` uses ``TEXTURES[s % 4]``, its palette and geometry also depend on ``s``."""
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_SKIN_LIGHT = np.array([0.96, 0.82, 0.70], dtype=np.float32)
-_SKIN_DARK = np.array([0.36, 0.23, 0.16], dtype=np.float32)
 _NOISE_BANK_SIDES = 4  # the shared pixel-noise field is this many image sides wide and high
 
 # Layout of each sample's random draws: U uniforms and Z standard normals, drawn once per sample in this order.
@@ -74,72 +64,6 @@ _U_HORIZON, _U_CONTRAST, _U_BRIGHTNESS = 12, 13, 14
 _U_NOISE = slice(15, 19)  # offsets into the noise bank: context y/x, subject y/x
 _U_PERSON, _U_PER_PERSON = 19, 9  # height, x, y, skin tone, cloth h/s/v, ink, emotion (distractors)
 _Z_HUE, _Z_PERSON, _Z_PER_PERSON = 0, 1, 7  # skin jitter x3, face jitter x4
-
-
-def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Vectorised HSV -> RGB; (n,) arrays in [0, 1] (hue wraps) -> (n, 3) float32."""
-    h6 = (h % 1.0) * 6.0
-    s, v = np.clip(s, 0.0, 1.0), np.clip(v, 0.0, 1.0)
-    k = (np.array([5.0, 3.0, 1.0]) + h6[:, None]) % 6.0
-    rgb = v[:, None] - v[:, None] * s[:, None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
-    return rgb.astype(np.float32)
-
-
-def _choice(u: np.ndarray, k: int) -> np.ndarray:
-    """Maps uniforms in [0, 1) to integers uniform in [0, k)."""
-    return np.minimum((u * k).astype(np.int64), k - 1)
-
-
-def _paint(view: np.ndarray, sd: np.ndarray, colour: np.ndarray, step: np.ndarray) -> None:
-    """Alpha-blends flat colours into ``view`` (b, 3, h, w) in place where the signed distance ``sd`` < 0.
-
-    Args:
-        view: Canvas windows, modified in place.
-        sd: (b, h, w) signed distances in image pixels, negative inside the shape.
-        colour: (b, 3) colour per window.
-        step: (b, 1, 1) sample spacing in image pixels; edges are anti-aliased over one sample.
-    """
-    alpha = np.clip(0.5 - sd / step, 0.0, 1.0)[:, None]
-    view -= alpha * (view - colour[:, :, None, None])
-
-
-def _box_distance(x: np.ndarray, y: np.ndarray, half_w: np.ndarray, half_h: np.ndarray, radius: np.ndarray):
-    """Signed distance to a rounded rectangle centred at the origin (broadcasting (b, 1, w) x (b, h, 1))."""
-    qx, qy = np.abs(x) - (half_w - radius), np.abs(y) - (half_h - radius)
-    outside = np.sqrt(np.maximum(qx, 0.0) ** 2 + np.maximum(qy, 0.0) ** 2)
-    return outside + np.minimum(np.maximum(qx, qy), 0.0) - radius
-
-
-def _composite_person(view: np.ndarray, x: np.ndarray, y: np.ndarray, step: np.ndarray, p: dict) -> None:
-    """Draws one person per window: rounded body, round head and a face.
-
-    Args:
-        view: (b, 3, h, w) canvas windows, modified in place.
-        x: (b, 1, w) image x coordinate of each window column, relative to the person's centre line.
-        y: (b, h, 1) image y coordinate of each window row, relative to the person's top.
-        step: (b, 1, 1) sample spacing in image pixels.
-        p: Person parameters, each (b,) or (b, k): ``h``, ``skin``, ``cloth``, ``ink``, ``face``.
-    """
-    h = p["h"][:, None, None]
-    _paint(view, _box_distance(x, y - 0.7 * h, 0.25 * h, 0.3 * h, 0.1 * h), p["cloth"], step)
-    r = 0.22 * h
-    y = y - (r + 0.01 * h)  # relative to the head's centre
-    _paint(view, np.sqrt(x * x + y * y) - r, p["skin"], step)
-
-    curve, opening, tilt, lift = (p["face"][:, k, None, None] for k in range(4))
-    ax = np.abs(x)  # the face is mirror-symmetric
-    features = np.sqrt((ax - 0.38 * r) ** 2 + (y + 0.08 * r) ** 2) - 0.13 * r  # eyes
-    # brows: bars centred at (+-0.4 r, brow_y), rotated so that their inner ends go down when tilt > 0
-    angle = 0.5 * tilt
-    brow_y = -0.45 * r - 0.15 * r * lift
-    across = np.abs(y - (brow_y - np.tan(angle) * (ax - 0.4 * r))) * np.cos(angle) - 0.07 * r
-    brows = np.maximum(across, np.abs(ax - 0.4 * r) - 0.22 * r * np.cos(angle))
-    # mouth: a parabola whose corners rise by 0.22 r * curve, thickened by the opening
-    mouth_w, rise = 0.4 * r, 0.22 * r * curve
-    u = np.clip(x, -mouth_w, mouth_w)
-    below = (y - (0.45 * r - rise * (u / mouth_w) ** 2)) / np.sqrt(1.0 + (2.0 * rise * u / (mouth_w * mouth_w)) ** 2)
-    mouth = np.sqrt((x - u) ** 2 + below**2) - (0.07 + 0.14 * np.maximum(opening, 0.0)) * r
-    _paint(view, np.minimum(np.minimum(features, brows), mouth), np.repeat(p["ink"][:, None], 3, axis=1), step)
 
 
 class SyntheticContextDataset(Dataset):
@@ -288,8 +212,8 @@ class SyntheticContextDataset(Dataset):
         return uniforms, rng.standard_normal(_Z_PERSON + _Z_PER_PERSON * people)
 
     def _labels_from(self, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scenes = _choice(uniforms[:, _U_SCENE], self.num_scenes)
-        uniform_emotion = _choice(uniforms[:, _U_EMOTION], self.num_classes)
+        scenes = choice(uniforms[:, _U_SCENE], self.num_scenes)
+        uniform_emotion = choice(uniforms[:, _U_EMOTION], self.num_classes)
         targets = np.where(uniforms[:, _U_FOLLOW] < self.bias, scenes % self.num_classes, uniform_emotion)
         return targets, scenes
 
@@ -314,16 +238,16 @@ class SyntheticContextDataset(Dataset):
             h = (0.3 + 0.3 * u[:, 0]) * size
             cx = u[:, 1] * size
             top = -0.2 * h + u[:, 2] * (size - 0.4 * h)
-            emotion = _choice(u[:, 8], self.num_classes)
-        skin = _SKIN_LIGHT + u[:, 3, None] * (_SKIN_DARK - _SKIN_LIGHT) + 0.03 * z[:, :3]
+            emotion = choice(u[:, 8], self.num_classes)
+        skin = SKIN_LIGHT + u[:, 3, None] * (SKIN_DARK - SKIN_LIGHT) + 0.03 * z[:, :3]
         return {
             "cx": cx.astype(np.float32),
             "top": top.astype(np.float32),
             "h": h.astype(np.float32),
             "skin": np.clip(skin, 0.0, 1.0).astype(np.float32),
-            "cloth": _hsv_to_rgb(u[:, 4], 0.2 + 0.7 * u[:, 5], 0.25 + 0.7 * u[:, 6]),
+            "cloth": hsv_to_rgb(u[:, 4], 0.2 + 0.7 * u[:, 5], 0.25 + 0.7 * u[:, 6]),
             "ink": (0.2 * u[:, 7]).astype(np.float32),
-            "face": (_EXPRESSIONS[emotion] + self.expression_noise * z[:, 3:7]).astype(np.float32),
+            "face": (EXPRESSIONS[emotion] + self.expression_noise * z[:, 3:7]).astype(np.float32),
         }
 
     def _generate(self, indices: list[int], normalise: bool):
@@ -333,7 +257,7 @@ class SyntheticContextDataset(Dataset):
         uniforms = np.stack([d[0] for d in draws]) if n else np.zeros((0, _U_PERSON + _U_PER_PERSON))
         normals = np.stack([d[1] for d in draws]) if n else np.zeros((0, _Z_PERSON + _Z_PER_PERSON))
         targets, scenes = self._labels_from(uniforms)
-        n_distractors = _choice(uniforms[:, _U_DISTRACTORS], self.max_distractors + 1)
+        n_distractors = choice(uniforms[:, _U_DISTRACTORS], self.max_distractors + 1)
         people = [self._person(uniforms, normals, slot, targets) for slot in range(self.max_distractors + 1)]
         target = people[0]
         x1, y1 = np.floor(target["cx"] - target["h"] / 4), np.floor(target["top"])
@@ -367,7 +291,7 @@ class SyntheticContextDataset(Dataset):
         offset = np.repeat((0.5 - 0.5 * contrast + brightness)[:, None], 3, axis=1)
         noise_scale = np.full((n, 3), self.pixel_noise)
         if normalise:
-            mean, std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
+            mean, std = np.asarray(IMAGENET_DEFAULT_MEAN), np.asarray(IMAGENET_DEFAULT_STD)
             scale, offset, noise_scale = scale / std, (offset - mean) / std, noise_scale / std
         bank = self._noise_bank()
         offsets = (uniforms[:, _U_NOISE] * (bank.shape[1] - max(size, sub))).astype(np.int64)
@@ -387,8 +311,8 @@ class SyntheticContextDataset(Dataset):
         variant = scenes // len(TEXTURES)
         params = {
             "kind": scenes % len(TEXTURES),
-            "c1": _hsv_to_rgb(hue, 0.45 + 0.2 * u[:, 0], 0.8 + 0.18 * u[:, 2]),
-            "c2": _hsv_to_rgb(hue + 0.07, 0.65 + 0.2 * u[:, 1], 0.35 + 0.2 * u[:, 3]),
+            "c1": hsv_to_rgb(hue, 0.45 + 0.2 * u[:, 0], 0.8 + 0.18 * u[:, 2]),
+            "c2": hsv_to_rgb(hue + 0.07, 0.65 + 0.2 * u[:, 1], 0.35 + 0.2 * u[:, 3]),
             # angular frequency per image pixel, orientation, phases, horizon height
             "freq": 2.0 * np.pi * (4.0 + 1.5 * (variant % 3)) * (0.8 + 0.45 * u[:, 4]) / size,
             "angle": 2.39996 * scenes - 0.3 + 0.6 * u[:, 5],
@@ -448,7 +372,7 @@ class SyntheticContextDataset(Dataset):
             view = canvas[rows_of]
         x = xs[:, None, :] - p["cx"][:, None, None].astype(np.float32)
         y = ys[:, :, None] - p["top"][:, None, None].astype(np.float32)
-        _composite_person(view, x, y, step[rows_of, None, None], p)
+        composite_person(view, x, y, step[rows_of, None, None], p)
         if windowed:
             for window, (i, r, c) in zip(view, windows):
                 canvas[i, :, r, c] = window
@@ -563,6 +487,7 @@ class SyntheticContextDataModule(L.LightningDataModule):
         self.val_dataset: SyntheticContextDataset | None = None
         self.test_dataset: SyntheticContextDataset | None = None
         self.test_unbiased_dataset: SyntheticContextDataset | None = None
+        self._drop_last_logged = False
 
     def _dataset(self, split: str, flip: bool = False, mask_subject: bool = True) -> SyntheticContextDataset:
         hp = self.hparams
@@ -591,19 +516,32 @@ class SyntheticContextDataModule(L.LightningDataModule):
             self.test_dataset = self._dataset("test")
             self.test_unbiased_dataset = self._dataset("test_unbiased")
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset | None, shuffle: bool = False, batch_size: int | None = None, drop_last: bool = False
+    ) -> DataLoader:
         if dataset is None:
             raise RuntimeError("SyntheticContextDataModule: call setup() before asking for a dataloader")
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
             shuffle=shuffle,
+            drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+        """Shuffled; drops the last batch only when it would hold one sample (BatchNorm cannot train on it)."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        drop = train_drop_last(len(self.train_dataset or ()), self.batch_size, world_size)
+        if drop and not self._drop_last_logged:
+            log.info(
+                "synthetic train: %d samples leave a last batch of one sample, which BatchNorm cannot train on; that "
+                "batch is dropped each epoch",
+                len(self.train_dataset),
+            )
+            self._drop_last_logged = True
+        return self._loader(self.train_dataset, shuffle=True, drop_last=drop)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset)
@@ -624,6 +562,21 @@ class SyntheticContextDataModule(L.LightningDataModule):
                 the "without masking" ablation.
         """
         return self._dataset("train", flip=False, mask_subject=mask_subject)
+
+    def dictionary_signature(self) -> dict:
+        """Everything about the dictionary's input pixels that its cache key must include.
+
+        The generator version and image size, the normalisation and the masking fill value (the samples
+        themselves, with all generator settings, are named by ``sample_identities()``).
+        """
+        return {
+            "datamodule": type(self).__name__,
+            "pixels": f"synthetic-v{GENERATOR_VERSION} (rendered at the output size, no resize)",
+            "context_size": [self.hparams.image_size, self.hparams.image_size],
+            "mean": list(IMAGENET_DEFAULT_MEAN),
+            "std": list(IMAGENET_DEFAULT_STD),
+            "mask_fill": 0.0,
+        }
 
     def dictionary_dataloader(self, batch_size: int | None = None, mask_subject: bool = True) -> DataLoader:
         """A non-shuffled loader over ``dictionary_dataset(mask_subject)``; wrap the dataset yourself for a sampler.

@@ -6,7 +6,9 @@ The table is a CSV file with a header and (at least) these columns; others are i
 - ``x1``, ``y1``, ``x2``, ``y2``: the person's box in image pixels (clipped to the decoded image);
 - ``label``: a class name; several joined by ``|`` for multi-label data (names match case-insensitively);
 - ``split``: ``train``, ``val`` or ``test``. A table without ``val`` rows gets a stratified, deterministic hold-out
-  of ``val_fraction`` of train (by label set and ``seed``).
+  of ``val_fraction`` of train (by label set and ``seed``) that keeps every image, and every group of the
+  ``group_column`` (default ``video``) when the table has that column, on one side: persons of one frame, or
+  frames of one video, are near-duplicates, and splitting them would make validation measure memorisation.
 
 Example::
 
@@ -17,20 +19,21 @@ Example::
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from ccim_lightning.datamodules.base import PersonDataModule
 from ccim_lightning.datamodules.common import (
     SPLITS,
     AnnotationError,
     BadSamples,
-    OnBadSample,
-    PersonDataModule,
     PersonTable,
+    check_cells,
+    csv_rows,
+    finite_box,
     make_table,
     scan_images,
     stratified_holdout,
@@ -49,9 +52,10 @@ def _parse_row(row: dict, class_names: Sequence[str], lookup: dict[str, int], ta
     if not image:
         raise AnnotationError("image is empty")
     try:
-        box = [float(row[key]) for key in ("x1", "y1", "x2", "y2")]
+        numbers = [float(row[key]) for key in ("x1", "y1", "x2", "y2")]
     except (TypeError, ValueError):
         raise AnnotationError(f"box {[row[k] for k in ('x1', 'y1', 'x2', 'y2')]} must be four numbers") from None
+    box = finite_box(numbers, "box (x1, y1, x2, y2)")
     names = [name.strip() for name in (row["label"] or "").split("|")]
     if not all(names):
         raise AnnotationError(f"label {row['label']!r} is empty or has an empty name between '|'")
@@ -73,7 +77,11 @@ def _parse_row(row: dict, class_names: Sequence[str], lookup: dict[str, int], ta
 
 
 def read_person_table(
-    path: str | os.PathLike, class_names: Sequence[str], task: Task = "multiclass", bad: BadSamples | None = None
+    path: str | os.PathLike,
+    class_names: Sequence[str],
+    task: Task = "multiclass",
+    bad: BadSamples | None = None,
+    group_column: str | None = None,
 ) -> dict[str, PersonTable]:
     """Reads a person table (module docstring) into one :class:`PersonTable` per split present.
 
@@ -82,40 +90,40 @@ def read_person_table(
         class_names: Class names in target order.
         task: ``"multiclass"`` (one name per row; int64 targets) or ``"multilabel"`` (``|``-joined; multi-hot).
         bad: Accounting for malformed rows; default: raise on the first one.
+        group_column: A column whose values the hold-out keeps together (``PersonTable.groups``); ignored when the
+            table has no such column.
 
     Returns:
         Per split name, its rows in file order.
+
+    Raises:
+        AnnotationError: Missing columns, text that is not UTF-8, broken quoting (naming the file and line), or
+            a malformed row in ``"error"`` mode.
     """
     path = Path(path)
     bad = bad or BadSamples(path.name, "table")
     if not path.is_file():
         raise FileNotFoundError(f"person table {path} does not exist")
     lookup = {name.casefold(): i for i, name in enumerate(class_names)}
-    rows: dict[str, tuple[list, list, list, list]] = {split: ([], [], [], []) for split in SPLITS}
-    with path.open(newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        header = [name.strip() for name in reader.fieldnames or []]
-        reader.fieldnames = header
-        missing = [column for column in COLUMNS if column not in header]
-        if missing:
-            raise AnnotationError(f"{path} lacks the columns {missing}; expected a header with {','.join(COLUMNS)}")
-        for row in reader:
-            where = f"{path.name} line {reader.line_num}"
-            try:
-                if None in row or None in row.values():
-                    raise AnnotationError(f"has a different number of cells than the header ({len(header)})")
-                image, box, target, split = _parse_row(row, class_names, lookup, task)
-            except AnnotationError as error:
-                bad.bad("malformed rows", f"{where}: {error}")
-                continue
-            for column, value in zip(rows[split], (image, box, target, where)):
-                column.append(value)
+    rows: dict[str, tuple[list, list, list, list, list]] = {split: ([], [], [], [], []) for split in SPLITS}
+    for _, where, row in csv_rows(path, COLUMNS, ",".join(COLUMNS)):
+        try:
+            check_cells(row)
+            image, box, target, split = _parse_row(row, class_names, lookup, task)
+        except AnnotationError as error:
+            bad.bad("malformed rows", f"{where}: {error}")
+            continue
+        group = (row.get(group_column) or "").strip() if group_column else ""
+        for column, value in zip(rows[split], (image, box, target, where, f"{group_column}={group}" if group else "")):
+            column.append(value)
     multilabel = task == "multilabel"
-    return {
-        split: make_table(paths, boxes, targets, sources, multilabel=multilabel, num_classes=len(class_names))
-        for split, (paths, boxes, targets, sources) in rows.items()
-        if paths
-    }
+    tables = {}
+    for split, (paths, boxes, targets, sources, groups) in rows.items():
+        if paths:
+            tables[split] = make_table(
+                paths, boxes, targets, sources, multilabel=multilabel, num_classes=len(class_names), groups=groups
+            )
+    return tables
 
 
 class TableDataModule(PersonDataModule):
@@ -130,14 +138,11 @@ class TableDataModule(PersonDataModule):
         task: ``"multiclass"`` (one label per row, top-1 accuracy) or ``"multilabel"`` (``|``-joined labels, mAP).
         val_fraction: Share of train held out for validation when the table has no ``val`` rows, in (0, 1).
         seed: Seed of that hold-out.
-        context_size: Context size, an int or (height, width).
-        subject_size: Subject crop size, an int or (height, width).
-        flip: Random horizontal flips of training samples.
-        batch_size: Batch size of every loader.
-        num_workers: Loader worker processes.
-        on_bad_sample: ``"error"`` (default) or ``"skip"``: leave out, count and report bad rows and images.
-        train_transform: Replaces the default training transform.
-        eval_transform: Replaces the default evaluation transform.
+        group_column: Column whose values the hold-out keeps on one side (default ``video``; a table without
+            that column is held out by image, as always; an empty cell falls back to the image).
+        **kwargs: The shared arguments of :class:`~ccim_lightning.datamodules.base.PersonDataModule`:
+            ``context_size``, ``subject_size``, ``flip``, ``batch_size``, ``num_workers``, ``on_bad_sample``
+            (``"skip"``: leave out, count and report bad rows and images), ``train_transform``, ``eval_transform``.
     """
 
     dataset_name = "table"
@@ -150,34 +155,18 @@ class TableDataModule(PersonDataModule):
         task: Task = "multiclass",
         val_fraction: float = 0.1,
         seed: int = 0,
-        context_size: int | tuple[int, int] = 224,
-        subject_size: int | tuple[int, int] = 128,
-        flip: bool = True,
-        batch_size: int = 32,
-        num_workers: int = 4,
-        on_bad_sample: OnBadSample = "error",
-        train_transform: Callable | None = None,
-        eval_transform: Callable | None = None,
+        group_column: str | None = "video",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root,
-            context_size,
-            subject_size,
-            flip,
-            batch_size,
-            num_workers,
-            on_bad_sample,
-            train_transform,
-            eval_transform,
-        )
+        super().__init__(root, **kwargs)
         if task not in ("multiclass", "multilabel"):
             raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
         if len(class_names) < 2 or len({name.casefold() for name in class_names}) != len(class_names):
             raise ValueError(f"class_names must hold at least two distinct names, got {class_names}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
         self.table_path = table
+        self.group_column = group_column
         self.class_names = list(class_names)
         self.num_classes = len(class_names)
         self.task = task
@@ -191,23 +180,31 @@ class TableDataModule(PersonDataModule):
             path = Path(self.table_path).expanduser()
             path = path if path.is_absolute() else self.root / path
             bad = BadSamples(self.dataset_name, "table", self.on_bad_sample)
-            self._splits = read_person_table(path, self.class_names, self.task, bad)
-            self.dropped["table"] = bad.report(sum(len(table) for table in self._splits.values()))
+            self._splits = read_person_table(path, self.class_names, self.task, bad, self.group_column)
+            self._dropped["table"] = bad.report(sum(len(table) for table in self._splits.values()))
         return self._splits
+
+    def split_source(self, split: str) -> str:
+        return f"the rows with split {split!r} of {self.table_path}"
 
     def build_split(self, split: str, bad: BadSamples) -> PersonTable:
         splits = self._read()
         if split in ("train", "val") and "val" not in splits and "train" in splits:
             train = splits["train"]
             strata = [tuple(t) if t.ndim else int(t) for t in train.targets]
-            keep, held = stratified_holdout(train.identities(), strata, self.val_fraction, self.seed)
+            groups = train.holdout_groups()
+            keep, held = stratified_holdout(train.identities(), strata, self.val_fraction, self.seed, groups)
+            by = f"image and {self.group_column!r}" if train.groups and any(train.groups) else "image"
             log.info(
-                "%s: no 'val' rows in %s; %d of %d train rows held out for validation (val_fraction=%s, seed=%s)",
-                *(self.dataset_name, self.table_path, len(held), len(train), self.val_fraction, self.seed),
+                "%s: no 'val' rows in %s; %d of %d train rows (%d of %d groups by %s) held out for validation "
+                "(val_fraction=%s, seed=%s)",
+                *(self.dataset_name, self.table_path, len(held), len(train), len({groups[i] for i in held})),
+                *(len(set(groups)), by, self.val_fraction, self.seed),
             )
             splits["train"], splits["val"] = train.subset(keep), train.subset(held)
         if split not in splits:
             raise AnnotationError(
-                f"{self.dataset_name}: the table {self.table_path} has no usable rows with split {split!r}"
+                f"{self.dataset_name}: the table {self.table_path} has no usable rows with split {split!r}; give "
+                f"that split rows (column 'split')"
             )
         return scan_images(self.root, splits[split], bad)

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from scipy.io import savemat
 
-from ccim_lightning.datamodules.common import AnnotationError, collate_skipping_none
+from ccim_lightning.datamodules.common import AnnotationError
+from ccim_lightning.datamodules.dataset import collate_skipping_none
 from ccim_lightning.datamodules.emotic import CATEGORIES, EmoticDataModule, read_emotic_csv
 from ccim_lightning.losses import EmoticContinuousLoss, EmoticDiscreteLoss
 
@@ -222,7 +223,9 @@ def test_loaders_batch_and_the_dictionary_split_is_fixed_and_identified(emotic_r
     assert starts == [0, 3]  # fixed order
     identities = dm.dictionary_dataset().sample_identities()
     assert identities == datamodule(emotic_root, annotation_format="csv").dictionary_dataset().sample_identities()
-    assert identities[0] == "mscoco/images/a.jpg|10,8,30,40" and len(set(identities)) == 4
+    stat = (emotic_root / "emotic" / "mscoco" / "images" / "a.jpg").stat()
+    assert identities[0] == f"mscoco/images/a.jpg|10,8,30,40|{stat.st_size}:{stat.st_mtime_ns}"
+    assert len(set(identities)) == 4
 
 
 def test_degenerate_box_falls_back_to_the_whole_image_and_is_counted(tmp_path, write_image):

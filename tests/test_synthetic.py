@@ -6,12 +6,11 @@ import torch
 
 from ccim_lightning.datamodules.synthetic import (
     EMOTIONS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     SyntheticContextDataModule,
     SyntheticContextDataset,
 )
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # written out: an independent reference
 SMALL = {"image_size": 32, "subject_size": 16}
 
 

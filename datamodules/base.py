@@ -1,0 +1,307 @@
+"""The base of the image datamodules: the shared constructor arguments (declared once), splits, loaders, reports.
+
+Subclasses declare only their own arguments and pass the rest on with ``**kwargs``; jsonargparse (LightningCLI)
+follows ``**kwargs`` to :class:`PersonDataModule`'s signature, so ``--data.init_args.batch_size`` and the other
+shared arguments are listed (``ccim fit --print_config``) and checked for every datamodule.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ccim_lightning.datamodules.common import (
+    BadSamples,
+    OnBadSample,
+    PersonTable,
+    check_on_bad_sample,
+    note_duplicates,
+    note_overlap,
+)
+from ccim_lightning.datamodules.dataset import (
+    DECODER,
+    MASK_FILL,
+    PersonImageDataset,
+    collate_skipping_none,
+    new_failure_flags,
+)
+from ccim_lightning.datamodules.transforms import ContextTransform
+
+log = logging.getLogger(__name__)
+
+DECODE_SKIP_KEY = "skipped (image fails to decode)"
+
+
+def train_drop_last(size: int, batch_size: int, world_size: int = 1) -> bool:
+    """Whether a training loader should drop its last batch: only when it would hold exactly one sample.
+
+    A one-sample batch makes BatchNorm fail in training ("Expected more than 1 value per channel"). Lightning's
+    distributed sampler gives each of ``world_size`` ranks ``ceil(size / world_size)`` samples.
+    """
+    per_rank = math.ceil(size / max(world_size, 1))
+    return batch_size > 1 and per_rank > 1 and per_rank % batch_size == 1
+
+
+def transform_signature(transform: Callable) -> dict[str, Any]:
+    """``transform.signature()`` when it has one, else its type and ``repr`` (all that can be seen of it)."""
+    signature = getattr(transform, "signature", None)
+    if callable(signature):
+        return dict(signature())
+    # a function names itself; an instance of a class is named by its class
+    name = getattr(transform, "__qualname__", None) or type(transform).__qualname__
+    module = getattr(transform, "__module__", None) or type(transform).__module__
+    return {"transform": f"{module}.{name}", "repr": repr(transform)}
+
+
+class PersonDataModule(L.LightningDataModule):
+    """Base of the image datamodules: lazy, checked splits and the loaders; subclasses read the annotations.
+
+    Subclasses set ``dataset_name``, ``num_classes``, ``class_names`` and ``task`` (no disk access in ``__init__``,
+    so configs instantiate without the data) and implement :meth:`build_split`; they take ``**kwargs`` and pass
+    them here. Hyperparameters of the whole chain are saved here (transforms excepted).
+
+    Reports: :attr:`dropped` holds, per split, what was skipped, left out, repaired or found suspicious (duplicate
+    rows, persons in two splits, boxes mostly outside the image), by reason; each split's build logs one warning.
+    Images that fail to decode later, in a loader (``"skip"`` mode), are counted there too, from every worker.
+
+    Args:
+        root: Dataset root folder.
+        context_size: Context image size, an int or (height, width).
+        subject_size: Subject crop size, an int or (height, width).
+        flip: Random horizontal flips of training samples.
+        batch_size: Batch size of every loader. The training loader drops its last batch only when that batch
+            would hold a single sample (BatchNorm cannot train on it); a log line says so.
+        num_workers: Loader worker processes.
+        on_bad_sample: ``"error"`` (default): a missing, unreadable or malformed item is an error naming the file
+            and row; ``"skip"``: it is left out, counted and reported.
+        train_transform: Replaces the default training transform (``ContextTransform`` contract).
+        eval_transform: Replaces the default evaluation transform (also used for the dictionary).
+    """
+
+    dataset_name = "dataset"
+    num_classes: int
+    class_names: list[str]
+    task: str
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        context_size: int | tuple[int, int] = 224,
+        subject_size: int | tuple[int, int] = 128,
+        flip: bool = True,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        on_bad_sample: OnBadSample = "error",
+        train_transform: Callable[..., dict[str, Any]] | None = None,
+        eval_transform: Callable[..., dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__()
+        check_on_bad_sample(on_bad_sample)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
+        self.root = Path(root).expanduser()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.on_bad_sample = on_bad_sample
+        self.train_transform = train_transform or ContextTransform(context_size, subject_size, flip=flip)
+        self.eval_transform = eval_transform or ContextTransform(context_size, subject_size, flip=False)
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+        self._dropped: dict[str, dict[str, int]] = {}
+        self._tables: dict[str, PersonTable] = {}
+        self._failures: dict[str, torch.Tensor] = {}
+        self._failures_reported: dict[str, int] = {}
+        self._drop_last_logged = False
+
+    # --- subclass points -------------------------------------------------------------------------------------------
+    def build_split(self, split: str, bad: BadSamples) -> PersonTable:
+        """Reads split ``split`` of the annotations and checks its images (see ``common.scan_images``)."""
+        raise NotImplementedError
+
+    def split_source(self, split: str) -> str:
+        """Where ``split`` is read from (files or folders), for messages."""
+        return str(self.root)
+
+    def make_dataset(self, split: str, transform: Callable, mask_subject: bool) -> Dataset:
+        """The dataset of a split (default: images decoded from :attr:`image_root`)."""
+        return PersonImageDataset(
+            self.image_root,
+            self.table(split),
+            transform,
+            mask_subject,
+            self.on_bad_sample,
+            f"{self.dataset_name} {split}",
+            failures=self.failure_flags(split),
+        )
+
+    @property
+    def image_root(self) -> Path:
+        """The folder the tables' image paths are relative to."""
+        return self.root
+
+    # --- splits and reports ----------------------------------------------------------------------------------------
+    def check_root(self) -> None:
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"{self.dataset_name} root {self.root} does not exist or is not a folder; pass the dataset folder "
+                "as root (--data.init_args.root /path/to/data)"
+            )
+
+    def table(self, split: str) -> PersonTable:
+        """The checked persons of ``split`` (built on first use, then cached)."""
+        if split not in self._tables:
+            self.check_root()
+            bad = BadSamples(self.dataset_name, split, self.on_bad_sample)
+            table = self.build_split(split, bad)
+            note_duplicates(table, bad)
+            note_overlap(table, split, self._tables, bad)
+            self._dropped[split] = bad.report(len(table))
+            if len(table) == 0:
+                raise ValueError(
+                    f"{self.dataset_name} {split}: no usable samples in {self.split_source(split)} (the split is "
+                    f"empty or every row was left out: {self._dropped[split] or 'nothing counted'}); check that "
+                    "file, or the on_bad_sample report above"
+                )
+            self._tables[split] = table
+        return self._tables[split]
+
+    def failure_flags(self, split: str) -> torch.Tensor:
+        """The split's shared decode-failure flags (one per sample), created before any loader starts workers."""
+        if split not in self._failures:
+            self._failures[split] = new_failure_flags(len(self.table(split)))
+        return self._failures[split]
+
+    @property
+    def dropped(self) -> dict[str, dict[str, int]]:
+        """Per split: what was skipped, left out, repaired or found suspicious, by reason (class docstring).
+
+        Includes the samples that failed to decode in a loader so far (``"skipped (image fails to decode)"``),
+        counted once per sample across epochs and worker processes.
+        """
+        report = {split: dict(counts) for split, counts in self._dropped.items()}
+        for split, flags in self._failures.items():
+            failed = int(flags.sum())
+            if failed:
+                report.setdefault(split, {})[DECODE_SKIP_KEY] = failed
+        return report
+
+    def report_decode_failures(self) -> dict[str, int]:
+        """Logs a warning for each split with samples that failed to decode since the last call; returns all counts."""
+        counts = {}
+        for split, flags in self._failures.items():
+            failed = int(flags.sum())
+            counts[split] = failed
+            if failed > self._failures_reported.get(split, 0):
+                log.warning(
+                    "%s %s: %d samples skipped so far because their image failed to decode (on_bad_sample='skip'; "
+                    "see the warnings naming the files); they are counted in datamodule.dropped[%r]",
+                    *(self.dataset_name, split, failed, split),
+                )
+                self._failures_reported[split] = failed
+        return counts
+
+    def teardown(self, stage: str) -> None:
+        """Reports decode-time skips at the end of each fit/validate/test/predict run."""
+        self.report_decode_failures()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Reads and checks the splits the stage needs (``fit``: train and val; ``test``/``predict``: test)."""
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self.make_dataset("train", self.train_transform, True)
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            self.val_dataset = self.make_dataset("val", self.eval_transform, True)
+        if stage in (None, "test", "predict") and self.test_dataset is None:
+            self.test_dataset = self.make_dataset("test", self.eval_transform, True)
+
+    # --- loaders ---------------------------------------------------------------------------------------------------
+    def _loader(
+        self, dataset: Dataset | None, shuffle: bool = False, batch_size: int | None = None, drop_last: bool = False
+    ) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            collate_fn=collate_skipping_none,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _train_drop_last(self, size: int) -> bool:
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        drop = train_drop_last(size, self.batch_size, world_size)
+        if drop and not self._drop_last_logged:
+            log.info(
+                "%s train: %d samples (%d per rank) leave a last batch of one sample, which BatchNorm cannot train "
+                "on; that batch is dropped each epoch (a different sample each time, as batches are shuffled)",
+                *(self.dataset_name, size, math.ceil(size / world_size)),
+            )
+            self._drop_last_logged = True
+        return drop
+
+    def train_dataloader(self) -> DataLoader:
+        size = len(self.train_dataset) if self.train_dataset is not None else 0
+        return self._loader(self.train_dataset, shuffle=True, drop_last=self._train_drop_last(size))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split."""
+        return self._loader(self.test_dataset)
+
+    # --- confounder dictionary -------------------------------------------------------------------------------------
+    def dictionary_dataset(self, mask_subject: bool = True) -> Dataset:
+        """The training split in its fixed order, with the evaluation transform, for the confounder dictionary.
+
+        Args:
+            mask_subject: Fill the subject box of ``context`` with zeros (the paper's setting); ``False`` gives
+                the "without masking" ablation.
+        """
+        return self.make_dataset("train", self.eval_transform, mask_subject)
+
+    def dictionary_signature(self) -> dict[str, Any]:
+        """Everything about the dictionary's input pixels that its cache key must include.
+
+        The evaluation transform's signature (context size, normalisation mean/std, resize interpolation; a
+        transform without a ``signature()`` method is described by its type and ``repr``), how files are decoded,
+        and the masking fill value. Which samples are in the split, and their files' sizes and modification times,
+        are in the dataset's ``sample_identities()``.
+        """
+        return {
+            "datamodule": type(self).__name__,
+            **transform_signature(self.eval_transform),
+            "pixels": self.pixel_source(),
+            "mask_fill": MASK_FILL,
+        }
+
+    def pixel_source(self) -> str:
+        """How pixels are obtained (default: image files decoded by :data:`~.dataset.DECODER`)."""
+        return DECODER
+
+    def dictionary_dataloader(self, batch_size: int | None = None, mask_subject: bool = True) -> DataLoader:
+        """A non-shuffled loader over ``dictionary_dataset(mask_subject)``.
+
+        Args:
+            batch_size: Defaults to the datamodule's batch size.
+            mask_subject: See ``dictionary_dataset``.
+        """
+        return self._loader(self.dictionary_dataset(mask_subject), batch_size=batch_size)

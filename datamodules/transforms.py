@@ -1,0 +1,135 @@
+"""The default sample transform of the image datamodules (:class:`ContextTransform`)."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+
+def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if height < 1 or width < 1:
+        raise ValueError(f"{name} must be positive (an int or (height, width)), got {size}")
+    return int(height), int(width)
+
+
+class ContextTransform:
+    """The default sample transform: resize, normalise and (optionally) flip the subject crop and the context.
+
+    Called as ``transform(image, box, subject=None)`` with a PIL RGB ``image``, the clipped ``box`` (x1, y1, x2, y2)
+    in its pixels or ``None`` (subject not localised: the whole image) and optionally a ready-made ``subject``
+    image (e.g. a pre-cut body array). Returns a dict with ``subject`` (3, Hs, Ws) and ``context`` (3, Hc, Wc)
+    float32 tensors, ``box``: the box in ``image`` pixels after any flip, and ``mask_box``: the integer region of
+    ``context`` covering the box (outward-rounded, so the whole subject is covered; ``None`` when not localised).
+    Masking is left to the dataset, so one transform serves masked and unmasked loaders. A replacement transform
+    must follow the same contract, and should have a ``signature()`` method like this one's (a JSON-able dict of
+    what changes its output), which the confounder dictionary's cache key includes.
+
+    Args:
+        context_size: Context output size, an int or (height, width).
+        subject_size: Subject output size, an int or (height, width).
+        flip: Flip subject, context and box horizontally with probability 0.5 (Python's ``random``, which the
+            DataLoader seeds per worker and ``seed_everything`` seeds).
+        mean: Per-channel mean on the [0, 1] scale (default ImageNet).
+        std: Per-channel standard deviation on the [0, 1] scale (default ImageNet).
+        reducing_gap: PIL ``resize`` ``reducing_gap``: a faster, slightly less exact downscale (None = exact).
+    """
+
+    def __init__(
+        self,
+        context_size: int | tuple[int, int] = 224,
+        subject_size: int | tuple[int, int] = 128,
+        flip: bool = False,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        reducing_gap: float | None = None,
+    ) -> None:
+        self.context_size = _pair(context_size, "context_size")
+        self.subject_size = _pair(subject_size, "subject_size")
+        self.flip = flip
+        self.reducing_gap = reducing_gap
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(v) for v in std)
+        # (x / 255 - mean) / std as one multiply-add per pixel on the uint8 values
+        self._scale = np.array([1.0 / (255.0 * s) for s in std], dtype=np.float32)[:, None, None]
+        self._bias = np.array([-m / s for m, s in zip(mean, std)], dtype=np.float32)[:, None, None]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(context_size={self.context_size}, subject_size={self.subject_size}, "
+            f"flip={self.flip})"
+        )
+
+    def signature(self) -> dict[str, Any]:
+        """Everything about this transform that changes the ``context`` pixels (for the dictionary cache key)."""
+        return {
+            "transform": "ContextTransform",
+            "context_size": list(self.context_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": "bilinear",
+            "reducing_gap": self.reducing_gap,
+            "flip": self.flip,
+        }
+
+    def _resize(self, image: Image.Image, size: tuple[int, int], box: Sequence[float] | None = None) -> Image.Image:
+        height, width = size
+        if box is not None and all(float(v).is_integer() for v in box):
+            image, box = image.crop(tuple(int(v) for v in box)), None  # cropping first is faster for pixel boxes
+        if box is None and image.size == (width, height):
+            return image
+        return image.resize((width, height), Image.Resampling.BILINEAR, box=box, reducing_gap=self.reducing_gap)
+
+    def _to_tensor(self, image: Image.Image) -> torch.Tensor:
+        # numpy, not torch: torch's intra-op threads make these small per-sample ops many times slower in a busy
+        # main process (num_workers=0); numpy runs them single-threaded.
+        pixels = np.asarray(image)
+        out = np.empty((3, pixels.shape[0], pixels.shape[1]), dtype=np.float32)
+        np.multiply(pixels.transpose(2, 0, 1), self._scale, out=out)
+        out += self._bias
+        return torch.from_numpy(out)
+
+    def __call__(
+        self, image: Image.Image, box: Sequence[float] | None, subject: Image.Image | None = None
+    ) -> dict[str, Any]:
+        width, height = image.size
+        context_h, context_w = self.context_size
+        if subject is None:
+            subject = self._resize(image, self.subject_size, (0, 0, width, height) if box is None else tuple(box))
+        else:
+            subject = self._resize(subject, self.subject_size)
+        context = self._resize(image, self.context_size)
+        flip = self.flip and random.random() < 0.5
+        if flip:
+            context = context.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            subject = subject.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if box is None:
+            out_box, mask_box = (0.0, 0.0, float(width), float(height)), None
+        else:
+            x1, y1, x2, y2 = (float(v) for v in box)
+            out_box = (x1, y1, x2, y2)
+            sx, sy = context_w / width, context_h / height
+            mask_box = (
+                max(math.floor(x1 * sx), 0),
+                max(math.floor(y1 * sy), 0),
+                min(math.ceil(x2 * sx), context_w),
+                min(math.ceil(y2 * sy), context_h),
+            )
+        if flip:
+            x1, y1, x2, y2 = out_box
+            out_box = (width - x2, y1, width - x1, y2)
+            if mask_box is not None:
+                mask_box = (context_w - mask_box[2], mask_box[1], context_w - mask_box[0], mask_box[3])
+        return {
+            "subject": self._to_tensor(subject),
+            "context": self._to_tensor(context),
+            "box": out_box,
+            "mask_box": mask_box,
+        }
