@@ -160,7 +160,7 @@ def test_datamodule_without_dictionary_dataset_is_a_clear_error(tmp_path):
         num_sanity_val_steps=0,
         callbacks=[ConfounderDictionaryCallback(extractor=EXTRACTOR, progress=False)],
     )
-    with pytest.raises(TypeError, match="dictionary_dataset"):
+    with pytest.raises(TypeError, match="dictionary_dataset.*lacks"):
         trainer.fit(model, train_dataloaders=data.train_dataloader())
 
 

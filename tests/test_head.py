@@ -40,16 +40,17 @@ def reference_logits(params, h, attention, use_prior=True, uniform=False, residu
     z, prior = params["dictionary"], params["prior"].reshape(-1, 1)
     x = h @ params["w_h"]
     if attention != "none":
-        q = h @ params["causal_intervention.query.weight"].T
-        k = z @ params["causal_intervention.key.weight"].T
-        if attention == "dot_product":
-            scores = q @ k.T / math.sqrt(z.shape[1])
+        if uniform:  # "without lambda": no query/key projections at all
+            lam = torch.ones(h.shape[0], z.shape[0], dtype=h.dtype) / z.shape[0]
         else:
-            u = torch.tanh(q[:, None, :] + k[None, :, :])
-            scores = (u @ params["causal_intervention.w_t.weight"].T)[..., 0]
-        lam = torch.softmax(scores, dim=1)
-        if uniform:
-            lam = torch.ones_like(lam) / lam.shape[1]
+            q = h @ params["causal_intervention.query.weight"].T
+            k = z @ params["causal_intervention.key.weight"].T
+            if attention == "dot_product":
+                scores = q @ k.T / math.sqrt(z.shape[1])
+            else:
+                u = torch.tanh(q[:, None, :] + k[None, :, :])
+                scores = (u @ params["causal_intervention.w_t.weight"].T)[..., 0]
+            lam = torch.softmax(scores, dim=1)
         product = lam[:, :, None] * z[None, :, :]
         if use_prior:
             product = product * prior[None, :, :]
@@ -62,6 +63,13 @@ def reference_logits(params, h, attention, use_prior=True, uniform=False, residu
     m = a @ params["classifier.fc2.weight"].T + params["classifier.fc2.bias"]
     out = x + residual_scale * m
     return out @ params["fc.weight"].T + params["fc.bias"]
+
+
+def test_without_lambda_head_has_no_unused_projections():
+    head = make_head("dot_product", uniform_attention=True)
+    assert not hasattr(head, "causal_intervention")
+    head.train()(torch.randn(4, D_H, dtype=torch.float64)).sum().backward()
+    assert all(p.grad is not None for p in head.parameters())  # DDP's default strategy needs every one used
 
 
 def params_of(head):

@@ -329,14 +329,18 @@ class DictionaryRecipe:
         if self.source == "random":
             return ConfounderDictionary.random(num_prototypes, dim, seed=self.seed)
         with _agreed(collectives, "preparing the dictionary build"):
-            make_dataset = getattr(datamodule, "dictionary_dataset", None)
-            if not callable(make_dataset):
+            # The contract lives with the datamodules (imported here, not at module level: the data layer sits
+            # above this one).
+            from ccim_lightning.datamodules.schema import DictionaryDataModule, missing_members
+
+            if not isinstance(datamodule, DictionaryDataModule):
                 raise TypeError(
-                    "The confounder dictionary needs a datamodule with dictionary_dataset(mask_subject=...) (the "
-                    f"train split with eval transforms); got {type(datamodule).__name__}. Use a ccim_lightning "
-                    "datamodule or add that method to yours."
+                    f"The confounder dictionary needs a datamodule with dictionary_dataset(mask_subject=...) (the "
+                    f"train split with eval transforms) and dictionary_signature(); {type(datamodule).__name__} lacks "
+                    f"{missing_members(datamodule, DictionaryDataModule)}. Use a ccim_lightning datamodule or add them "
+                    "(ccim_lightning.datamodules.schema.DictionaryDataModule)."
                 )
-            dataset = make_dataset(mask_subject=self.mask_subject)
+            dataset = datamodule.dictionary_dataset(mask_subject=self.mask_subject)
             device = collectives.root_device
             extractor = ContextFeatureExtractor(self.extractor, self.weights).to(device)
             if extractor.num_features != dim:
@@ -442,15 +446,7 @@ class DictionaryRecipe:
 
 def transform_signature(datamodule: Any) -> str:
     """Canonical text of the datamodule's dictionary transform (``dictionary_signature()``), for the cache key."""
-    signature = getattr(datamodule, "dictionary_signature", None)
-    if not callable(signature):
-        log.warning(
-            "%s has no dictionary_signature(): the dictionary cache cannot see changes of its image size or "
-            "normalisation; delete the cache file after changing them.",
-            type(datamodule).__name__,
-        )
-        return "unknown"
-    return json.dumps(signature(), sort_keys=True, default=str)
+    return json.dumps(datamodule.dictionary_signature(), sort_keys=True, default=str)
 
 
 @contextmanager
