@@ -1,6 +1,7 @@
 """Lightning callbacks of ccim-lightning (installed as ``ccim_lightning.callbacks``)."""
 
 from ccim_lightning.callbacks.confounder_dictionary import ConfounderDictionaryCallback
+from ccim_lightning.callbacks.finite_guard import FiniteLossGuard, NonFiniteTrainingError
 from ccim_lightning.callbacks.prediction_writer import PredictionWriter
 
-__all__ = ["ConfounderDictionaryCallback", "PredictionWriter"]
+__all__ = ["ConfounderDictionaryCallback", "FiniteLossGuard", "NonFiniteTrainingError", "PredictionWriter"]

@@ -2,7 +2,8 @@
 
 All six read the same configs and overrides.
 Thin on purpose: it parses, builds the objects and hands them down. The callbacks that always go with a CCIM model
-are named groups: ``--dictionary.*`` (``ConfounderDictionaryCallback``) and ``--checkpoint.*`` (``ModelCheckpoint``).
+are named groups: ``--dictionary.*`` (``ConfounderDictionaryCallback``), ``--checkpoint.*`` (``ModelCheckpoint``) and
+``--guard.*`` (``FiniteLossGuard``). Checkpoints given as ``--ckpt_path`` are loaded weights-only and checked first.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-from ccim_lightning.callbacks import ConfounderDictionaryCallback, PredictionWriter
+from ccim_lightning.callbacks import ConfounderDictionaryCallback, FiniteLossGuard, PredictionWriter
 from ccim_lightning.callbacks.prediction_writer import default_predictions_path
 from ccim_lightning.module import CCIMLightningModule
 
@@ -74,6 +75,7 @@ class CCIMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ConfounderDictionaryCallback, "dictionary")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(FiniteLossGuard, "guard")
         parser.set_defaults({"checkpoint.save_last": True})
         for name in ("num_classes", "task", "class_names"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
@@ -88,18 +90,14 @@ class CCIMCLI(LightningCLI):
         if not subcommand:
             return
         section = self.config[subcommand]
+        if "weights_only" in section and section.weights_only is None:
+            section.weights_only = True  # Lightning would unpickle a --ckpt_path fully; its own default is None
         if section.get("ckpt_path") == "last":
             section["ckpt_path"] = str(find_last_checkpoint(Path(section.trainer.default_root_dir or ".")))
-        # LightningCLI then replaces the model config by the checkpoint's hyper-parameters: keep the user's to compare.
-        self._user_model_config = section.model.clone() if section.get("ckpt_path") else None
-
-    @override
-    def before_instantiate_classes(self) -> None:
-        subcommand = self.config.get("subcommand")
-        if not subcommand or self._user_model_config is None:
-            return
-        ckpt_path = self.config[subcommand].ckpt_path
-        check_checkpoint_matches_config(ckpt_path, self._user_model_config)
+        # Next, LightningCLI replaces the model config by the checkpoint's hyper-parameters (reading the file with
+        # torch.load): check the file and compare it with what the user asked for first.
+        if section.get("ckpt_path"):
+            check_checkpoint_matches_config(section.ckpt_path, section.model)
 
     @override
     def after_predict(self) -> None:
@@ -146,7 +144,11 @@ def check_checkpoint_matches_config(ckpt_path: str, user_model: Any) -> None:
     Raises:
         CheckpointConfigMismatch: Naming every differing shape-defining field with both values.
     """
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+    from ccim_lightning.checkpoints import check_checkpoint_finite, load_checkpoint
+
+    checkpoint = load_checkpoint(ckpt_path)  # weights-only; every failure names the file
+    check_checkpoint_finite(checkpoint, ckpt_path)
+    saved = checkpoint.get("hyper_parameters") or {}
     if not saved:
         return
     user = _plain(user_model)

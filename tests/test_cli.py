@@ -165,3 +165,37 @@ def test_predict_without_a_writer_says_where_predictions_went(tmp_path, monkeypa
     with caplog.at_level(logging.WARNING):
         build_cli(["predict", "--config", SYNTHETIC, *TINY, "--trainer.callbacks=[]", "--ckpt_path", "last"])
     assert "only returned in memory" in caplog.text and "PredictionWriter" in caplog.text
+
+
+def test_checkpoints_are_loaded_weights_only_and_checked_before_use(tmp_path, monkeypatch):
+    import pickle
+
+    from ccim_lightning.checkpoints import CheckpointError
+
+    monkeypatch.chdir(tmp_path)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises((CheckpointError, ValueError), match="truncated.ckpt"):
+        build_cli(["test", "--config", SYNTHETIC, *TINY, "--ckpt_path", str(truncated)])
+    unsafe = tmp_path / "unsafe.ckpt"
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran code from a checkpoint",))
+
+    unsafe.write_bytes(pickle.dumps({"state_dict": {}, "x": Evil()}))
+    with pytest.raises(CheckpointError, match="unsafe.ckpt"):
+        build_cli(["test", "--config", SYNTHETIC, *TINY, "--ckpt_path", str(unsafe)])
+    cli = build_cli(["--config", SYNTHETIC, *TINY], run=False)
+    assert any(type(cb).__name__ == "FiniteLossGuard" for cb in cli.trainer.callbacks)
+
+
+def test_nan_dictionary_in_a_checkpoint_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    build_cli(["fit", "--config", SYNTHETIC, *TINY])
+    checkpoint = run_checkpoint(tmp_path / "runs" / "synthetic")
+    state = torch.load(checkpoint, weights_only=True)
+    state["state_dict"]["head.dictionary"][0, 0] = float("nan")
+    torch.save(state, checkpoint)
+    with pytest.raises(ValueError, match="head.dictionary"):
+        build_cli(["test", "--config", SYNTHETIC, *TINY, "--ckpt_path", str(checkpoint)])

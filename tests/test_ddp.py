@@ -56,6 +56,7 @@ def test_a_failure_on_one_rank_ends_every_rank_within_a_minute(tmp_path):
     assert "injected failure on rank 1" in result.stderr
     assert "another rank failed" in result.stderr
 
+
 @pytest.mark.slow
 def test_ddp_ranks_agree_on_reusing_a_cached_dictionary(tmp_path):
     cache = tmp_path / "dictionary.pt"
