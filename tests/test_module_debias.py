@@ -126,9 +126,9 @@ def test_debias_combines_with_the_ccim_head(tmp_path):
                                       subject_size=16)  # fmt: skip
     model = CCIMLightningModule(TwoStreamHost(feature_dim=16), num_classes=4, num_prototypes=4, confounder_dim=256,
                                 debias=ClusterReweighting())  # fmt: skip
+    callback = ConfounderDictionaryCallback(extractor="test_efficientnet", progress=False)
     trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[ConfounderDictionaryCallback(extractor="test_efficientnet", progress=False)])  # fmt: skip
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])  # fmt: skip
     trainer.fit(model, datamodule=data)
     assert model.head.is_dictionary_filled and model.train_clusters.shape == (64,)
     assert "train/debias/mean_weight" in trainer.callback_metrics or any(
