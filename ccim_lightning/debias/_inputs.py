@@ -7,9 +7,12 @@ assert on GPU.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ccim_lightning.debias.base import DebiasMethod
+if TYPE_CHECKING:
+    from ccim_lightning.debias.base import DebiasMethod
 
 
 def require_bound(method: DebiasMethod) -> None:

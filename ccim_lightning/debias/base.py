@@ -7,7 +7,8 @@ module calls, in this order:
    buffers with fixed shapes here, so that a checkpoint restores them.
 2. ``fit_clusters(clusters, targets)`` once the confounder dictionary is built or loaded (every rank, before the
    first training step; never after a checkpoint restore, whose buffers already hold the statistics).
-3. ``training_loss(logits, batch, clusters, elementwise_loss)`` at every training step.
+3. ``training_loss(logits, batch, clusters, elementwise_loss)`` at every training step; it checks the inputs once
+   for every method and hands them to the method's :meth:`DebiasMethod.objective`.
 4. ``inference_logits(logits, batch)`` at validation, test and prediction (and ``forward``).
 """
 
@@ -19,9 +20,17 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from ccim_lightning.debias._inputs import check_clusters, check_elementwise, check_targets, check_task, require_bound
+
 Task = Literal["multiclass", "multilabel"]
+Tensor = torch.Tensor
+Batch = dict[str, Tensor]
 #: ``elementwise_loss(logits, target)``: (B,) for multiclass, (B, C) for multilabel; no reduction.
-ElementwiseLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ElementwiseLoss = Callable[[Tensor, Tensor], Tensor]
+#: ``loss_of(logits)``: the module's elementwise loss of some logits against the batch's (checked) targets.
+LossOf = Callable[[Tensor], Tensor]
+#: A scalar loss and named terms to log.
+Terms = tuple[Tensor, dict[str, Tensor]]
 
 
 class DebiasMethod(nn.Module):
@@ -33,6 +42,8 @@ class DebiasMethod(nn.Module):
     """
 
     needs_clusters: ClassVar[bool] = True
+    #: Whether multilabel targets must be exactly 0/1 (counting methods) or may be soft.
+    binary_targets: ClassVar[bool] = True
 
     def bind(self, *, num_classes: int, task: Task, num_clusters: int) -> None:
         """Creates the method's parameters and buffers for the module's task (called once, from its ``__init__``).
@@ -42,6 +53,7 @@ class DebiasMethod(nn.Module):
             task: ``"multiclass"`` or ``"multilabel"``.
             num_clusters: ``N``, the number of dictionary clusters.
         """
+        check_task(task)
         self.num_classes = num_classes
         self.task = task
         self.num_clusters = num_clusters
@@ -55,13 +67,9 @@ class DebiasMethod(nn.Module):
         """
 
     def training_loss(
-        self,
-        logits: torch.Tensor,
-        batch: dict[str, torch.Tensor],
-        clusters: torch.Tensor | None,
-        elementwise_loss: ElementwiseLoss,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training objective for a batch.
+        self, logits: Tensor, batch: Batch, clusters: Tensor | None, elementwise_loss: ElementwiseLoss
+    ) -> Terms:
+        """The training objective for a batch: checks the inputs, then :meth:`objective`.
 
         Args:
             logits: (B, C) logits of the module's head.
@@ -72,6 +80,25 @@ class DebiasMethod(nn.Module):
         Returns:
             The scalar loss and named terms to log (``train/debias/<name>``).
         """
+        require_bound(self)
+        batch_size = logits.shape[0]
+        if self.needs_clusters:
+            if clusters is None:
+                raise ValueError(f"{type(self).__name__} needs each training sample's cluster, got clusters=None")
+            clusters = check_clusters(clusters, self.num_clusters, "clusters of the batch")
+        target = check_targets(
+            batch["target"], self.task, self.num_classes, batch_size, binary=self.binary_targets, name='batch["target"]'
+        )
+
+        def loss_of(scores: Tensor) -> Tensor:
+            return check_elementwise(elementwise_loss(scores, target), self.task, batch_size, self.num_classes)
+
+        return self.objective(logits, target, clusters, batch, loss_of)
+
+    def objective(
+        self, logits: Tensor, target: Tensor, clusters: Tensor | None, batch: Batch, loss_of: LossOf
+    ) -> Terms:
+        """The method's loss, from checked inputs (``target`` as the loss expects it, ``clusters`` int64)."""
         raise NotImplementedError
 
     def inference_logits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

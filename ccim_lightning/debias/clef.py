@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccim_lightning.debias._inputs import check_elementwise, check_targets, check_task, require_bound
-from ccim_lightning.debias.base import DebiasMethod, ElementwiseLoss, Task
+from ccim_lightning.debias._inputs import require_bound
+from ccim_lightning.debias.base import Batch, DebiasMethod, LossOf, Task, Tensor, Terms
 from ccim_lightning.hosts import build_encoder, encoder_dim
 
 KLDirection = Literal["counterfactual_factual", "factual_counterfactual"]
@@ -57,6 +57,8 @@ class CLEF(DebiasMethod):
         context_key: Batch key of the subject-masked image.
     """
 
+    binary_targets: ClassVar[bool] = False  # soft multi-hot targets are fine here
+
     needs_clusters = False
 
     def __init__(
@@ -78,7 +80,6 @@ class CLEF(DebiasMethod):
         self.context_key = context_key
 
     def bind(self, *, num_classes: int, task: Task, num_clusters: int) -> None:
-        check_task(task)
         super().bind(num_classes=num_classes, task=task, num_clusters=num_clusters)
         self.classifier = nn.Linear(encoder_dim(self.encoder), num_classes)
         self.e_star = nn.Parameter(torch.full((num_classes,), self.e_star_init))
@@ -105,17 +106,9 @@ class CLEF(DebiasMethod):
             )
         return context_logits + host_logits.float(), context_logits + self.e_star
 
-    def training_loss(
-        self,
-        logits: torch.Tensor,
-        batch: dict[str, torch.Tensor],
-        clusters: torch.Tensor | None,
-        elementwise_loss: ElementwiseLoss,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        batch_size = logits.shape[0]
-        target = check_targets(
-            batch["target"], self.task, self.num_classes, batch_size, binary=False, name='batch["target"]'
-        )
+    def objective(
+        self, logits: Tensor, target: Tensor, clusters: Tensor | None, batch: Batch, loss_of: LossOf
+    ) -> Terms:
         y_c = self.context_logits(batch)
         s, s_cf = self.fuse(y_c, logits)
         # The KL's counterfactual sees a detached branch and its factual is detached: only e* gets its gradient.
@@ -126,9 +119,7 @@ class CLEF(DebiasMethod):
         else:  # BCE-with-logits on s is the BCE of sigmoid(s) = exp(Y_ce)
             factual, counterfactual = s, s_cf
             kl = self._bernoulli_kl(s_kl, s_fact)
-        fused = check_elementwise(elementwise_loss(factual, target), self.task, batch_size, self.num_classes).mean()
-        counter = check_elementwise(elementwise_loss(counterfactual, target), self.task, batch_size, self.num_classes)
-        counter = counter.mean()
+        fused, counter = loss_of(factual).mean(), loss_of(counterfactual).mean()
         total = fused + counter + kl
         return total, {"fused_loss": fused.detach(), "counterfactual_loss": counter.detach(), "kl": kl.detach()}
 

@@ -10,13 +10,11 @@ import torch.distributed as dist
 
 from ccim_lightning.debias._inputs import (
     check_clusters,
-    check_elementwise,
     check_targets,
-    check_task,
     cluster_label_counts,
     require_bound,
 )
-from ccim_lightning.debias.base import DebiasMethod, ElementwiseLoss, Task
+from ccim_lightning.debias.base import Batch, DebiasMethod, LossOf, Task, Tensor, Terms
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +70,6 @@ class GroupDRO(DebiasMethod):
         self.normalize = normalize
 
     def bind(self, *, num_classes: int, task: Task, num_clusters: int) -> None:
-        check_task(task)
         super().bind(num_classes=num_classes, task=task, num_clusters=num_clusters)
         if task == "multiclass":
             self.num_groups = num_clusters * num_classes
@@ -110,20 +107,10 @@ class GroupDRO(DebiasMethod):
         counts = torch.bincount(groups, minlength=self.num_groups).to(values.dtype)
         return sums, counts
 
-    def training_loss(
-        self,
-        logits: torch.Tensor,
-        batch: dict[str, torch.Tensor],
-        clusters: torch.Tensor | None,
-        elementwise_loss: ElementwiseLoss,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        require_bound(self)
-        if clusters is None:
-            raise ValueError("GroupDRO needs each training sample's cluster, got clusters=None")
-        batch_size = logits.shape[0]
-        clusters = check_clusters(clusters, self.num_clusters, "clusters of the batch")
-        target = check_targets(batch["target"], self.task, self.num_classes, batch_size, name='batch["target"]')
-        loss = check_elementwise(elementwise_loss(logits, target), self.task, batch_size, self.num_classes).float()
+    def objective(
+        self, logits: Tensor, target: Tensor, clusters: Tensor | None, batch: Batch, loss_of: LossOf
+    ) -> Terms:
+        loss = loss_of(logits).float()
         sums, counts = self.group_losses(loss, clusters, target)
         stats = torch.stack([sums.detach(), counts])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

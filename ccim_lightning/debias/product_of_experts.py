@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from ccim_lightning.debias._inputs import (
     check_clusters,
-    check_elementwise,
     check_targets,
-    check_task,
     cluster_label_counts,
     require_bound,
     require_fitted,
 )
-from ccim_lightning.debias.base import DebiasMethod, ElementwiseLoss, Task
+from ccim_lightning.debias.base import Batch, DebiasMethod, LossOf, Task, Tensor, Terms
 
 
 class ProductOfExperts(DebiasMethod):
@@ -39,6 +39,8 @@ class ProductOfExperts(DebiasMethod):
     ``logit p_b(y_c = 1 | z)`` (multilabel); ``fitted``.
     """
 
+    binary_targets: ClassVar[bool] = False  # soft multi-hot targets are fine here
+
     def __init__(self, smoothing: float = 1.0) -> None:
         super().__init__()
         if smoothing <= 0:
@@ -49,7 +51,6 @@ class ProductOfExperts(DebiasMethod):
         self.smoothing = float(smoothing)
 
     def bind(self, *, num_classes: int, task: Task, num_clusters: int) -> None:
-        check_task(task)
         super().bind(num_classes=num_classes, task=task, num_clusters=num_clusters)
         self.register_buffer("bias_log_prob", torch.zeros(num_clusters, num_classes))
         self.register_buffer("fitted", torch.tensor(False))
@@ -77,23 +78,11 @@ class ProductOfExperts(DebiasMethod):
             return torch.log_softmax(logits, dim=-1) + bias
         return logits + bias
 
-    def training_loss(
-        self,
-        logits: torch.Tensor,
-        batch: dict[str, torch.Tensor],
-        clusters: torch.Tensor | None,
-        elementwise_loss: ElementwiseLoss,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def objective(
+        self, logits: Tensor, target: Tensor, clusters: Tensor | None, batch: Batch, loss_of: LossOf
+    ) -> Terms:
         require_fitted(self)
-        if clusters is None:
-            raise ValueError("ProductOfExperts needs each training sample's cluster, got clusters=None")
-        batch_size = logits.shape[0]
-        clusters = check_clusters(clusters, self.num_clusters, "clusters of the batch")
-        target = check_targets(
-            batch["target"], self.task, self.num_classes, batch_size, binary=False, name='batch["target"]'
-        )
-        combined = self.combined_logits(logits.float(), clusters)
-        loss = check_elementwise(elementwise_loss(combined, target), self.task, batch_size, self.num_classes).mean()
+        loss = loss_of(self.combined_logits(logits.float(), clusters)).mean()
         with torch.no_grad():
-            host_loss = elementwise_loss(logits.float(), target).mean()
+            host_loss = loss_of(logits.float()).mean()
         return loss, {"host_loss": host_loss}

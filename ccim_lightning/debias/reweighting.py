@@ -8,14 +8,12 @@ import torch
 
 from ccim_lightning.debias._inputs import (
     check_clusters,
-    check_elementwise,
     check_targets,
-    check_task,
     cluster_label_counts,
     require_bound,
     require_fitted,
 )
-from ccim_lightning.debias.base import DebiasMethod, ElementwiseLoss, Task
+from ccim_lightning.debias.base import Batch, DebiasMethod, LossOf, Task, Tensor, Terms
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +64,6 @@ class ClusterReweighting(DebiasMethod):
         self.max_weight = None if max_weight is None else float(max_weight)
 
     def bind(self, *, num_classes: int, task: Task, num_clusters: int) -> None:
-        check_task(task)
         super().bind(num_classes=num_classes, task=task, num_clusters=num_clusters)
         shape = (num_clusters, num_classes) if task == "multiclass" else (num_clusters, num_classes, 2)
         self.register_buffer("weights", torch.ones(shape))
@@ -130,20 +127,11 @@ class ClusterReweighting(DebiasMethod):
         targets = check_targets(targets, self.task, self.num_classes, len(clusters)).to(self.weights.device)
         return self._gather(self.weights, clusters, targets)
 
-    def training_loss(
-        self,
-        logits: torch.Tensor,
-        batch: dict[str, torch.Tensor],
-        clusters: torch.Tensor | None,
-        elementwise_loss: ElementwiseLoss,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def objective(
+        self, logits: Tensor, target: Tensor, clusters: Tensor | None, batch: Batch, loss_of: LossOf
+    ) -> Terms:
         require_fitted(self)
-        if clusters is None:
-            raise ValueError("ClusterReweighting needs each training sample's cluster, got clusters=None")
-        batch_size = logits.shape[0]
-        clusters = check_clusters(clusters, self.num_clusters, "clusters of the batch")
-        target = check_targets(batch["target"], self.task, self.num_classes, batch_size, name='batch["target"]')
-        loss = check_elementwise(elementwise_loss(logits, target), self.task, batch_size, self.num_classes)
+        loss = loss_of(logits)
         weights = self._gather(self.weights, clusters, target)
         total = (weights * loss).mean()
         return total, {"weight_mean": weights.mean().detach(), "weight_max": weights.max().detach()}
