@@ -141,7 +141,7 @@ def read_emotic_csv(path: str | os.PathLike, bad: BadSamples | None = None) -> P
     bad = bad or BadSamples("EMOTIC", path.stem)
     if not path.is_file():
         raise FileNotFoundError(f"EMOTIC annotation file {path} does not exist")
-    paths, boxes, targets, vads, sizes, rows, sources = [], [], [], [], [], [], []
+    persons, sizes = _PersonRows(), []
     for row_number, where, row in csv_rows(path, CSV_COLUMNS, f"the preprocessed EMOTIC header {CSV_HEADER}"):
         try:
             check_cells(row)
@@ -158,19 +158,32 @@ def read_emotic_csv(path: str | os.PathLike, bad: BadSamples | None = None) -> P
         except AnnotationError as error:
             bad.bad("malformed rows", f"{where}: {error}")
             continue
-        _note_person(bad, where, labels, vad)
-        paths.append(f"{folder}/{filename}")
-        boxes.append(box)
-        targets.append(target)
-        vads.append(vad)
+        persons.add(bad, where, f"{folder}/{filename}", box, labels, target, vad, row_number)
         sizes.append(size)
-        rows.append(row_number)
-        sources.append(where)
-    table = make_table(
-        paths, boxes, targets, sources, {"vad": vads}, rows, multilabel=True, num_classes=len(CATEGORIES)
-    )
-    table.sizes = np.asarray(sizes, dtype=np.int64).reshape(len(paths), 2)
+    table = persons.table()
+    table.sizes = np.asarray(sizes, dtype=np.int64).reshape(len(sizes), 2)
     return table
+
+
+class _PersonRows:
+    """The columns of one EMOTIC split, filled one person at a time by the CSV and the MATLAB readers."""
+
+    def __init__(self) -> None:
+        self.paths, self.boxes, self.targets, self.vads, self.rows, self.sources = [], [], [], [], [], []
+
+    def add(self, bad: BadSamples, where: str, path: str, box, labels, target, vad, row: int) -> None:
+        _note_person(bad, where, labels, vad)
+        for column, value in zip(
+            (self.paths, self.boxes, self.targets, self.vads, self.rows, self.sources),
+            (path, box, target, vad, row, where),
+        ):
+            column.append(value)
+
+    def table(self) -> PersonTable:
+        return make_table(
+            self.paths, self.boxes, self.targets, self.sources, {"vad": self.vads}, self.rows, multilabel=True,
+            num_classes=len(CATEGORIES),
+        )  # fmt: skip
 
 
 # --- MATLAB form ---------------------------------------------------------------------------------------------------
@@ -269,7 +282,7 @@ def read_emotic_mat(
                 f"{path} has no {split!r} struct array (found {keys}); is it EMOTIC's Annotations.mat?"
             )
         split_bad = bad.get(split) or BadSamples("EMOTIC", split)
-        paths, boxes, targets, vads, rows, sources = [], [], [], [], [], []
+        collected = _PersonRows()
         for i, image in enumerate(_as_list(mat[split])):
             where = f"{path.name} {split}[{i}]"
             try:
@@ -291,16 +304,9 @@ def read_emotic_mat(
                 except (AttributeError, TypeError, ValueError) as error:
                     split_bad.bad("malformed entries", f"{person_where}: {error}")
                     continue
-                _note_person(split_bad, person_where, labels, vad)
-                paths.append(f"{folder}/{filename}")
-                boxes.append(box)
-                targets.append(target)
-                vads.append(vad)
-                rows.append(len(rows))
-                sources.append(person_where)
-        tables[split] = make_table(
-            paths, boxes, targets, sources, {"vad": vads}, rows, multilabel=True, num_classes=len(CATEGORIES)
-        )
+                row = len(collected.rows)
+                collected.add(split_bad, person_where, f"{folder}/{filename}", box, labels, target, vad, row)
+        tables[split] = collected.table()
     return tables
 
 
