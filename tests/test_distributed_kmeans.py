@@ -15,6 +15,7 @@ from ccim_lightning.dictionary import kmeans as one_process
 from ccim_lightning.dictionary.distributed import (
     _Collectives,
     _fill_empty_clusters,
+    _greedy_kmeans_plusplus,
     _seed_centres,
     _Shard,
     all_gather_variable,
@@ -114,6 +115,14 @@ def test_seeds_are_distinct_data_points_one_per_separated_blob():
     distances, rows = torch.cdist(seeds, x.double()).min(1)
     assert float(distances.max()) < 1e-3  # every seed is one of the points, in the original coordinates
     assert len(set(blob[rows].tolist())) == 10  # k-means++ spreads them over the (well separated) blobs
+
+
+def test_row_wise_greedy_seeding_chooses_as_the_one_process_greedy():
+    points = blobs(300, 8, 10, seed=5)
+    weights = torch.randint(1, 20, (300,), generator=torch.Generator().manual_seed(0)).double()
+    ours = _greedy_kmeans_plusplus(points, weights, 20, torch.Generator().manual_seed(3))
+    theirs = one_process._greedy_kmeans_plusplus(points, weights, 20, torch.Generator().manual_seed(3))
+    assert torch.equal(ours, theirs)
 
 
 def test_empty_cluster_refill_equals_the_one_process_refill():

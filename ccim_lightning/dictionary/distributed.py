@@ -12,8 +12,8 @@ shard and ``torch.distributed`` collectives (gloo or NCCL) carrying O(k·d) betw
    rank keeps its ``k`` smallest keys, the ranks' keys are gathered and the ``k`` smallest overall win). The
    uniform numbers come from blocks of *global* row numbers, so the draws are those one process would make on the
    concatenated shards, whatever the world size. Candidates are weighted by how many points of all shards they are
-   the nearest candidate of (all-reduced counts) and reduced to ``k`` seeds by :func:`kmeans`'s own weighted greedy
-   k-means++.
+   the nearest candidate of (all-reduced counts) and reduced to ``k`` seeds by :func:`kmeans`'s weighted greedy
+   k-means++ (in its row-wise form, which needs no candidate-by-candidate matrix).
 3. Lloyd iterations: each rank assigns its points; per-cluster sums (float64) and counts are all-reduced; the new
    centroids are their quotients. Clusters left empty receive the globally farthest points (from clusters with at
    least two members), as :func:`kmeans`'s torch path does; iterations stop once no assignment changes anywhere.
@@ -21,7 +21,7 @@ shard and ``torch.distributed`` collectives (gloo or NCCL) carrying O(k·d) betw
    features, and the inertia of that partition, all-reduced.
 
 A rank's memory is its shard, a few per-row scalars (distance, cluster), O(k·d) centroids and sums, the candidate
-pool ((5k + 1) x d, and the greedy seeding's candidate-by-candidate distances), and row chunks of at most
+pool ((5k + 1) x d) and (trials x pool) distances of the greedy seeding, and row chunks of at most
 ``_CHUNK_ENTRIES`` entries. The global row order is the ranks' shards concatenated in rank order; given the seed, the
 result depends on the world size only through floating-point summation order.
 """
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ccim_lightning.dictionary.kmeans import _SEEDING_ROUNDS, _greedy_kmeans_plusplus
+from ccim_lightning.dictionary.kmeans import _LOCAL_TRIALS, _SEEDING_ROUNDS, _sample_proportional, _squared_distances
 
 __all__ = ["DistributedKMeansResult", "all_gather_variable", "distributed_kmeans"]
 
@@ -433,6 +433,38 @@ def _seed_centres(shard: _Shard, num_clusters: int, seed: int, comm: _Collective
     # the last bit (thread counts) still agree.
     seeds = comm.broadcast(_greedy_kmeans_plusplus(pool, weights, num_clusters, generator))
     return pool[seeds]
+
+
+def _greedy_kmeans_plusplus(
+    points: torch.Tensor, weights: torch.Tensor, num_clusters: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Weighted greedy k-means++ over the candidate pool: ``kmeans._greedy_kmeans_plusplus`` in its row-wise form.
+
+    The one-process function precomputes the candidate-by-candidate distances for pools up to 8192 candidates; with
+    its temporaries that is about three (5k + 1)^2 float32 matrices (20 MB at k = 256), several times what a rank
+    holds besides its shard. Here each step computes the distances of its ``_LOCAL_TRIALS`` trials only: the same
+    draws and choices, (trials x pool) temporaries, a few times the arithmetic (still small next to one pass).
+
+    Returns:
+        (k,) int64 indices into ``points``.
+    """
+    norms = points.square().sum(1)
+
+    def distances_to(index: torch.Tensor) -> torch.Tensor:
+        rows = _squared_distances(points[index], norms[index], points, norms)
+        rows[torch.arange(len(index), device=points.device), index] = 0.0
+        return rows.double()
+
+    chosen = torch.empty(num_clusters, dtype=torch.long, device=points.device)
+    chosen[:1] = _sample_proportional(weights, 1, generator)
+    closest = distances_to(chosen[:1])[0]
+    for step in range(1, num_clusters):
+        trials = _sample_proportional(weights * closest, _LOCAL_TRIALS, generator)
+        trial_closest = torch.minimum(distances_to(trials), closest)
+        best = (trial_closest @ weights).argmin()
+        chosen[step] = trials[best]
+        closest = trial_closest[best]
+    return chosen
 
 
 def _draw_without_replacement(
