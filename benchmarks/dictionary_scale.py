@@ -10,9 +10,10 @@ Method:
       ``BLOCK`` rows, block b from the seed sequence (seed, b). Rank r of W holds rows ``[n*r/W, n*(r+1)/W)`` and
       generates only the blocks it needs, so no rank ever holds the whole set and every world size clusters the same
       data.
-    * Each world size runs in fresh processes (``torch.multiprocessing`` spawn, gloo over 127.0.0.1), each rank with
-      ``max(1, cpus // W)`` torch threads (``--threads`` to fix it), all ranks on this machine (so W ranks share its
-      cores).
+    * Each world size runs in fresh processes (``torch.multiprocessing`` spawn, gloo over 127.0.0.1), all on this
+      machine, each rank with ``--threads`` torch threads (default 1: on a CPU shared with other work, two OpenMP
+      threads per rank made one rank 5-10x slower, waiting for each other in every small parallel region). So the
+      times compare W single-threaded ranks sharing this machine's cores with one single-threaded rank.
     * Peak memory per rank (resident set, not tensor accounting): the ranks run with ``MALLOC_MMAP_THRESHOLD_=65536``
       (glibc hands every freed block of 64 KiB or more straight back to the kernel); once the process group is up
       and a warm-up clustering of a small random set has run (library code pages, the collectives' connections),
@@ -43,6 +44,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=None, help="most Lloyd iterations (default 20; 10 quick)")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4], help="numbers of ranks to run")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the clustering")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (default cpus // ranks)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--quick", action="store_true", help="100,000 points, 10 iterations")
     parser.add_argument("--no-faiss", action="store_true", help="skip the one-process FAISS reference")
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/dictionary_scale.md")
@@ -116,7 +118,7 @@ def _rank(rank: int, world_size: int, port: int, args: argparse.Namespace, out: 
     from ccim_lightning.dictionary.distributed import distributed_kmeans
     from ccim_lightning.dictionary.kmeans import kmeans
 
-    threads = args.threads or max(1, (os.cpu_count() or 1) // world_size)
+    threads = args.threads
     torch.set_num_threads(threads)
     if not faiss_reference:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
@@ -125,7 +127,9 @@ def _rank(rank: int, world_size: int, port: int, args: argparse.Namespace, out: 
     # become resident here, not during the measurement (about 15 MiB, the same at every world size).
     warm_up = torch.rand(6 * args.k + 8, args.dim, generator=torch.Generator().manual_seed(rank))
     if faiss_reference:
-        kmeans(warm_up, args.k, seed=args.seed, num_iterations=2)
+        with warnings.catch_warnings():  # its small-cluster warning is about the warm-up set only
+            warnings.simplefilter("ignore")
+            kmeans(warm_up, args.k, seed=args.seed, num_iterations=2)
     else:
         distributed_kmeans(warm_up, args.k, seed=args.seed, num_iterations=2)
         dist.barrier()
