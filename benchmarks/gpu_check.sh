@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # GPU check, run as one prepared script on a lent GPU machine (see README, "GPU check"):
-#   bash benchmarks/gpu_check.sh            (needs torch, timm, faiss-cpu, scikit-learn importable)
+#   bash benchmarks/gpu_check.sh            (needs torch, lightning, timm, faiss-cpu, scikit-learn importable)
+# About 5 minutes on an H200 (budget: under 8).
 # 1. the CCIM head forward + backward on the GPU against the (B, N, d)-materialising reference, fp32 and bf16;
 # 2. k-means of 20,000 x 2048 features into 256 clusters on the GPU through the torch-assisted assignment path
-#    (faiss-gpu wheels are too large to carry there), against FAISS on the CPU, inertia and wall time.
+#    (faiss-gpu wheels are too large to carry there), against FAISS on the CPU, inertia and wall time;
+# 3. the EmotNet training step with the CCIM head against the baseline head, bf16 (benchmarks/step.py);
+# 4. a bf16 CCIM fit of EmotNet (resnet18 streams, 224 context / 128 body, N=256, d=2048) on the synthetic data
+#    for a fixed number of steps, at 0 and 8 loader workers: samples/s, peak GPU memory, and the share of the
+#    wall time the GPU waits for the loader (previous step's end to this step's start: fetch + host-to-device copy)
+#    against compute (step start to end, CUDA synchronised);
+# 5. the distributed k-means's torch path (one rank, no process group) on CUDA against FAISS's one-process k-means
+#    on the CPU, 100,000 x 2048 features into 256 clusters: wall time and inertia.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
@@ -31,4 +39,100 @@ for device in ("cpu", "cuda"):
     if device == "cuda":
         torch.cuda.synchronize()
     print(f"kmeans {device}: {time.perf_counter() - start:.2f} s, inertia {result.inertia:.6g}, backend {result.backend}")
+PY
+python3 benchmarks/step.py --device cuda --amp --warmup 5 --repeats 30
+python3 - <<'PY'
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from ccim_lightning import CCIMLightningModule
+from ccim_lightning.datamodules import SyntheticContextDataModule
+from ccim_lightning.hosts import EmotNet
+
+STEPS, SKIP, BATCH = 40, 5, 64
+
+
+class StepClock(Callback):
+    """After SKIP warm-up steps: seconds waiting for each batch, seconds computing it, samples seen."""
+
+    def __init__(self):
+        self.wait, self.compute, self.samples, self.last_end, self.start = [], [], 0, None, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.start = time.perf_counter()
+        if self.last_end is not None and batch_idx >= SKIP:
+            self.wait.append(self.start - self.last_end)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        torch.cuda.synchronize()
+        self.last_end = time.perf_counter()
+        if batch_idx >= SKIP:
+            self.compute.append(self.last_end - self.start)
+            self.samples += int(batch["target"].shape[0])
+
+
+for workers in (0, 8):
+    torch.manual_seed(0)
+    data = SyntheticContextDataModule(
+        image_size=224, subject_size=128, batch_size=BATCH, num_workers=workers, train_size=BATCH * (STEPS + 2)
+    )
+    model = CCIMLightningModule(EmotNet(), num_classes=data.num_classes, num_prototypes=256, confounder_dim=2048)
+    # Random prototypes: the step's cost does not depend on what the dictionary holds.
+    model.head.set_dictionary(torch.randn(256, 2048).relu(), torch.full((256,), 1 / 256))
+    clock = StepClock()
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=STEPS,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+    )
+    torch.cuda.reset_peak_memory_stats()
+    trainer.fit(model, datamodule=data)
+    wait, compute = sum(clock.wait), sum(clock.compute)
+    print(
+        f"bf16 CCIM fit of EmotNet, batch {BATCH}, {workers} loader workers, steps {SKIP}..{STEPS}: "
+        f"{clock.samples / (wait + compute):.0f} samples/s wall ({clock.samples / compute:.0f} if never waiting), "
+        f"GPU waiting on data {wait / (wait + compute):.0%} of the time (median wait "
+        f"{sorted(clock.wait)[len(clock.wait) // 2] * 1e3:.1f} ms, compute "
+        f"{sorted(clock.compute)[len(clock.compute) // 2] * 1e3:.1f} ms per step), "
+        f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    )
+PY
+python3 - <<'PY'
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, "benchmarks")
+from kmeans import make_features  # noqa: E402
+from ccim_lightning.dictionary.distributed import distributed_kmeans
+from ccim_lightning.dictionary.kmeans import kmeans
+
+features = make_features(100_000, 2048, 512, 0)
+start = time.perf_counter()
+reference = kmeans(features, 256, seed=0, num_iterations=20)
+cpu_seconds = time.perf_counter() - start
+x = torch.from_numpy(features).cuda()
+distributed_kmeans(x[:4096], 256, seed=0, num_iterations=2)  # CUDA context, kernels
+torch.cuda.synchronize()
+start = time.perf_counter()
+result = distributed_kmeans(x, 256, seed=0, num_iterations=20)
+torch.cuda.synchronize()
+gpu_seconds = time.perf_counter() - start
+print(
+    f"k-means 100000 x 2048, k=256, 20 iterations: FAISS CPU ({torch.get_num_threads()} threads) {cpu_seconds:.2f} s, "
+    f"inertia {reference.inertia:.6g}; distributed_kmeans torch on CUDA (1 rank) {gpu_seconds:.2f} s, inertia "
+    f"{result.inertia:.6g} ({result.inertia / reference.inertia:.4f} of FAISS), {result.iterations} iterations"
+)
 PY
