@@ -20,8 +20,9 @@ from ccim_lightning.hosts import TwoStreamHost
 
 
 class SaveDictionary(Callback):
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, callback: ConfounderDictionaryCallback) -> None:
         self.out = out
+        self.callback = callback
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         head = pl_module.head
@@ -30,6 +31,7 @@ class SaveDictionary(Callback):
                 "dictionary": head.dictionary.cpu(),
                 "prior": head.prior.cpu(),
                 "clusters": pl_module.train_clusters.cpu(),
+                "inertia": self.callback.last_dictionary.inertia,
                 "world_size": trainer.world_size,
             },
             self.out / f"rank{trainer.global_rank}.pt",
@@ -57,6 +59,7 @@ def main(out: Path, devices: int, cache: str | None, uniform: bool, fail_rank: i
     model = CCIMLightningModule(
         TwoStreamHost(feature_dim=16), num_classes=4, num_prototypes=6, confounder_dim=256, uniform_attention=uniform
     )
+    dictionary = ConfounderDictionaryCallback(extractor="test_efficientnet", batch_size=8, cache=cache, progress=False)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -69,10 +72,7 @@ def main(out: Path, devices: int, cache: str | None, uniform: bool, fail_rank: i
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[
-            ConfounderDictionaryCallback(extractor="test_efficientnet", batch_size=8, cache=cache, progress=False),
-            SaveDictionary(out),
-        ],
+        callbacks=[dictionary, SaveDictionary(out, dictionary)],
     )
     trainer.fit(model, datamodule=data)
 

@@ -7,7 +7,7 @@ import torch
 from ccim_lightning import CCIMLightningModule, ContextFeatureExtractor
 from ccim_lightning.callbacks import ConfounderDictionaryCallback
 from ccim_lightning.datamodules import SyntheticContextDataModule
-from ccim_lightning.dictionary.recipe import ContextFeatures, DictionaryRecipe, gather_features
+from ccim_lightning.dictionary.recipe import ContextFeatures, DictionaryRecipe, own_rows
 from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryFileError
 from ccim_lightning.hosts import TwoStreamHost
 
@@ -219,45 +219,26 @@ def test_damaged_cache_is_an_error_not_silently_used(tmp_path):
         )
 
 
-def test_gather_removes_sampler_padding_and_restores_index_order():
-    # Two ranks of a DistributedSampler over 5 samples: rank 0 gets 0, 2, 4 and rank 1 gets 1, 3, 0 (padding).
-    features = torch.arange(5, dtype=torch.float32)[:, None].repeat(1, 3)
-    shards = [ContextFeatures(features[s], s) for s in (torch.tensor([0, 2, 4]), torch.tensor([1, 3, 0]))]
-    gathered = gather_features(shards[0], _two_rank_all_gather(shards), world_size=2)
-    assert torch.equal(gathered.indices, torch.arange(5))
-    assert torch.equal(gathered.features, features)
+def test_own_rows_drop_the_sampler_padding_and_keep_every_sample_once():
+    from torch.utils.data.distributed import DistributedSampler
+
+    # 5 samples over 2 ranks: the sampler gives rank 0 samples 0, 2, 4 and rank 1 samples 1, 3 and a repeat of 0.
+    shards = [list(DistributedSampler(range(5), num_replicas=2, rank=r, shuffle=False)) for r in (0, 1)]
+    assert shards == [[0, 2, 4], [1, 3, 0]]
+    kept = []
+    for rank, shard in enumerate(shards):
+        index = torch.tensor(shard)
+        local = ContextFeatures(index[:, None].float(), index, targets=index * 10)
+        own = own_rows(local, world_size=2, rank=rank)
+        assert torch.equal(own.targets, own.indices * 10) and torch.equal(own.features[:, 0].long(), own.indices)
+        kept += own.indices.tolist()
+    assert sorted(kept) == [0, 1, 2, 3, 4]
 
 
-def test_gather_accepts_shards_of_unequal_size():
-    # Rank 1 skipped an undecodable sample (3): 3 rows against 1.
-    features = torch.arange(5, dtype=torch.float32)[:, None].repeat(1, 2)
-    shards = [ContextFeatures(features[s], s) for s in (torch.tensor([0, 2, 4]), torch.tensor([1]))]
-    gathered = gather_features(shards[0], _two_rank_all_gather(shards), world_size=2)
-    assert gathered.indices.tolist() == [0, 1, 2, 4]
-    assert torch.equal(gathered.features, features[[0, 1, 2, 4]])
-
-
-def _two_rank_all_gather(shards):
-    """An all_gather as rank 0 of two would see it: rank 1's sends are worked out by running it on rank 1's shard.
-
-    ``gather_features`` sends, in order: the optional-column flags, then for each row tensor its row count and
-    the padded rows. Rank 1's tensors are computed from its shard the same way the code under test pads them.
-    """
-    other = shards[1]
-    other_sends = [torch.tensor([other.targets is not None, other.scenes is not None]).long()]
-    for tensor in (other.features, other.indices):
-        other_sends += [torch.tensor([tensor.shape[0]]), tensor]
-    sends = iter(other_sends)
-
-    def all_gather(tensor):
-        theirs = next(sends)
-        if theirs.ndim and tensor.ndim and theirs.shape[0] < tensor.shape[0]:  # pad theirs as they would
-            theirs = torch.cat([theirs, theirs.new_zeros((tensor.shape[0] - theirs.shape[0], *theirs.shape[1:]))])
-        if theirs.shape[0] > tensor.shape[0]:  # pad ours to theirs (both ranks pad to the largest)
-            tensor = torch.cat([tensor, tensor.new_zeros((theirs.shape[0] - tensor.shape[0], *tensor.shape[1:]))])
-        return torch.stack([tensor, theirs])
-
-    return all_gather
+def test_own_rows_with_unequal_shards():
+    # Rank 1 lost sample 3 to a decode failure: its shard is [1, 0(repeat)], rank 0's is [0, 2, 4].
+    local = ContextFeatures(torch.zeros(2, 1), torch.tensor([1, 0]))
+    assert own_rows(local, world_size=2, rank=1).indices.tolist() == [1]
 
 
 @pytest.mark.parametrize(

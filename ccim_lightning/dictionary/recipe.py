@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from ccim_lightning.dictionary.distributed import all_gather_variable, distributed_kmeans
 from ccim_lightning.dictionary.features import ContextFeatureExtractor
 from ccim_lightning.dictionary.kmeans import kmeans
 from ccim_lightning.dictionary.store import (
@@ -168,50 +169,23 @@ def extract_context_features(
     return ContextFeatures(cat("features"), cat("indices"), cat("targets"), cat("scenes"))
 
 
-def all_gather_rows(tensor: torch.Tensor, all_gather: Callable[[torch.Tensor], torch.Tensor], world_size: int):
-    """Every rank's rows of ``tensor`` concatenated (rank order), when ranks hold different numbers of rows.
-
-    Collectives need equal shapes: the row counts are gathered first, each shard is padded to the largest, and the
-    padding is cut off again after the gather.
-    """
-    count = torch.tensor([tensor.shape[0]], device=tensor.device)
-    counts = all_gather(count).reshape(-1).tolist()
-    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    gathered = all_gather(padded).reshape(world_size, max(counts), *tensor.shape[1:])
-    return torch.cat([gathered[rank, :n] for rank, n in enumerate(counts)])
-
-
-def gather_features(
-    local: ContextFeatures, all_gather: Callable[[torch.Tensor], torch.Tensor] | None, world_size: int
-) -> ContextFeatures:
-    """Collects every rank's features, drops the sampler's padding repeats and sorts by sample index.
-
-    Args:
-        local: This rank's shard; shards may differ in size (samples skipped at decode time).
-        all_gather: A collective returning (world_size, *shape) for a tensor (``trainer.strategy.all_gather``);
-            ``None`` in a single process.
-        world_size: Number of ranks.
-
-    Returns:
-        All samples exactly once, in index order, so the result equals a single-process extraction.
-    """
-    if world_size > 1 and all_gather is not None:
-        # Every rank must take part in the same collectives: agree on which optional columns exist first.
-        flags = torch.tensor([local.targets is not None, local.scenes is not None], device=local.features.device)
-        have = all_gather(flags.long()).reshape(world_size, 2).min(dim=0).values.bool().tolist()
-        gather = lambda t: all_gather_rows(t, all_gather, world_size)  # noqa: E731
-        local = ContextFeatures(
-            gather(local.features),
-            gather(local.indices),
-            gather(local.targets) if have[0] else None,
-            gather(local.scenes) if have[1] else None,
-        )
+def in_index_order(local: ContextFeatures) -> ContextFeatures:
+    """The rows sorted by sample index, each sample once (a loader that repeats samples counts them once)."""
     order = torch.argsort(local.indices, stable=True)
     indices = local.indices[order]
     keep = torch.ones_like(indices, dtype=torch.bool)
     keep[1:] = indices[1:] != indices[:-1]
     return local.rows(order[keep])
+
+
+def own_rows(local: ContextFeatures, world_size: int, rank: int) -> ContextFeatures:
+    """This rank's shard without the DistributedSampler's padding repeats.
+
+    With ``shuffle=False`` the sampler gives sample ``i`` to rank ``i % world_size``; the repeats it appends to make
+    the shards equal belong to another rank (or repeat one of this rank's), so keeping the rows whose index this rank
+    owns leaves every sample on exactly one rank, also when decode-time skips made the shards unequal.
+    """
+    return in_index_order(local.rows(local.indices % world_size == rank))
 
 
 def _scene_statistics(assignments: torch.Tensor, scenes: torch.Tensor, num_clusters: int) -> dict[str, float]:
@@ -373,13 +347,49 @@ class DictionaryRecipe:
             show = self.progress and collectives.is_global_zero
             local = extract_context_features(extractor, loader, device, progress=show)
         del extractor
-        gathered = gather_features(local, collectives.all_gather, collectives.world_size)
+        if collectives.world_size == 1:
+            dictionary = self.cluster(in_index_order(local), num_prototypes, wanted, num_samples=len(dataset))
+        else:
+            dictionary = self._cluster_shards(local, collectives, num_prototypes, wanted, len(dataset))
+        dictionary.extra["build_seconds"] = time.perf_counter() - start
+        return dictionary
+
+    def _cluster_shards(
+        self, local: ContextFeatures, collectives: Collectives, num_prototypes: int, wanted: dict, size: int
+    ) -> ConfounderDictionary:
+        """k-means over the ranks' shards: no rank holds more than its shard's features plus O(k·d).
+
+        The per-sample clusters, targets and scenes (a few numbers per sample) are gathered; rank 0 assembles the
+        dictionary, writes the cache and broadcasts it.
+        """
+        if self.pca_dim is not None:
+            raise ValueError(
+                "pca_dim is not supported by the distributed dictionary build: unset it, or build the dictionary "
+                "once in one process (`ccim build-dictionary --dictionary.cache FILE`) and reuse it through `cache`."
+            )
+        local = own_rows(local, collectives.world_size, collectives.global_rank)
+        start = time.perf_counter()
+        result = distributed_kmeans(local.features, num_prototypes, seed=self.seed, num_iterations=self.num_iterations)
+        columns = [local.indices, result.assignments.to(local.indices.device)]
+        if local.scenes is not None:
+            columns.append(local.scenes)
+        gathered = all_gather_variable(torch.stack(columns, dim=1)).cpu()
+        targets = None if local.targets is None else all_gather_variable(local.targets).cpu()
         dictionary = None
-        with _agreed(collectives, "clustering the scene features"):
+        with _agreed(collectives, "assembling the dictionary"):
             if collectives.is_global_zero:
-                dictionary = self.cluster(gathered, num_prototypes, wanted, num_samples=len(dataset))
-                dictionary.extra["build_seconds"] = time.perf_counter() - start
-        # Every rank takes part in the broadcast; only rank 0 has something to send.
+                dictionary = self._assemble(
+                    centroids=result.centroids,
+                    counts=result.counts,
+                    inertia=result.inertia,
+                    indices=gathered[:, 0],
+                    assignments=gathered[:, 1],
+                    targets=targets,
+                    scenes=gathered[:, 2] if gathered.shape[1] > 2 else None,
+                    wanted=wanted,
+                    size=size,
+                    extra={"kmeans_seconds": time.perf_counter() - start, "kmeans_backend": "distributed-torch"},
+                )
         return collectives.broadcast(dictionary, src=0)
 
     def cluster(
@@ -405,37 +415,57 @@ class DictionaryRecipe:
             sample_ids=gathered.indices.tolist(),
         )
         size = int(num_samples if num_samples is not None else int(gathered.indices.max()) + 1)
-        indices = gathered.indices.cpu()
-        assignments = torch.full((size,), -1, dtype=torch.long)
-        assignments[indices] = result.assignments.cpu()
-        targets = None
-        if gathered.targets is not None:
-            source = gathered.targets.cpu()
-            targets = source.new_zeros((size, *source.shape[1:]))
-            targets[indices] = source
-        extra: dict[str, Any] = {
-            "cluster_sizes": result.counts.tolist(),
-            "kmeans_seconds": time.perf_counter() - start,
-            "feature_dim": int(gathered.features.shape[1]),
+        return self._assemble(
+            centroids=result.centroids,
+            counts=result.counts,
+            inertia=result.inertia,
+            indices=gathered.indices,
+            assignments=result.assignments,
+            targets=gathered.targets,
+            scenes=gathered.scenes,
+            wanted=wanted,
+            size=size,
+            extra={"kmeans_seconds": time.perf_counter() - start, "kmeans_backend": result.backend},
+        )
+
+    def _assemble(
+        self, *, centroids, counts, inertia, indices, assignments, targets, scenes, wanted, size, extra
+    ) -> ConfounderDictionary:
+        """The dictionary of a clustering, each sample's cluster and target at its index; cached when asked.
+
+        Samples that were not clustered (skipped at decode time) get cluster -1.
+        """
+        indices = indices.cpu().long()
+        by_index = torch.full((size,), -1, dtype=torch.long)
+        by_index[indices] = assignments.cpu().long()
+        targets_by_index = None
+        if targets is not None:
+            targets = targets.cpu()
+            targets_by_index = targets.new_zeros((size, *targets.shape[1:]))
+            targets_by_index[indices] = targets
+        extra = {
+            **extra,
+            "cluster_sizes": counts.tolist(),
+            "feature_dim": int(centroids.shape[1]),
             "skipped_samples": int(size - len(indices)),
         }
-        if gathered.scenes is not None:
-            extra.update(_scene_statistics(result.assignments.cpu(), gathered.scenes.cpu(), num_prototypes))
+        if scenes is not None:
+            extra.update(_scene_statistics(assignments.cpu().long(), scenes.cpu().long(), int(centroids.shape[0])))
         dictionary = ConfounderDictionary.from_clustering(
-            result.centroids.cpu(),
-            result.counts.cpu(),
+            centroids.cpu(),
+            counts.cpu(),
             extractor=wanted["extractor"],
             weights_digest=wanted["weights_digest"],
             mask_subject=self.mask_subject,
             seed=self.seed,
             dataset_fingerprint=wanted["dataset_fingerprint"],
-            num_samples=int(gathered.features.shape[0]),
-            inertia=float(result.inertia),
+            num_samples=len(indices),
+            inertia=float(inertia),
             num_iterations=self.num_iterations,
             pca_dim=self.pca_dim,
             transform=wanted["transform"],
-            assignments=assignments,
-            targets=targets,
+            assignments=by_index,
+            targets=targets_by_index,
             extra=extra,
         )
         if self.cache_path is not None:
