@@ -98,6 +98,23 @@ class CCIMCLI(LightningCLI):
         if section.get("ckpt_path"):
             check_checkpoint_matches_config(section.ckpt_path, section.model)
 
+    def _drop_checkpointing(self) -> None:
+        # Outside `fit` nothing is saved; Lightning would still restore the callback's state from --ckpt_path and warn
+        # that its folder changed (each run has its own).
+        self.trainer.callbacks = [cb for cb in self.trainer.callbacks if not isinstance(cb, ModelCheckpoint)]
+
+    @override
+    def before_validate(self) -> None:
+        self._drop_checkpointing()
+
+    @override
+    def before_test(self) -> None:
+        self._drop_checkpointing()
+
+    @override
+    def before_predict(self) -> None:
+        self._drop_checkpointing()
+
     @override
     def after_predict(self) -> None:
         if not any(isinstance(cb, PredictionWriter) for cb in self.trainer.callbacks):
@@ -153,7 +170,8 @@ def check_checkpoint_matches_config(ckpt_path: str, user_model: Any) -> None:
     user = _plain(user_model)
     given = user.get("init_args", {}) if isinstance(user, dict) else {}
     saved = _plain(saved)
-    differing = {k for k in given.keys() & saved.keys() if given[k] != saved[k] and k not in ("num_classes",)}
+    linked = ("num_classes", "task", "class_names")  # filled from the datamodule at instantiation, None here
+    differing = {k for k in given.keys() & saved.keys() if given[k] != saved[k] and k not in linked}
     shape = sorted(differing & set(SHAPE_FIELDS))
     if shape:
         lines = "\n".join(f"  {k}: config {given[k]!r}, checkpoint {saved[k]!r}" for k in shape)
@@ -250,7 +268,18 @@ def print_overview() -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``ccim`` console script."""
+    """Entry point of the ``ccim`` console script: input errors end in one message naming the file or field."""
+    from ccim_lightning.checkpoints import CheckpointError
+
+    # Lightning's own use of a torch API that newer torch deprecates: news to Lightning, not to our users.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    try:
+        _run(args)
+    except (CheckpointConfigMismatch, CheckpointError, FileNotFoundError, IsADirectoryError) as error:
+        raise SystemExit(f"ccim: error: {error}") from error
+
+
+def _run(args: list[str] | None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):
         print_overview()
