@@ -555,12 +555,7 @@ class SyntheticContextDataModule(L.LightningDataModule):
         return self._loader(self.test_unbiased_dataset)
 
     def dictionary_dataset(self, mask_subject: bool = True) -> SyntheticContextDataset:
-        """The training split in its fixed order, without augmentation, for building the confounder dictionary.
-
-        Args:
-            mask_subject: Fill the subject box of ``context`` with zeros (the paper's setting); ``False`` gives
-                the "without masking" ablation.
-        """
+        """The training split for the confounder dictionary, as ``PersonDataModule.dictionary_dataset``."""
         return self._dataset("train", flip=False, mask_subject=mask_subject)
 
     def dictionary_signature(self) -> dict:

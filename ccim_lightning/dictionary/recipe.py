@@ -378,18 +378,10 @@ class DictionaryRecipe:
         dictionary = None
         with _agreed(collectives, "assembling the dictionary"):
             if collectives.is_global_zero:
-                dictionary = self._assemble(
-                    centroids=result.centroids,
-                    counts=result.counts,
-                    inertia=result.inertia,
-                    indices=gathered[:, 0],
-                    assignments=gathered[:, 1],
-                    targets=targets,
-                    scenes=gathered[:, 2] if gathered.shape[1] > 2 else None,
-                    wanted=wanted,
-                    size=size,
-                    extra={"kmeans_seconds": time.perf_counter() - start, "kmeans_backend": "distributed-torch"},
-                )
+                scenes = gathered[:, 2] if gathered.shape[1] > 2 else None
+                rows = ContextFeatures(torch.zeros(len(gathered), 0), gathered[:, 0], targets, scenes)
+                extra = {"kmeans_seconds": time.perf_counter() - start, "kmeans_backend": "distributed-torch"}
+                dictionary = self._assemble(result, rows, gathered[:, 1], wanted, size, extra)
         return collectives.broadcast(dictionary, src=0)
 
     def cluster(
@@ -415,26 +407,29 @@ class DictionaryRecipe:
             sample_ids=gathered.indices.tolist(),
         )
         size = int(num_samples if num_samples is not None else int(gathered.indices.max()) + 1)
-        return self._assemble(
-            centroids=result.centroids,
-            counts=result.counts,
-            inertia=result.inertia,
-            indices=gathered.indices,
-            assignments=result.assignments,
-            targets=gathered.targets,
-            scenes=gathered.scenes,
-            wanted=wanted,
-            size=size,
-            extra={"kmeans_seconds": time.perf_counter() - start, "kmeans_backend": result.backend},
-        )
+        extra = {"kmeans_seconds": time.perf_counter() - start, "kmeans_backend": result.backend}
+        return self._assemble(result, gathered, result.assignments, wanted, size, extra)
 
     def _assemble(
-        self, *, centroids, counts, inertia, indices, assignments, targets, scenes, wanted, size, extra
+        self, result: Any, rows: ContextFeatures, assignments: torch.Tensor, wanted: dict, size: int, extra: dict
     ) -> ConfounderDictionary:
         """The dictionary of a clustering, each sample's cluster and target at its index; cached when asked.
 
-        Samples that were not clustered (skipped at decode time) get cluster -1.
+        Args:
+            result: The clustering (``centroids``, ``counts``, ``inertia``).
+            rows: The clustered samples' indices, targets and scenes.
+            assignments: Their clusters, row for row.
+            wanted: The run's cache key.
+            size: Samples in the split; those not clustered (skipped at decode time) get cluster -1.
+            extra: Timings and backend, for the logs.
         """
+        centroids, counts, indices, targets, scenes = (
+            result.centroids,
+            result.counts,
+            rows.indices,
+            rows.targets,
+            rows.scenes,
+        )
         indices = indices.cpu().long()
         by_index = torch.full((size,), -1, dtype=torch.long)
         by_index[indices] = assignments.cpu().long()
@@ -460,7 +455,7 @@ class DictionaryRecipe:
             seed=self.seed,
             dataset_fingerprint=wanted["dataset_fingerprint"],
             num_samples=len(indices),
-            inertia=float(inertia),
+            inertia=float(result.inertia),
             num_iterations=self.num_iterations,
             pca_dim=self.pca_dim,
             transform=wanted["transform"],
