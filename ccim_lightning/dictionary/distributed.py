@@ -37,7 +37,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ccim_lightning.dictionary.kmeans import _LOCAL_TRIALS, _SEEDING_ROUNDS, _sample_proportional, _squared_distances
+from ccim_lightning.dictionary.kmeans import (
+    _LOCAL_TRIALS,
+    _SEEDING_ROUNDS,
+    KMeansResult,
+    _sample_proportional,
+    _squared_distances,
+)
 
 __all__ = ["DistributedKMeansResult", "all_gather_variable", "distributed_kmeans"]
 
@@ -54,36 +60,21 @@ _UNIFORM_BLOCK = 1 << 16
 
 
 @dataclass(frozen=True)
-class DistributedKMeansResult:
-    """The outcome of :func:`distributed_kmeans` on one rank; tensors are on the device of the local features.
+class DistributedKMeansResult(KMeansResult):
+    """The outcome of :func:`distributed_kmeans` on one rank, a :class:`KMeansResult` with global statistics.
+
+    Tensors are on the device of the local features; ``centroids``, ``counts`` and ``inertia`` are global (identical
+    on every rank) and ``assignments`` (n_r,) are the clusters of *this rank's* points.
 
     Attributes:
-        centroids: (k, d) float32 mean of each cluster's members over all ranks, in the original feature space;
-            identical on every rank.
-        counts: (k,) int64 global cluster sizes, all positive, summing to the total number of points.
-        assignments: (n_r,) int64 cluster of each of *this rank's* points.
-        inertia: Global sum of squared Euclidean distances of the points to their centroid.
-        iterations: Lloyd iterations run (fewer than asked when no assignment changed).
-        seconds: Wall time of the call on this rank.
         world_size: Number of ranks that took part.
         rank: This rank within the group.
         num_points: Total number of points over all ranks.
     """
 
-    centroids: torch.Tensor
-    counts: torch.Tensor
-    assignments: torch.Tensor
-    inertia: float
-    iterations: int
-    seconds: float
-    world_size: int
-    rank: int
-    num_points: int
-
-    @property
-    def num_clusters(self) -> int:
-        """Number of clusters k."""
-        return int(self.centroids.shape[0])
+    world_size: int = 1
+    rank: int = 0
+    num_points: int = 0
 
 
 class _Collectives:
@@ -352,6 +343,8 @@ def distributed_kmeans(
         inertia=inertia,
         iterations=iterations,
         seconds=seconds,
+        backend="distributed-torch",
+        device=str(assignments.device),
         world_size=comm.world_size,
         rank=comm.rank,
         num_points=total,
