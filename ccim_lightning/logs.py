@@ -23,16 +23,17 @@ def configure_package_logging() -> logging.Logger:
     """Sets up the ``ccim_lightning`` logger once, at import.
 
     Level INFO. When the application has configured no logging (the root logger has no handler), the package gets
-    its own stream handler and does not propagate, exactly as ``lightning.pytorch`` does; otherwise records go to
-    the application's handlers. Either way non-zero ranks only pass errors.
+    its own stream handler, which passes only errors on non-zero ranks, and does not propagate, exactly as
+    ``lightning.pytorch`` does. Otherwise records go to the application's handlers; add :class:`RankZeroFilter` to
+    them for one line per event under DDP. (A filter must sit on the handler: a logger's own filters do not see
+    the records of its child loggers.)
     """
     logger = logging.getLogger(PACKAGE_LOGGER)
     logger.setLevel(logging.INFO)
-    if not any(isinstance(f, RankZeroFilter) for f in logger.filters):
-        logger.addFilter(RankZeroFilter())
     if not logging.getLogger().hasHandlers() and not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(RankZeroFilter())
         logger.addHandler(handler)
         logger.propagate = False
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is not news to users
