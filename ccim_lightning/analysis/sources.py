@@ -248,13 +248,14 @@ def cluster_contexts(
 
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
-    from ccim_lightning.cli import dictionary_recipe
+    from ccim_lightning.callbacks import ConfounderDictionaryCallback
     from ccim_lightning.dictionary.features import ContextFeatureExtractor
     from ccim_lightning.dictionary.recipe import dictionary_loader, extract_context_features, in_index_order
 
     given = None if dictionary_path is None else check_dictionary_file(dictionary_path)  # fail before the slow part
     datamodule = cli.datamodule
-    recipe = dictionary_recipe(cli)
+    (callback,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ConfounderDictionaryCallback)]
+    recipe = callback.recipe  # the run's --dictionary.* settings
     recipe = dataclasses.replace(
         recipe,
         batch_size=batch_size or recipe.batch_size,
