@@ -140,6 +140,22 @@ def test_validation_map_and_per_class_ap_match_scikit_learn(tmp_path):
         assert results[f"val/AP/{name}"] == pytest.approx(value, abs=1e-5)
 
 
+def test_map_counts_a_class_without_positives_as_zero(tmp_path):
+    # Class "d" has no positive sample in the evaluated set: its AP is undefined and counts as 0 in the mean over
+    # all four classes (what the module's docstring and the README say), not left out.
+    data = RandomBatches(50, 4, multilabel=True)
+    data.target[:, 3] = 0
+    module = make_module(task="multilabel", num_classes=4, class_names=["a", "b", "c", "d"]).eval()
+    with pytest.warns(UserWarning, match="No positive samples"):
+        results = _trainer(tmp_path).validate(module, DataLoader(data, batch_size=16))[0]
+    with torch.no_grad():
+        scores = module(data[:50]).numpy()
+    target = data.target.numpy()
+    first_three = [average_precision_score(target[:, c], scores[:, c]) for c in range(3)]
+    assert results["val/AP/d"] == 0.0
+    assert results["val/mAP"] == pytest.approx(sum(first_three) / 4, abs=1e-5)
+
+
 def test_fit_updates_head_and_backbone_but_not_the_dictionary(tmp_path):
     module = make_module()
     before = {k: v.clone() for k, v in module.state_dict().items()}
