@@ -119,8 +119,8 @@ def normalize_batch(batch: Any, mean: Sequence[float], std: Sequence[float], fil
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=device)[:, None, None]
     bias = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=device)[:, None, None]
     for key in ("subject", "context"):
-        pixels = out[key]
-        if pixels.dtype == torch.uint8:
+        pixels = out.get(key)
+        if isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8:
             if pixels.ndim != 4 or pixels.shape[-1] != 3:
                 raise ValueError(f"normalize_batch: {key} is {tuple(pixels.shape)} uint8, expected (B, H, W, 3)")
             out[key] = pixels.permute(0, 3, 1, 2).contiguous().float().mul_(scale).add_(bias)
