@@ -11,6 +11,7 @@ from test_loader_decode import PERSONS, table_module, write_photo_table
 from ccim_lightning.datamodules.dataset import (
     ImageGroupedSampler,
     collate_skipping_none,
+    mask_boxes,
     normalize_batch,
 )
 
@@ -146,3 +147,16 @@ def test_group_by_image_switch_and_shuffled_training_loader(photo_root):
     assert not isinstance(dm.val_dataloader().sampler, ImageGroupedSampler)
     seen = np.concatenate([batch["index"].numpy() for batch in dm.train_dataloader()])
     assert sorted(seen.tolist()) == list(range(len(dm.train_dataset)))
+
+
+def test_both_masking_kernels_fill_exactly_the_boxes():
+    boxes = torch.tensor([[1, 2, 4, 3], [0, 0, 0, 0], [3, 1, 5, 5], [-1, -2, 2, 1]])
+    expected = torch.ones(4, 2, 5, 5)
+    for sample, (x1, y1, x2, y2) in zip(expected, boxes.tolist()):  # by hand, clipped at 0
+        for y in range(max(y1, 0), y2):
+            for x in range(max(x1, 0), x2):
+                sample[:, y, x] = -3.0
+    for vectorised in (True, False):
+        context = torch.ones(4, 2, 5, 5)
+        mask_boxes(context, boxes, -3.0, vectorised=vectorised)
+        assert torch.equal(context, expected), vectorised
