@@ -97,7 +97,8 @@ class PersonDataModule(L.LightningDataModule):
             (:meth:`normalize_batch`); ``False``, or a loader used outside a trainer, gives the float batches of the
             CPU path (``PersonImageDataset``). Both give equal batches (float rounding).
         group_by_image: The training order keeps the persons of one image together (images shuffled, see
-            ``ImageGroupedSampler``), so one decode serves them all; ``False``: plain per-person shuffling.
+            ``ImageGroupedSampler``), so one decode serves them all; ``False``: plain per-person shuffling. One
+            process only: under DDP the training loader shuffles per person (Lightning's distributed sampler).
     """
 
     dataset_name = "dataset"
@@ -293,7 +294,10 @@ class PersonDataModule(L.LightningDataModule):
         if device_side and self._device_side(dataset):
             dataset = dataset.with_output("uint8")
         sampler = None
-        if shuffle and self.group_by_image and isinstance(dataset, PersonImageDataset):
+        # one process only: under DDP Lightning shards the sampler's order by striding, which partitions the
+        # samples only if every rank drew the same order; its own DistributedSampler guarantees that
+        single = self.trainer is None or self.trainer.world_size == 1
+        if shuffle and single and self.group_by_image and isinstance(dataset, PersonImageDataset):
             sampler, shuffle = ImageGroupedSampler(dataset.table.paths), False
         return DataLoader(
             dataset,

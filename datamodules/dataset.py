@@ -161,8 +161,9 @@ class ImageGroupedSampler(Sampler[int]):
 
     The training order of a ``shuffle=True`` loader, except that persons sharing an image come one after another,
     so one decode (and one context resize) serves them all. A new order each pass; without a ``generator`` it
-    draws its seed from torch's global generator (``seed_everything`` seeds it), as ``RandomSampler`` does. Under
-    DDP, Lightning shards this sampler's order across ranks, which splits some groups (correct, only less sharing).
+    draws its seed from torch's global generator (``seed_everything`` seeds it), as ``RandomSampler`` does. The
+    datamodules use it in one process only (under DDP ranks could draw different orders; Lightning's distributed
+    sampler takes over there).
 
     Args:
         paths: One image path per sample.
