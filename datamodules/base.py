@@ -88,10 +88,11 @@ class PersonDataModule(L.LightningDataModule):
         train_transform: Replaces the default training transform (``ContextTransform`` contract).
         eval_transform: Replaces the default evaluation transform (also used for the dictionary).
         reduced_decode: Decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that still gives the subject crop
-            and the context at least their output sizes (``ccim_lightning.datamodules.decode``): faster, with pixels
-            a little different from a full decode (about 1 grey level, mean absolute; ``benchmarks/data.py``
-            measures it). ``False``: full-resolution decoding, exactly the earlier outputs. Part of the dictionary
-            signature.
+            and the context at least their output sizes, and make the context from the image box-reduced (PIL
+            ``reduce``) the rest of the way its own size allows (``ccim_lightning.datamodules.decode``): faster,
+            with pixels a little different from a full decode (about 1-2 grey levels of 255, mean absolute;
+            ``benchmarks/data.py`` measures it). ``False``: full-resolution decoding and resizing, exactly the
+            earlier outputs. Part of the dictionary signature.
         device_normalize: In a Lightning run (the datamodule given to the trainer), loaders hand uint8 pixels to
             the main process and :meth:`on_after_batch_transfer` normalises and masks them on the device
             (:meth:`normalize_batch`); ``False``, or a loader used outside a trainer, gives the float batches of the

@@ -217,9 +217,10 @@ class PersonImageDataset(Dataset):
             :attr:`collate_fn` drops from the batch.
         name: ``"<dataset> <split>"``, for messages.
         failures: The split's shared decode-failure flags (:func:`new_failure_flags`); default: the dataset's own.
-        reduced_decode: Decode JPEGs at the smallest size that still gives both outputs their size (``decode``
-            module); needs a transform with ``decode_reductions`` (``ContextTransform``), else images are decoded
-            whole. ``False`` gives exactly the full-resolution outputs.
+        reduced_decode: Decode JPEGs at the smallest size that still gives both outputs their size, and make the
+            context from the image box-reduced to the smallest size that still gives the context its size
+            (``decode`` module); needs a transform with ``decode_reductions`` (``ContextTransform``), else images
+            are decoded whole. ``False`` gives exactly the full-resolution outputs.
         output: ``"float"`` (normalised, masked) or ``"uint8"`` (for :func:`normalize_batch`); see the module
             docstring. ``"uint8"`` needs a ``ContextTransform``-style transform (``uint8=True`` keyword).
     """
@@ -257,7 +258,10 @@ class PersonImageDataset(Dataset):
         self.reduced_decode = reduced_decode
         self.reductions = np.ones(len(table), dtype=np.int64)
         reductions = getattr(transform, "decode_reductions", None)
-        if reduced_decode and callable(reductions):
+        self._extended = callable(reductions)  # the transform takes reduction=, full_size=, uint8=, reduce_context=
+        if output == "uint8" and not self._extended:
+            raise ValueError(f"output='uint8' needs a ContextTransform-style transform, got {transform!r}")
+        if reduced_decode and self._extended:
             self.reductions = image_reductions(table.paths, reductions(table.sizes, table.boxes, table.localised))
         self._last: tuple[tuple[str, int], Any, int] | None = None  # (path, reduction), image, applied reduction
 
@@ -270,6 +274,8 @@ class PersonImageDataset(Dataset):
         copy.__dict__.update(self.__getstate__())
         if output not in ("float", "uint8"):
             raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
+        if output == "uint8" and not self._extended:
+            raise ValueError(f"output='uint8' needs a ContextTransform-style transform, got {self.transform!r}")
         copy.output = output
         copy._warned = set()
         return copy
@@ -330,8 +336,10 @@ class PersonImageDataset(Dataset):
                 box = clipped[0] if ok[0] else None
         else:
             box = None
-        if applied == 1 and self.output == "float":  # the plain transform contract (any transform)
+        if not self._extended:  # the plain transform contract
             return sample_dict(self.transform(image, box), table, index, self.mask_subject)
         uint8 = self.output == "uint8"
-        output = self.transform(image, box, reduction=applied, full_size=full_size, uint8=uint8)
+        output = self.transform(
+            image, box, reduction=applied, full_size=full_size, uint8=uint8, reduce_context=self.reduced_decode
+        )
         return (uint8_sample_dict if uint8 else sample_dict)(output, table, index, self.mask_subject)

@@ -9,6 +9,11 @@ resolution, or keeps the size):
 - the subject (the box, resized to ``(Hs, Ws)``): ``box_width / r >= Ws`` and ``box_height / r >= Hs``; a
   subject that is not localised is the whole image.
 
+The context needs only the first condition, so where the subject keeps the decode above the context's own
+reduction ``r_c`` (:func:`context_reduction`), the context is made from the decoded image box-reduced the rest of
+the way (PIL ``Image.reduce`` by ``r_c / r``, 2x2 means per factor of two, as DCT scaling roughly is): the context
+always comes from the image at ``1 / r_c`` of its size, never below the context size.
+
 Where several persons share an image, the image is decoded at the smallest of their reductions (the per-image
 minimum), so every person of the image can be cut from one decode and the result of a person does not depend on
 which of them was decoded first. Reduced pixels are ``full / r``: a box ``(x1, y1, x2, y2)`` in full-resolution
@@ -33,7 +38,7 @@ from ccim_lightning.datamodules.common import to_rgb
 
 REDUCTIONS: tuple[int, ...] = (8, 4, 2, 1)
 """The DCT scalings PIL's JPEG ``draft`` offers (decoded size = full size / r, rounded up)."""
-DECODE_RULE = "jpeg-draft-v1"
+DECODE_RULE = "jpeg-draft+context-reduce-v1"
 """Names the reduction rule above; part of the dictionary signature when reduced decoding is on."""
 
 
@@ -70,6 +75,12 @@ def person_reductions(
     for reduction in REDUCTIONS[::-1][1:]:
         out[allowed >= reduction] = reduction
     return out
+
+
+def context_reduction(size: Sequence[int], context_size: tuple[int, int]) -> int:
+    """The largest of 1, 2, 4, 8 that leaves the whole image (``size`` = width, height) at least the context size."""
+    allowed = min(size[0] / context_size[1], size[1] / context_size[0])
+    return next(r for r in REDUCTIONS if allowed >= r or r == 1)
 
 
 def image_reductions(paths: Sequence[str], reductions: np.ndarray) -> np.ndarray:

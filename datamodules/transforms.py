@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ccim_lightning.datamodules.decode import person_reductions
+from ccim_lightning.datamodules.decode import context_reduction, person_reductions
 
 
 def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -40,6 +40,8 @@ class ContextTransform:
     (a replacement transform without it keeps the plain contract and gets full decodes and float outputs):
     ``reduction=r, full_size=(W, H)``: ``image`` was decoded at ``1 / r`` of a ``W x H`` file (``box``, the returned
     ``box`` and ``mask_box`` stay in full-resolution terms; see ``ccim_lightning.datamodules.decode``);
+    ``reduce_context=True``: the context is made from the image box-reduced to ``1 / decode.context_reduction``
+    (never below the context size) where the decode itself was not reduced that far;
     ``uint8=True``: ``subject`` and ``context`` come back as resized, unnormalised (H, W, 3) uint8 tensors, for
     normalisation on the device (``ccim_lightning.datamodules.dataset.normalize_batch``). The resized context of
     the last ``image`` object is kept, so persons of one image decoded once also share its context resize.
@@ -110,12 +112,25 @@ class ContextTransform:
             return image
         return image.resize((width, height), Image.Resampling.BILINEAR, box=box, reducing_gap=self.reducing_gap)
 
-    def _context(self, image: Image.Image, region: tuple[float, float, float, float] | None) -> Image.Image:
+    def _context(self, image: Image.Image, full_size: tuple[int, int], reduction: int, reduce: bool) -> Image.Image:
+        """The resized context of ``image`` (decoded at ``1 / reduction`` of ``full_size``).
+
+        With ``reduce``, the image is first box-reduced (PIL ``reduce``) to ``1 / context_reduction`` of its full
+        size, never below the context size: the rest of the way the subject did not let the JPEG decode go.
+        """
+        extra = max(context_reduction(full_size, self.context_size) // reduction, 1) if reduce else 1
+        key = (full_size, reduction, extra)
         cached = self._context_cache
-        if cached is not None and cached[0] is image and cached[1] == region:  # the same decode: the same resize
+        if cached is not None and cached[0] is image and cached[1] == key:  # the same decode: the same resize
             return cached[2]
-        context = self._resize(image, self.context_size, region)
-        self._context_cache = (image, region, context)
+        source, total = (image.reduce(extra), reduction * extra) if extra > 1 else (image, reduction)
+        # the full image in ``source`` pixels (it may end inside the last pixel); None = all of it as it is
+        width, height = full_size
+        region = None if total == 1 else (0.0, 0.0, width / total, height / total)
+        if region is not None and region[2:] == source.size:
+            region = None
+        context = self._resize(source, self.context_size, region)
+        self._context_cache = (image, key, context)
         return context
 
     def _to_tensor(self, image: Image.Image) -> torch.Tensor:
@@ -136,13 +151,10 @@ class ContextTransform:
         reduction: int = 1,
         full_size: tuple[int, int] | None = None,
         uint8: bool = False,
+        reduce_context: bool = False,
     ) -> dict[str, Any]:
         width, height = image.size if full_size is None else full_size
         context_h, context_w = self.context_size
-        # regions of ``image`` in its own (possibly reduced) pixels; None = the whole image as it is
-        region = None if reduction == 1 else (0.0, 0.0, width / reduction, height / reduction)
-        if region is not None and region[2:] == image.size:
-            region = None
         if subject is None:
             crop = (0, 0, width, height) if box is None else tuple(box)
             if reduction != 1:
@@ -150,7 +162,7 @@ class ContextTransform:
             subject = self._resize(image, self.subject_size, crop)
         else:
             subject = self._resize(subject, self.subject_size)
-        context = self._context(image, region)
+        context = self._context(image, (width, height), reduction, reduce_context)
         flip = self.flip and random.random() < 0.5
         if flip:
             context = context.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ccim_lightning.datamodules.dataset import sample_dict
-from ccim_lightning.datamodules.decode import decode_reduced, image_reductions, person_reductions
+from ccim_lightning.datamodules.decode import context_reduction, decode_reduced, image_reductions, person_reductions
 from ccim_lightning.datamodules.table import TableDataModule
 from ccim_lightning.datamodules.transforms import ContextTransform
 
@@ -71,6 +71,12 @@ def test_reduction_rule_matches_hand_computed_factors():
     assert person_reductions(sizes[:1], boxes[:1], localised[:1], (200, 300), (10, 10)).tolist() == [2]
     assert person_reductions(sizes[:1], boxes[:1], localised[:1], (100, 100), (10, 10)).tolist() == [4]
     assert image_reductions(["a", "b", "a", "c"], np.array([4, 2, 1, 8])).tolist() == [1, 2, 1, 8]
+    # the context alone: min(W / Wc, H / Hc), then a power of two up to 8
+    assert context_reduction((640, 480), (224, 224)) == 2  # min(2.86, 2.14)
+    assert context_reduction((640, 480), (96, 96)) == 4  # min(6.7, 5)
+    assert context_reduction((4000, 3000), (224, 224)) == 8  # 13.4, capped at 8
+    assert context_reduction((200, 480), (224, 224)) == 1  # upscaled width
+    assert context_reduction((448, 300), (150, 224)) == 2  # (height, width): min(448/224, 300/150) = 2
 
 
 def test_draft_never_gives_less_than_the_outputs_need(tmp_path):
@@ -132,9 +138,10 @@ def test_reduced_outputs_are_within_tolerance_of_full_decode(tmp_path):
         for key in ("subject", "context"):
             assert a[key].shape == b[key].shape
             mad = np.abs(grey_levels(a[key]) - grey_levels(b[key])).mean()
-            if reduced.reductions[i] == 1 or reduced.table.paths[i].endswith(".png"):  # decoded whole
+            whole = reduced.reductions[i] == 1 or reduced.table.paths[i].endswith(".png")
+            if key == "subject" and whole:  # decoded whole: the subject is the full-resolution one
                 assert mad == 0.0
-            else:
+            else:  # the context is box-reduced where its size allows it, also from a whole decode
                 assert mad <= MAD_TOLERANCE, (reduced.table.paths[i], key, mad)
         # the masked region is the same (in full-resolution terms) with both decodes
         assert torch.equal(a["context"] == 0, b["context"] == 0)
@@ -174,3 +181,23 @@ def test_persons_sharing_an_image_get_what_a_fresh_decode_gives(tmp_path, reduce
         cached = dataset[i]
         for key in ("subject", "context", "box"):
             assert torch.equal(cached[key], fresh[key])
+
+
+@pytest.mark.parametrize("decoded_at", [1, 2])
+def test_the_context_is_box_reduced_never_below_its_size(tmp_path, decoded_at):
+    """A 640x480 JPEG, context 96: the context comes from the image at 1/4 (160x120), whatever the decode was."""
+    photo(np.random.default_rng(3), 640, 480).save(tmp_path / "a.jpg", quality=90)
+    image, applied = decode_reduced(tmp_path / "a.jpg", decoded_at, (640, 480))
+    assert applied == decoded_at
+    transform = ContextTransform(96, 32)
+    got = transform(image, (0, 0, 640, 480), reduction=applied, full_size=(640, 480), reduce_context=True)
+    # the same by hand: the decoded image box-reduced by 4 / decoded_at, resized to 96x96
+    source = image.reduce(4 // decoded_at)
+    assert source.size == (160, 120) and min(source.size) >= 96
+    expected = np.asarray(source.resize((96, 96), Image.Resampling.BILINEAR)).transpose(2, 0, 1) / 255.0
+    expected = (expected - MEAN[:, None, None]) / STD[:, None, None]
+    np.testing.assert_allclose(got["context"].numpy(), expected, atol=1e-5)
+    # and within the tolerance of the full-resolution resize
+    full = Image.open(tmp_path / "a.jpg").convert("RGB").resize((96, 96), Image.Resampling.BILINEAR)
+    mad = np.abs(grey_levels(got["context"]) - np.asarray(full).transpose(2, 0, 1)).mean()
+    assert mad <= MAD_TOLERANCE
