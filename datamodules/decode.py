@@ -20,8 +20,8 @@ which of them was decoded first. Reduced pixels are ``full / r``: a box ``(x1, y
 pixels is ``(x1 / r, ..., y2 / r)`` in the reduced image, and the full image is the region ``(0, 0, W / r, H / r)``
 (libjpeg rounds the reduced size up, so that region may end inside the last pixel).
 
-Only JPEG files are reduced (``draft`` does nothing to other formats); an image whose size on disk no longer
-matches the size recorded at setup is decoded at full size.
+Only JPEG files are decoded reduced (``draft`` does nothing to other formats; a PNG's context is still
+box-reduced); an image whose size on disk no longer matches the size recorded at setup is decoded at full size.
 """
 
 from __future__ import annotations
