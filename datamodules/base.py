@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerStatus
 from torch.utils.data import DataLoader, Dataset
 
 from ccim_lightning.datamodules.common import (
@@ -279,8 +280,12 @@ class PersonDataModule(L.LightningDataModule):
             return False
         if (tuple(getattr(transform, "mean", ())), tuple(getattr(transform, "std", ()))) != self.normalization:
             return False
+        # only while the trainer runs with this datamodule, i.e. when Lightning itself asks for the loader: a loader
+        # taken by hand later (e.g. passed as ``dataloaders=``) would not see this datamodule's hook
         trainer = self.trainer
-        return trainer is not None and getattr(trainer, "datamodule", None) is self
+        if trainer is None or getattr(trainer, "datamodule", None) is not self:
+            return False
+        return trainer.state.status == TrainerStatus.RUNNING
 
     def _loader(
         self,

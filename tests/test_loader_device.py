@@ -80,9 +80,11 @@ class Recorder(L.LightningModule):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.batches = []
+        self.outputs = set()
 
     def training_step(self, batch, batch_idx):
         self.batches.append(("train", batch))
+        self.outputs.add(self.trainer.train_dataloader.dataset.output)
         return self.weight.sum() + batch["context"].float().mean() * 0
 
     def validation_step(self, batch, batch_idx):
@@ -98,7 +100,10 @@ def test_in_a_lightning_run_the_hook_gives_the_float_schema(photo_root):
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
     model = Recorder()
     trainer.fit(model, datamodule=dm)
-    assert dm.train_dataloader().dataset.output == "uint8"  # the loaders of the run hand over uint8
+    assert model.outputs == {"uint8"}  # the loaders of the run hand over uint8
+    # after the run, a loader taken by hand (e.g. for dataloaders=, where this hook does not run) is float
+    dm.setup("test")
+    assert trainer.datamodule is dm and dm.test_dataloader().dataset.output == "float"
     assert dm.dictionary_dataloader().dataset.output == "float"  # the dictionary keeps the CPU path
     assert {stage for stage, _ in model.batches} == {"train", "val"}
     for stage, batch in model.batches:
@@ -112,11 +117,11 @@ def test_in_a_lightning_run_the_hook_gives_the_float_schema(photo_root):
     alone = table_module(photo_root, batch_size=2)
     alone.setup("fit")
     assert next(iter(alone.train_dataloader()))["context"].dtype == torch.float32
-    off = table_module(photo_root, device_normalize=False)
-    off.trainer = trainer
-    trainer.datamodule = off
-    off.setup("fit")
-    assert off.train_dataloader().dataset.output == "float"
+    off = table_module(photo_root, batch_size=3, device_normalize=False)
+    other = Recorder()
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(other, datamodule=off)  # fmt: skip
+    assert other.outputs == {"float"}
 
 
 def test_grouped_order_keeps_persons_of_an_image_together_and_reshuffles():
