@@ -96,8 +96,9 @@ class PersonDataModule(L.LightningDataModule):
             earlier outputs. Part of the dictionary signature.
         device_normalize: In a Lightning run (the datamodule given to the trainer), loaders hand uint8 pixels to
             the main process and :meth:`on_after_batch_transfer` normalises and masks them on the device
-            (:meth:`normalize_batch`); ``False``, or a loader used outside a trainer, gives the float batches of the
-            CPU path (``PersonImageDataset``). Both give equal batches (float rounding).
+            (:meth:`normalize_batch`); ``False``, or a loader taken by hand (outside a run, or after it, e.g. for
+            ``dataloaders=``), gives the float batches of the CPU path (``PersonImageDataset``). Both give equal
+            batches (float rounding).
         group_by_image: The training order keeps the persons of one image together (images shuffled, see
             ``ImageGroupedSampler``), so one decode serves them all; ``False``: plain per-person shuffling. One
             process only: under DDP the training loader shuffles per person (Lightning's distributed sampler).
