@@ -1,19 +1,32 @@
 """Throughput of the EMOTIC loader (subject crop + masked context) against plain PIL decode + resize of the same files.
 
-The ceiling is what any loader of these images must do at least: decode each person's image with PIL and resize it to
-the context size (``Image.open(path).convert("RGB").resize(context, BILINEAR)``, the same resize the loader uses),
-returned as a uint8 tensor. The loader under test is ``EmoticDataModule(...).train_dataloader()``: decode, body crop
-resized to the subject size, context resized, both normalised to float32, body box zero-filled, random flips, V/A/D,
-multi-hot target. Both run over the same persons (one decode per person, as a per-person dataset does), with the
-same batch size and the same number of worker processes, in the same run.
+The reference ("plain") is the least a per-person loader of these images does: decode each person's image with PIL
+and resize it to the context size (``Image.open(path).convert("RGB").resize(context, BILINEAR)``, the same resize
+the loader uses), returned as a uint8 tensor; one decode per person. The loader under test ("ours") is what
+``EmoticDataModule(...).train_dataloader()`` gives in a Lightning run: JPEGs decoded at reduced size where the
+outputs allow it (``reduced_decode``), persons of an image next to each other in the shuffled order and decoded once
+(``group_by_image``), body crop resized to the subject size, context resized, random flips, V/A/D, multi-hot target,
+handed over as uint8; then, counted in its time, the batch transform (``datamodule.normalize_batch``, what
+``on_after_batch_transfer`` runs on the device; here the device is this CPU) normalises to float32 and zero-fills
+the body box. ``ours, uint8 batches only`` is the same loader without that batch transform (what a GPU is fed
+when the transform runs there; on this machine it shares the CPUs with the workers). Variants, each switch off on
+its own: ``ours, per-person order`` (``group_by_image=False``),
+``ours, full decode`` (``reduced_decode=False``), and ``previous`` (the loader before these changes: full decode,
+float normalisation and masking in the workers, per-person shuffle). All run over the same persons, with the same
+batch size and the same number of worker processes, in the same run.
+
+Pixel difference: every person of the split through the dictionary dataset (evaluation transform, masked) with
+reduced decoding on and off; the mean absolute difference of ``subject`` and ``context`` in 0-255 units, over the
+persons where it was reduced (subject: the JPEG decode; context: the decode or the box-reduce), over all persons,
+and for the worst person.
 
 Data: ``--images`` generated 640x480 JPEGs (quality 90, photo-like texture, about 140 KB each like COCO photos; see
 ``make_image``) in the EMOTIC layout, with 1-3 persons per image (EMOTIC averages 1.4)
 in the preprocessed CSV form. Every timed pass is preceded by an untimed one, so the files are in the page cache
 (decode cost, not disk, is measured). A pass includes starting the workers, as an epoch does.
 
-Method: for each worker count, the two loaders alternate for ``--repeats`` timed passes; the table reports the
-median samples per second of each and their ratio (goal: >= 0.8).
+Method: for each worker count, the loaders alternate for ``--repeats`` timed passes; the table reports the median
+samples per second of each and its ratio to plain (goal for ``ours``: >= 1.3).
 
 Example:
     python benchmarks/data.py                          # 256 images, workers 0 and 2, batch 32
@@ -38,6 +51,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
+from ccim_lightning.datamodules.dataset import ImageGroupedSampler, collate_skipping_none
+from ccim_lightning.datamodules.decode import context_reduction
 from ccim_lightning.datamodules.emotic import CATEGORIES, EmoticDataModule
 
 WIDTH, HEIGHT = 640, 480
@@ -128,13 +143,70 @@ class PlainDecodeResize(Dataset):
         return torch.from_numpy(np.asarray(image).copy())
 
 
-def timed_pass(loader: DataLoader) -> float:
-    """Samples per second of one pass over ``loader`` (worker start-up included)."""
+def timed_pass(loader: DataLoader, finish=None) -> float:
+    """Samples per second of one pass over ``loader`` (worker start-up and the batch transform ``finish`` included)."""
     start = time.perf_counter()
     count = 0
     for batch in loader:
+        if finish is not None:
+            batch = finish(batch)
         count += len(batch["index"]) if isinstance(batch, dict) else len(batch)
     return count / (time.perf_counter() - start)
+
+
+def loaders(root: Path, args: argparse.Namespace, workers: int) -> dict[str, tuple[DataLoader, object]]:
+    """Plain, ours and the variants (module docstring) as (loader, batch transform or None)."""
+    out = {}
+    sizes = dict(context_size=args.context_size, subject_size=args.subject_size, batch_size=args.batch_size)
+    common = dict(batch_size=args.batch_size, num_workers=workers, collate_fn=collate_skipping_none)
+    settings = {
+        "ours": dict(grouped=True, reduced=True, uint8=True),
+        "ours, per-person order": dict(grouped=False, reduced=True, uint8=True),
+        "ours, full decode": dict(grouped=True, reduced=False, uint8=True),
+        "previous": dict(grouped=False, reduced=False, uint8=False),
+    }
+    for name, setting in settings.items():
+        dm = EmoticDataModule(str(root), num_workers=workers, reduced_decode=setting["reduced"], **sizes)
+        dm.setup("fit")
+        dataset = dm.train_dataset.with_output("uint8" if setting["uint8"] else "float")
+        if "plain" not in out:
+            table = dm.table("train")
+            ceiling = PlainDecodeResize([dm.image_root / path for path in table.paths], args.context_size)
+            out["plain"] = (DataLoader(ceiling, shuffle=True, batch_size=args.batch_size, num_workers=workers), None)
+        sampler = ImageGroupedSampler(dataset.table.paths) if setting["grouped"] else None
+        # no persistent workers: each pass starts its workers, like an epoch of the plain loader
+        loader = DataLoader(dataset, shuffle=sampler is None, sampler=sampler, **common)
+        out[name] = (loader, dm.normalize_batch if setting["uint8"] else None)
+        if name == "ours":  # what reaches the device when the batch transform runs there, not on this CPU
+            out["ours, uint8 batches only"] = (loader, None)
+    return out
+
+
+def pixel_difference(root: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Mean absolute difference (0-255 units) of reduced-decode outputs from full-decode ones (module docstring)."""
+    sizes = dict(context_size=args.context_size, subject_size=args.subject_size, num_workers=0)
+    reduced = EmoticDataModule(str(root), **sizes).dictionary_dataset()
+    full = EmoticDataModule(str(root), reduced_decode=False, **sizes).dictionary_dataset()
+    std = torch.tensor(reduced.transform.std)[:, None, None] * 255.0
+    diffs = {"subject": [], "context": []}
+    for i in range(len(full)):
+        a, b = reduced[i], full[i]
+        for key in diffs:
+            diffs[key].append(float(((a[key] - b[key]).abs() * std).mean()))
+    transform = reduced.transform
+    masks = {  # subject: the JPEG decode was reduced; context: it comes from a reduced image (decode or box-reduce)
+        "subject": reduced.reductions > 1,
+        "context": np.array([context_reduction(size, transform.context_size) > 1 for size in reduced.table.sizes]),
+    }
+    out = {"persons": len(full), "decode_reduced_persons": int(masks["subject"].sum())}
+    out["context_reduced_persons"] = int(masks["context"].sum())
+    out["reductions"] = {int(r): int((reduced.reductions == r).sum()) for r in np.unique(reduced.reductions)}
+    for key, values in diffs.items():
+        values, mask = np.asarray(values), masks[key]
+        out[f"{key}_mad_all"] = float(values.mean())
+        out[f"{key}_mad_reduced"] = float(values[mask].mean()) if mask.any() else 0.0
+        out[f"{key}_mad_max"] = float(values.max())
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,31 +224,34 @@ def main(argv: list[str] | None = None) -> dict:
         results.update(persons=persons, mean_jpeg_kb=mean_kb)
         print(f"{args.images} JPEGs {WIDTH}x{HEIGHT} (mean {mean_kb:.0f} KB), {persons} persons, "
               f"written in {time.perf_counter() - start:.1f} s")  # fmt: skip
-        print(f"{'workers':>7}  {'plain decode+resize /s':>22}  {'EMOTIC loader /s':>16}  {'ratio':>5}")
+        print(f"load before: {os.getloadavg()[0]:.2f} (1-min average over {os.cpu_count()} CPUs)")
         for workers in args.workers:
-            dm = EmoticDataModule(str(root), context_size=args.context_size, subject_size=args.subject_size,
-                                  batch_size=args.batch_size, num_workers=workers)  # fmt: skip
-            start = time.perf_counter()
-            dm.setup("fit")
-            setup_seconds = time.perf_counter() - start
-            table = dm.table("train")
-            ceiling = PlainDecodeResize([dm.image_root / path for path in table.paths], args.context_size)
-            plain = DataLoader(ceiling, batch_size=args.batch_size, shuffle=True, num_workers=workers)
-
-            # The same loader settings for both (no persistent workers: each pass starts its workers, like an epoch).
-            ours = DataLoader(dm.train_dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers,
-                              collate_fn=dm.train_dataset.collate_fn)  # fmt: skip
-            timed_pass(plain), timed_pass(ours)  # warm the page cache and the code paths
-            speeds: dict[str, list[float]] = {"plain": [], "ours": []}
+            chosen = loaders(root, args, workers)
+            for loader, finish in chosen.values():  # warm the page cache and the code paths
+                timed_pass(loader, finish)
+            speeds: dict[str, list[float]] = {name: [] for name in chosen}
             for _ in range(args.repeats):
-                speeds["plain"].append(timed_pass(plain))
-                speeds["ours"].append(timed_pass(ours))
-            plain_speed, our_speed = statistics.median(speeds["plain"]), statistics.median(speeds["ours"])
-            row = {"workers": workers, "plain_per_s": plain_speed, "ours_per_s": our_speed,
-                   "ratio": our_speed / plain_speed, "setup_s": setup_seconds}  # fmt: skip
+                for name, (loader, finish) in chosen.items():
+                    speeds[name].append(timed_pass(loader, finish))
+            medians = {name: statistics.median(values) for name, values in speeds.items()}
+            row = {"workers": workers, "per_s": medians, "ratio": {n: v / medians["plain"] for n, v in medians.items()}}
             results["rows"].append(row)
-            print(f"{workers:>7}  {plain_speed:>22.1f}  {our_speed:>16.1f}  {row['ratio']:>5.2f}")
-        print(f"setup (annotations + image header check): {results['rows'][0]['setup_s']:.2f} s for {persons} persons")
+            print(f"workers={workers}: samples/s (median of {args.repeats}) and ratio to plain")
+            for name, value in medians.items():
+                print(f"  {name:<24} {value:>8.1f}  {row['ratio'][name]:>5.2f}")
+        diff = pixel_difference(root, args)
+        results["pixel_difference"] = diff
+        print(
+            f"reduced decode: JPEG decode reduced for {diff['decode_reduced_persons']} of {diff['persons']} persons "
+            f"(reductions {diff['reductions']}), context from a reduced image for {diff['context_reduced_persons']}"
+        )
+        print("mean absolute difference from full decode, 0-255 units (over those persons / all / worst person): "
+              f"subject {diff['subject_mad_reduced']:.2f} / {diff['subject_mad_all']:.2f} / "
+              f"{diff['subject_mad_max']:.2f}, context {diff['context_mad_reduced']:.2f} / "
+              f"{diff['context_mad_all']:.2f} / {diff['context_mad_max']:.2f}")  # fmt: skip
+        print(f"load after: {os.getloadavg()[0]:.2f}")
+        for row in results["rows"]:
+            print(f"ours / plain at {row['workers']} workers: {row['ratio']['ours']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results

@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerStatus
 from torch.utils.data import DataLoader, Dataset
 
 from ccim_lightning.datamodules.common import (
@@ -29,10 +30,13 @@ from ccim_lightning.datamodules.common import (
 from ccim_lightning.datamodules.dataset import (
     DECODER,
     MASK_FILL,
+    ImageGroupedSampler,
     PersonImageDataset,
     collate_skipping_none,
     new_failure_flags,
+    normalize_batch,
 )
+from ccim_lightning.datamodules.decode import DECODE_RULE
 from ccim_lightning.datamodules.transforms import ContextTransform
 
 log = logging.getLogger(__name__)
@@ -84,6 +88,20 @@ class PersonDataModule(L.LightningDataModule):
             and row; ``"skip"``: it is left out, counted and reported.
         train_transform: Replaces the default training transform (``ContextTransform`` contract).
         eval_transform: Replaces the default evaluation transform (also used for the dictionary).
+        reduced_decode: Decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that still gives the subject crop
+            and the context at least their output sizes, and make the context from the image box-reduced (PIL
+            ``reduce``) the rest of the way its own size allows (``ccim_lightning.datamodules.decode``): faster,
+            with pixels a little different from a full decode (about 1-2 grey levels of 255, mean absolute;
+            ``benchmarks/data.py`` measures it). ``False``: full-resolution decoding and resizing, exactly the
+            earlier outputs. Part of the dictionary signature.
+        device_normalize: In a Lightning run (the datamodule given to the trainer), loaders hand uint8 pixels to
+            the main process and :meth:`on_after_batch_transfer` normalises and masks them on the device
+            (:meth:`normalize_batch`); ``False``, or a loader taken by hand (outside a run, or after it, e.g. for
+            ``dataloaders=``), gives the float batches of the CPU path (``PersonImageDataset``). Both give equal
+            batches (float rounding).
+        group_by_image: The training order keeps the persons of one image together (images shuffled, see
+            ``ImageGroupedSampler``), so one decode serves them all; ``False``: plain per-person shuffling. One
+            process only: under DDP the training loader shuffles per person (Lightning's distributed sampler).
     """
 
     dataset_name = "dataset"
@@ -102,6 +120,9 @@ class PersonDataModule(L.LightningDataModule):
         on_bad_sample: OnBadSample = "error",
         train_transform: Callable[..., dict[str, Any]] | None = None,
         eval_transform: Callable[..., dict[str, Any]] | None = None,
+        reduced_decode: bool = True,
+        device_normalize: bool = True,
+        group_by_image: bool = True,
     ) -> None:
         super().__init__()
         check_on_bad_sample(on_bad_sample)
@@ -114,6 +135,9 @@ class PersonDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.on_bad_sample = on_bad_sample
+        self.reduced_decode = reduced_decode
+        self.device_normalize = device_normalize
+        self.group_by_image = group_by_image
         self.train_transform = train_transform or ContextTransform(context_size, subject_size, flip=flip)
         self.eval_transform = eval_transform or ContextTransform(context_size, subject_size, flip=False)
         self.train_dataset: Dataset | None = None
@@ -144,6 +168,7 @@ class PersonDataModule(L.LightningDataModule):
             self.on_bad_sample,
             f"{self.dataset_name} {split}",
             failures=self.failure_flags(split),
+            reduced_decode=self.reduced_decode,
         )
 
     @property
@@ -226,15 +251,66 @@ class PersonDataModule(L.LightningDataModule):
             self.test_dataset = self.make_dataset("test", self.eval_transform, True)
 
     # --- loaders ---------------------------------------------------------------------------------------------------
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """(mean, std) of the evaluation transform, what :meth:`normalize_batch` applies (None: not known)."""
+        mean, std = getattr(self.eval_transform, "mean", None), getattr(self.eval_transform, "std", None)
+        return None if mean is None or std is None else (tuple(mean), tuple(std))
+
+    def normalize_batch(self, batch: Any) -> Any:
+        """A uint8 batch (``output="uint8"`` samples) as the float batch schema, on its device; others unchanged.
+
+        What :meth:`on_after_batch_transfer` runs. A loop outside Lightning that iterates a ``uint8`` loader (e.g.
+        ``dataset.with_output("uint8")``) calls it after moving the batch to the device.
+        """
+        normalization = self.normalization
+        if normalization is None:
+            return batch
+        return normalize_batch(batch, *normalization)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning hook: normalises and masks uint8 batches on the device (see ``device_normalize``)."""
+        return self.normalize_batch(batch)
+
+    def _device_side(self, dataset: Dataset) -> bool:
+        """Whether ``dataset``'s loader may give uint8 batches: only where this datamodule's hook will see them."""
+        if not (self.device_normalize and isinstance(dataset, PersonImageDataset)):
+            return False
+        transform = dataset.transform
+        if not callable(getattr(transform, "decode_reductions", None)):  # not a ContextTransform-style transform
+            return False
+        if (tuple(getattr(transform, "mean", ())), tuple(getattr(transform, "std", ()))) != self.normalization:
+            return False
+        # only while the trainer runs with this datamodule, i.e. when Lightning itself asks for the loader: a loader
+        # taken by hand later (e.g. passed as ``dataloaders=``) would not see this datamodule's hook
+        trainer = self.trainer
+        if trainer is None or getattr(trainer, "datamodule", None) is not self:
+            return False
+        return trainer.state.status == TrainerStatus.RUNNING
+
     def _loader(
-        self, dataset: Dataset | None, shuffle: bool = False, batch_size: int | None = None, drop_last: bool = False
+        self,
+        dataset: Dataset | None,
+        shuffle: bool = False,
+        batch_size: int | None = None,
+        drop_last: bool = False,
+        device_side: bool = True,
     ) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
+        if device_side and self._device_side(dataset):
+            dataset = dataset.with_output("uint8")
+        sampler = None
+        # one process only: under DDP Lightning shards the sampler's order by striding, which partitions the
+        # samples only if every rank drew the same order; its own DistributedSampler guarantees that
+        single = self.trainer is None or self.trainer.world_size == 1
+        if shuffle and single and self.group_by_image and isinstance(dataset, PersonImageDataset):
+            sampler, shuffle = ImageGroupedSampler(dataset.table.paths), False
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             collate_fn=collate_skipping_none,
@@ -284,24 +360,33 @@ class PersonDataModule(L.LightningDataModule):
         The evaluation transform's signature (context size, normalisation mean/std, resize interpolation; a
         transform without a ``signature()`` method is described by its type and ``repr``), how files are decoded,
         and the masking fill value. Which samples are in the split, and their files' sizes and modification times,
-        are in the dataset's ``sample_identities()``.
+        are in the dataset's ``sample_identities()``. With ``reduced_decode`` the reduction rule and the subject
+        size (which, with the context size, sets each image's reduction) are included.
         """
         return {
             "datamodule": type(self).__name__,
             **transform_signature(self.eval_transform),
             "pixels": self.pixel_source(),
+            "decode": self.decode_signature(),
             "mask_fill": MASK_FILL,
         }
+
+    def decode_signature(self) -> dict[str, Any] | str:
+        """How the dictionary's images are decoded: ``"full"``, or the reduction rule and the sizes that set it."""
+        transform = self.eval_transform
+        if not (self.reduced_decode and callable(getattr(transform, "decode_reductions", None))):
+            return "full"
+        return {"rule": DECODE_RULE, "subject_size": list(getattr(transform, "subject_size", ()))}
 
     def pixel_source(self) -> str:
         """How pixels are obtained (default: image files decoded by :data:`~.dataset.DECODER`)."""
         return DECODER
 
     def dictionary_dataloader(self, batch_size: int | None = None, mask_subject: bool = True) -> DataLoader:
-        """A non-shuffled loader over ``dictionary_dataset(mask_subject)``.
+        """A non-shuffled loader over ``dictionary_dataset(mask_subject)`` (float batches: the CPU path).
 
         Args:
             batch_size: Defaults to the datamodule's batch size.
             mask_subject: See ``dictionary_dataset``.
         """
-        return self._loader(self.dictionary_dataset(mask_subject), batch_size=batch_size)
+        return self._loader(self.dictionary_dataset(mask_subject), batch_size=batch_size, device_side=False)

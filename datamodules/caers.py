@@ -186,7 +186,8 @@ class CAERSDataModule(PersonDataModule):
         **kwargs: The shared arguments of
             :class:`~ccim_lightning.datamodules.base.PersonDataModule`: ``context_size``, ``flip``,
             ``batch_size``, ``num_workers``, ``on_bad_sample`` (``"skip"``: leave out, count and report bad lines
-            and images), ``train_transform``, ``eval_transform``.
+            and images), ``train_transform``, ``eval_transform``,
+            ``reduced_decode``, ``device_normalize``, ``group_by_image``.
     """
 
     dataset_name = "CAER-S"

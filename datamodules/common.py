@@ -404,7 +404,11 @@ def load_rgb(path: Path) -> Image.Image:
     Raises:
         OSError: When the file cannot be decoded, or holds 32-bit integer values beyond 16 bits.
     """
-    image = Image.open(path)
+    return to_rgb(Image.open(path), path)
+
+
+def to_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """Decodes an opened image (``Image.open``, possibly ``draft``-ed) into 8-bit RGB as :func:`load_rgb` does."""
     image.load()
     if image.mode == "RGB":
         return image

@@ -430,7 +430,8 @@ class EmoticDataModule(PersonDataModule):
         **kwargs: The shared arguments of :class:`~ccim_lightning.datamodules.base.PersonDataModule`:
             ``context_size`` (default 224) and ``subject_size`` (default 128) as the EMOTIC baseline, ``flip``,
             ``batch_size``, ``num_workers``, ``on_bad_sample`` (``"skip"``: leave out, count and report bad rows
-            and images), ``train_transform``, ``eval_transform``.
+            and images), ``train_transform``, ``eval_transform``,
+            ``reduced_decode``, ``device_normalize``, ``group_by_image``.
     """
 
     dataset_name = "EMOTIC"

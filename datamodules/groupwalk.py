@@ -30,7 +30,7 @@ class GroupWalkDataModule(TableDataModule):
         group_column: Column whose values the hold-out keeps on one side (default ``video``).
         **kwargs: The shared arguments of :class:`~ccim_lightning.datamodules.base.PersonDataModule`:
             ``context_size``, ``subject_size``, ``flip``, ``batch_size``, ``num_workers``, ``on_bad_sample``,
-            ``train_transform``, ``eval_transform``.
+            ``train_transform``, ``eval_transform``, ``reduced_decode``, ``device_normalize``, ``group_by_image``.
     """
 
     dataset_name = "GroupWalk"

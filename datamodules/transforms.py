@@ -12,12 +12,19 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ccim_lightning.datamodules.decode import context_reduction, person_reductions
+
 
 def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     if height < 1 or width < 1:
         raise ValueError(f"{name} must be positive (an int or (height, width)), got {size}")
     return int(height), int(width)
+
+
+def _to_uint8(image: Image.Image) -> torch.Tensor:
+    """(H, W, 3) uint8, the PIL pixels as they are (one copy; the channel move happens on the device)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8))
 
 
 class ContextTransform:
@@ -28,6 +35,16 @@ class ContextTransform:
     image (e.g. a pre-cut body array). Returns a dict with ``subject`` (3, Hs, Ws) and ``context`` (3, Hc, Wc)
     float32 tensors, ``box``: the box in ``image`` pixels after any flip, and ``mask_box``: the integer region of
     ``context`` covering the box (outward-rounded, so the whole subject is covered; ``None`` when not localised).
+
+    Two keyword extensions, used by ``PersonImageDataset`` only when a transform has :meth:`decode_reductions`
+    (a replacement transform without it keeps the plain contract and gets full decodes and float outputs):
+    ``reduction=r, full_size=(W, H)``: ``image`` was decoded at ``1 / r`` of a ``W x H`` file (``box``, the returned
+    ``box`` and ``mask_box`` stay in full-resolution terms; see ``ccim_lightning.datamodules.decode``);
+    ``reduce_context=True``: the context is made from the image box-reduced to ``1 / decode.context_reduction``
+    (never below the context size) where the decode itself was not reduced that far;
+    ``uint8=True``: ``subject`` and ``context`` come back as resized, unnormalised (H, W, 3) uint8 tensors, for
+    normalisation on the device (``ccim_lightning.datamodules.dataset.normalize_batch``). The resized context of
+    the last ``image`` object is kept, so persons of one image decoded once also share its context resize.
     Masking is left to the dataset, so one transform serves masked and unmasked loaders. A replacement transform
     must follow the same contract, and should have a ``signature()`` method like this one's (a JSON-able dict of
     what changes its output), which the confounder dictionary's cache key includes.
@@ -60,6 +77,14 @@ class ContextTransform:
         # (x / 255 - mean) / std as one multiply-add per pixel on the uint8 values
         self._scale = np.array([1.0 / (255.0 * s) for s in std], dtype=np.float32)[:, None, None]
         self._bias = np.array([-m / s for m, s in zip(mean, std)], dtype=np.float32)[:, None, None]
+        self._context_cache: tuple[Image.Image, Any, Image.Image] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_context_cache": None}  # images are never pickled into workers
+
+    def decode_reductions(self, sizes: np.ndarray, boxes: np.ndarray, localised: np.ndarray) -> np.ndarray:
+        """Per person, the largest JPEG reduction both outputs allow (``decode.person_reductions``)."""
+        return person_reductions(sizes, boxes, localised, self.context_size, self.subject_size)
 
     def __repr__(self) -> str:
         return (
@@ -87,6 +112,27 @@ class ContextTransform:
             return image
         return image.resize((width, height), Image.Resampling.BILINEAR, box=box, reducing_gap=self.reducing_gap)
 
+    def _context(self, image: Image.Image, full_size: tuple[int, int], reduction: int, reduce: bool) -> Image.Image:
+        """The resized context of ``image`` (decoded at ``1 / reduction`` of ``full_size``).
+
+        With ``reduce``, the image is first box-reduced (PIL ``reduce``) to ``1 / context_reduction`` of its full
+        size, never below the context size: the rest of the way the subject did not let the JPEG decode go.
+        """
+        extra = max(context_reduction(full_size, self.context_size) // reduction, 1) if reduce else 1
+        key = (full_size, reduction, extra)
+        cached = self._context_cache
+        if cached is not None and cached[0] is image and cached[1] == key:  # the same decode: the same resize
+            return cached[2]
+        source, total = (image.reduce(extra), reduction * extra) if extra > 1 else (image, reduction)
+        # the full image in ``source`` pixels (it may end inside the last pixel); None = all of it as it is
+        width, height = full_size
+        region = None if total == 1 else (0.0, 0.0, width / total, height / total)
+        if region is not None and region[2:] == source.size:
+            region = None
+        context = self._resize(source, self.context_size, region)
+        self._context_cache = (image, key, context)
+        return context
+
     def _to_tensor(self, image: Image.Image) -> torch.Tensor:
         # numpy, not torch: torch's intra-op threads make these small per-sample ops many times slower in a busy
         # main process (num_workers=0); numpy runs them single-threaded.
@@ -97,15 +143,26 @@ class ContextTransform:
         return torch.from_numpy(out)
 
     def __call__(
-        self, image: Image.Image, box: Sequence[float] | None, subject: Image.Image | None = None
+        self,
+        image: Image.Image,
+        box: Sequence[float] | None,
+        subject: Image.Image | None = None,
+        *,
+        reduction: int = 1,
+        full_size: tuple[int, int] | None = None,
+        uint8: bool = False,
+        reduce_context: bool = False,
     ) -> dict[str, Any]:
-        width, height = image.size
+        width, height = image.size if full_size is None else full_size
         context_h, context_w = self.context_size
         if subject is None:
-            subject = self._resize(image, self.subject_size, (0, 0, width, height) if box is None else tuple(box))
+            crop = (0, 0, width, height) if box is None else tuple(box)
+            if reduction != 1:
+                crop = tuple(float(v) / reduction for v in crop)
+            subject = self._resize(image, self.subject_size, crop)
         else:
             subject = self._resize(subject, self.subject_size)
-        context = self._resize(image, self.context_size)
+        context = self._context(image, (width, height), reduction, reduce_context)
         flip = self.flip and random.random() < 0.5
         if flip:
             context = context.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -127,9 +184,10 @@ class ContextTransform:
             out_box = (width - x2, y1, width - x1, y2)
             if mask_box is not None:
                 mask_box = (context_w - mask_box[2], mask_box[1], context_w - mask_box[0], mask_box[3])
+        convert = _to_uint8 if uint8 else self._to_tensor
         return {
-            "subject": self._to_tensor(subject),
-            "context": self._to_tensor(context),
+            "subject": convert(subject),
+            "context": convert(context),
             "box": out_box,
             "mask_box": mask_box,
         }

@@ -121,7 +121,15 @@ def test_dictionary_signature_names_what_changes_the_context_pixels():
     assert EmoticDataModule("x", use_arrays=True).dictionary_signature()["pixels"].startswith("emotic-arrays")
     other = ContextTransform(224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     assert CAERSDataModule("x", eval_transform=other).dictionary_signature()["mean"] == [0.5, 0.5, 0.5]
-    assert CAERSDataModule("x", subject_size=64).dictionary_signature() == CAERSDataModule("x").dictionary_signature()
+    # the subject size reaches the context pixels only through the reduced decode (it bounds the JPEG reduction)
+    full = {"reduced_decode": False}
+    assert (
+        CAERSDataModule("x", subject_size=64, **full).dictionary_signature()
+        == CAERSDataModule("x", **full).dictionary_signature()
+    )
+    assert CAERSDataModule("x", subject_size=64).dictionary_signature() != CAERSDataModule("x").dictionary_signature()
+    assert CAERSDataModule("x", **full).dictionary_signature()["decode"] == "full"
+    assert CAERSDataModule("x").dictionary_signature() != CAERSDataModule("x", **full).dictionary_signature()
 
     def plain(image, box, subject=None):
         raise AssertionError("not called")
