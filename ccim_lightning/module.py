@@ -187,6 +187,13 @@ class CCIMLightningModule(L.LightningModule):
 
     def _outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The head's logits, and the continuous predictions when a ``continuous_loss`` is set (else None)."""
+        for key in ("context", "subject"):
+            if key in batch and batch[key].dtype == torch.uint8:
+                raise TypeError(
+                    f'batch["{key}"] is uint8: the datamodule hands raw pixels to the device and normalises them in '
+                    "its on_after_batch_transfer hook, which did not run for this batch (a loader taken by hand "
+                    "during a run?). Call datamodule.normalize_batch(batch) first, or use device_normalize=False."
+                )
         features = self.head.forward_features(self.extract_features(batch))
         continuous = self.continuous_head(features) if self.continuous_head is not None else None
         return self.head.forward_head(features), continuous

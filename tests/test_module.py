@@ -219,3 +219,10 @@ def test_continuous_targets_add_a_regression_output_and_its_loss(tmp_path):
     assert results["val/loss"] == pytest.approx(float(classification + 0.5 * continuous), rel=1e-4)
     out = module.predict_step(batch, 0)
     assert torch.allclose(out["vad"], vad, atol=1e-5)
+
+
+def test_raw_uint8_pixels_are_a_clear_error():
+    module = make_module().eval()
+    batch = {"context": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "subject": torch.zeros(2, 3, 8, 8)}
+    with pytest.raises(TypeError, match="on_after_batch_transfer"):
+        module(batch)
