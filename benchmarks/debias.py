@@ -20,7 +20,7 @@ Method:
     * The confounder dictionary of (seed, training bias, N, masking) is built once by ``DictionaryRecipe`` before
       the run that first needs it and written to ``<out>/cache/``; the runs' ``ConfounderDictionaryCallback`` reads
       it from there (``cache=``), so a built and a cached dictionary give the same training.
-    * CPU, 1 torch thread per run (``--jobs`` runs seeds in parallel processes), no validation loop, no
+    * CPU, 1 torch thread per run (``--jobs`` deals the runs out to parallel processes), no validation loop, no
       checkpoints, no logger; accuracy is counted per test sample from ``model(batch)`` (which applies a debiasing
       method's inference rule, e.g. CLEF's TIE).
     * Each run appends one JSON line to ``<out>/debias_runs.jsonl``: configuration, seed, ``biased_acc``,
@@ -177,45 +177,34 @@ def all_settings() -> list[Setting]:
     return settings
 
 
+#: Variants tried while tuning: name -> (method key of ``METHODS``, keyword overrides, epochs, learning rate).
+TUNING: dict[str, tuple[str, dict, int | None, float | None]] = {
+    "reweight_max3": ("reweight", {"max_weight": 3.0}, None, None),
+    "reweight_max30": ("reweight", {"max_weight": 30.0}, None, None),
+    "reweight_smooth0": ("reweight", {"smoothing": 0.0}, None, None),
+    "reweight_epochs8": ("reweight", {}, 8, None),
+    "reweight_epochs12": ("reweight", {}, 12, None),
+    "reweight_lr3e-3": ("reweight", {}, None, 3e-3),
+    "reweight_lr3e-4_epochs8": ("reweight", {}, 8, 3e-4),
+    "poe_epochs8": ("poe", {}, 8, None),
+    "group_dro_eta0.1": ("group_dro", {"eta": 0.1, "normalize": True}, None, None),
+    "group_dro_eta1": ("group_dro", {"eta": 1.0, "normalize": True}, None, None),
+    "oracle_epochs8": ("oracle", {}, 8, None),
+}
+
+
 def tuning_settings() -> list[Setting]:
-    """Variants tried while tuning the methods (run only when named with ``--only``)."""
+    """The ``TUNING`` variants (baseline head, bias 0.9; run only when named with ``--only``)."""
     rows = []
-    for weight in (3.0, 30.0, 100.0, None):
-        kwargs = {"smoothing": 1.0, "max_weight": weight}
-        rows.append(
-            Setting(
-                f"reweight_max{weight}",
-                f"ClusterReweighting({_args_text(kwargs)})",
-                "tuning",
-                "none",
-                debias="ClusterReweighting",
-                debias_args=kwargs,
-            )  # fmt: skip
-        )
-    for eta in (0.1, 1.0):
-        kwargs = {"eta": eta, "normalize": True}
-        rows.append(
-            Setting(
-                f"group_dro_eta{eta:g}",
-                f"GroupDRO({_args_text(kwargs)})",
-                "tuning",
-                "none",
-                debias="GroupDRO",
-                debias_args=kwargs,
-            )  # fmt: skip
-        )
-    for epochs in (8,):
-        rows.append(
-            Setting(
-                f"reweight_epochs{epochs}",
-                f"ClusterReweighting(default), {epochs} epochs",
-                "tuning",
-                "none",
-                debias="ClusterReweighting",
-                debias_args=METHODS["reweight"][1],
-                epochs=epochs,
-            )  # fmt: skip
-        )
+    for name, (key, overrides, epochs, lr) in TUNING.items():
+        extra = "".join(f", {label}" for label, v in ((f"{epochs} epochs", epochs), (f"lr {lr}", lr)) if v)
+        if key == "oracle":
+            rows.append(Setting(name, f"oracle{extra}", "tuning", "none", train_bias=0.0, epochs=epochs, lr=lr))
+            continue
+        cls, kwargs = METHODS[key]
+        kwargs = {**kwargs, **overrides}
+        what = f"{cls}({_args_text(kwargs)}){extra}"
+        rows.append(Setting(name, what, "tuning", "none", debias=cls, debias_args=kwargs, epochs=epochs, lr=lr))
     return rows
 
 
@@ -300,7 +289,10 @@ class RenderedDataModule(SyntheticContextDataModule):
 
 
 class DataCache:
-    """The rendered splits of the current seed (training splits per bias, biased test sets per bias)."""
+    """The rendered splits of the current seed (training splits per bias, biased test sets per bias).
+
+    Switching to another seed drops the previous one's splits (memory stays at one seed's data).
+    """
 
     def __init__(self) -> None:
         self.seed: int | None = None
@@ -534,7 +526,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-size", type=int, default=5000, help="samples in each test set")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size")
     parser.add_argument("--epochs", type=int, default=4, help="training epochs")
-    parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (seeds are split among them)")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1 torch thread each)")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results for full runs, a "
                         "scratch folder for --quick)")  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="skip runs already in <out>/debias_runs.jsonl")
@@ -583,11 +575,17 @@ def main(argv: list[str] | None = None) -> int:
     records = load_records(runs_path)
     if not args.report_only:
         by_name = {s.name: s for s in settings}
-        # Seed-major, then training bias, so each split is rendered once per worker.
+        # The bias-0.9 table first, then the sweep; inside each, seed-major and by bias (renders each split once).
         order = {name: i for i, name in enumerate(names)}
         plan = sorted(
             ((seed, name) for seed in seeds for name in wanted),
-            key=lambda p: (p[0], by_name[p[1]].data_bias != DEFAULT_BIAS, by_name[p[1]].bias, order[p[1]]),
+            key=lambda p: (
+                by_name[p[1]].group == "sweep",
+                p[0],
+                by_name[p[1]].data_bias != DEFAULT_BIAS,
+                by_name[p[1]].bias,
+                order[p[1]],
+            ),
         )
         if args.resume:
             done = {(r["setting"], r["seed"], comparable(r)) for r in records}
@@ -599,11 +597,12 @@ def main(argv: list[str] | None = None) -> int:
         reproduce = {(seed, name): reproduce_command(args, name, seed) for seed, name in plan}
         print(f"debias: {len(plan)} runs ({len(wanted)} settings x seeds {seeds}) in {out}", flush=True)
         start = time.perf_counter()
-        jobs = max(1, min(args.jobs, len({seed for seed, _ in plan})))
+        jobs = max(1, min(args.jobs, len(plan)))
         if jobs == 1:
             run_plan(plan, config, out, reproduce, len(plan))
         else:
-            shares = [[p for p in plan if p[0] % jobs == j] for j in range(jobs)]
+            # Runs are dealt out in plan order, so the workers finish together and each meets a seed's runs in a row.
+            shares = [plan[j::jobs] for j in range(jobs)]
             with ProcessPoolExecutor(jobs) as pool:
                 for future in [pool.submit(run_plan, s, config, out, reproduce, len(plan)) for s in shares]:
                     future.result()

@@ -95,6 +95,7 @@ def test_quick_run_records_are_deterministic_and_resumable(tmp_path, capsys):
         assert rerun["correct"] == by_name[name]["correct"], name
 
     # --report-only rebuilds the same table from the JSON lines.
+    table = (tmp_path / "debias.md").read_text()
     assert debias.main(["--quick", *TINY, "--out", str(tmp_path), "--report-only"]) == 0
     assert _table_rows((tmp_path / "debias.md").read_text()) == _table_rows(table)
 
