@@ -618,8 +618,13 @@ def main(argv: list[str] | None = None) -> int:
         and r["config"]["trainer"]["max_epochs"] == (by_setting_epochs(settings, r["setting"]) or config.epochs)
     ]
     command = "python benchmarks/debias.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    text = debias_report.write_report(current, settings, out, command.strip(), generator_settings(), args.bootstrap)
+    text, summary = debias_report.write_report(
+        current, settings, out, command.strip(), generator_settings(), args.bootstrap
+    )
     print(text)
+    if args.quick:
+        print(f"Side by side (seed {seeds[0]}, {config.test_size}-sample test sets; table and plots in {out}):")
+        print(debias_report.side_by_side(summary, quick_names()))
     return 0
 
 

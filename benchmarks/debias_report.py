@@ -151,6 +151,18 @@ def markdown_table(summary: dict[str, dict], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(summary: dict[str, dict], names: list[str]) -> str:
+    """A short plain-text table of biased and unbiased accuracy (and gap closed) for ``names`` (the demo's)."""
+    lines = [f"{'setting':<12} {'biased acc':>10} {'unbiased acc':>12} {'gap closed':>10}"]
+    for name in names:
+        row = summary.get(name)
+        if row is None:
+            continue
+        closed = f"{100 * row['closed'][0]:.0f}%" if "closed" in row and np.isfinite(row["closed"][0]) else "-"
+        lines.append(f"{name:<12} {100 * row['biased'][0]:>9.1f}% {100 * row['unbiased'][0]:>11.1f}% {closed:>10}")
+    return "\n".join(lines)
+
+
 def best_method(summary: dict[str, dict], settings: list) -> str | None:
     """The method row (group ``"method"``) with the highest gap closed at the default bias."""
     rows = [s.name for s in settings if s.group == "method" and "closed" in summary.get(s.name, {})]
@@ -172,7 +184,8 @@ def goal_lines(summary: dict[str, dict], settings: list) -> list[str]:
         f"Goal check (bias {row['setting'].bias:g}): the best method row is `{best}`: gap closed "
         f"{100 * closed:.1f}% (95% interval lower bound {100 * low:.1f}%; goal >= 80% with lower bound > 65%), "
         f"biased accuracy {100 * row['biased'][0]:.1f}% vs the oracle's {100 * oracle['biased'][0]:.1f}% "
-        f"({100 * drop:+.1f} points below; goal <= 2): **{'met' if met else 'not met'}**."
+        f"({100 * abs(drop):.1f} points {'below' if drop > 0 else 'above'} it; goal: at most 2 below): "
+        f"**{'met' if met else 'not met'}**."
     ]
 
 
@@ -251,8 +264,12 @@ def plot_gap_closed(summary: dict[str, dict], names: list[str], path: Path) -> b
 
 def write_report(
     records: list[dict], settings: list, out: Path, command: str, generator: str, resamples: int = 2000
-) -> str:
-    """Writes ``debias.md`` and the plots (when there is something to plot) into ``out``; returns the markdown."""
+) -> tuple[str, dict[str, dict]]:
+    """Writes ``debias.md`` and the plots (when there is something to plot) into ``out``.
+
+    Returns:
+        The markdown and the per-row summary (:func:`summarise`).
+    """
     summary = summarise(records, settings, resamples)
     seeds = sorted({seed for row in summary.values() for seed in row["seeds"]})
     sizes = sorted({r["correct"]["size"] for r in records})
@@ -296,7 +313,7 @@ def write_report(
         parts += ["", f"Check: the baseline's biased-unbiased gap at bias 0.9 is {100 * gap:.1f} points: {verdict}."]
     text = "\n".join(parts) + "\n"
     (out / "debias.md").write_text(text)
-    return text
+    return text, summary
 
 
 def sweep_stem(settings: list) -> str:
