@@ -55,7 +55,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import debias_report  # noqa: E402  (the report half, next to this file)
@@ -85,7 +85,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "clef": ("CLEF", {"encoder": "small_cnn"}),
 }
 #: The method carried into the bias sweep and ``--quick`` (the best at bias 0.9 in the full run).
-BEST = "reweight"
+BEST = "clef"
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,9 @@ class Setting:
         mask_subject: Mask the subject out of the images the dictionary is built from.
         debias: Class name in ``ccim_lightning.debias``, or None.
         debias_args: Its keyword arguments.
+        sampler: Draw training samples with ``ClusterReweighting(**debias_args).sample_weights`` through a
+            ``WeightedRandomSampler`` (the method's documented resampling variant) instead of passing ``debias`` to
+            the model.
         lr: AdamW learning rate (None: torch's default 1e-3).
         epochs: Training epochs (None: ``--epochs``).
     """
@@ -124,6 +127,7 @@ class Setting:
     mask_subject: bool = True
     debias: str | None = None
     debias_args: dict = field(default_factory=dict, hash=False)
+    sampler: bool = False
     lr: float | None = None
     epochs: int | None = None
 
@@ -136,7 +140,7 @@ class Setting:
     def needs_dictionary(self) -> bool:
         """Whether the head or the method reads the confounder dictionary."""
         method_needs = self.debias is not None and getattr(methods, self.debias).needs_clusters
-        return self.attention != "none" or method_needs
+        return self.attention != "none" or method_needs or self.sampler
 
 
 def _args_text(kwargs: dict) -> str:
@@ -146,7 +150,7 @@ def _args_text(kwargs: dict) -> str:
 def method_settings(prefix: str, bias: float = DEFAULT_BIAS, group: str = "method", suffix: str = "") -> list[Setting]:
     """A method of ``METHODS`` on the baseline head (``<prefix>``) and on CCIM (``<prefix>_ccim``)."""
     cls, kwargs = METHODS[prefix]
-    what = f"{cls}({_args_text(kwargs)})"
+    what = f"{cls}({_args_text(kwargs)})" + (f", bias {bias:g}" if suffix else "")
     return [
         Setting(f"{prefix}{suffix}", f"{what}, baseline head", group, "none", bias, debias=cls, debias_args=kwargs),
         Setting(f"{prefix}_ccim{suffix}", f"{what} + CCIM dot", group, bias=bias, debias=cls, debias_args=kwargs),
@@ -179,6 +183,8 @@ def all_settings() -> list[Setting]:
 
 #: Variants tried while tuning: name -> (method key of ``METHODS``, keyword overrides, epochs, learning rate).
 TUNING: dict[str, tuple[str, dict, int | None, float | None]] = {
+    "reweight_sampler": ("reweight", {}, None, None),
+    "reweight_sampler_epochs8": ("reweight", {}, 8, None),
     "reweight_max3": ("reweight", {"max_weight": 3.0}, None, None),
     "reweight_max30": ("reweight", {"max_weight": 30.0}, None, None),
     "reweight_smooth0": ("reweight", {"smoothing": 0.0}, None, None),
@@ -204,6 +210,10 @@ def tuning_settings() -> list[Setting]:
         cls, kwargs = METHODS[key]
         kwargs = {**kwargs, **overrides}
         what = f"{cls}({_args_text(kwargs)}){extra}"
+        if "sampler" in name:
+            what = f"{cls}({_args_text(kwargs)}) weights in a WeightedRandomSampler{extra}"
+            rows.append(Setting(name, what, "tuning", "none", debias_args=kwargs, sampler=True, epochs=epochs, lr=lr))
+            continue
         rows.append(Setting(name, what, "tuning", "none", debias=cls, debias_args=kwargs, epochs=epochs, lr=lr))
     return rows
 
@@ -280,6 +290,14 @@ class RenderedDataModule(SyntheticContextDataModule):
     def __init__(self, splits: dict[str, Dataset], **kwargs) -> None:
         super().__init__(**kwargs)
         self._splits = splits
+        self.sample_weights: torch.Tensor | None = None
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, or drawn with replacement by ``sample_weights`` when they are set (the resampling variant)."""
+        if self.sample_weights is None:
+            return super().train_dataloader()
+        sampler = WeightedRandomSampler(self.sample_weights.double(), len(self.train_dataset), replacement=True)
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler)
 
     def setup(self, stage: str | None = None) -> None:
         self.train_dataset = self._splits["train"]
@@ -432,6 +450,11 @@ def run_one(setting: Setting, seed: int, config: RunConfig, cache: DataCache, ou
         dictionary = recipe.load_or_build(SingleDeviceStrategy(torch.device("cpu")), datamodule,
                                           setting.num_prototypes, CONFOUNDER_DIM)  # fmt: skip
         stats = {k: float(dictionary.extra[k]) for k in ("scene_purity", "scene_nmi") if k in dictionary.extra}
+        if setting.sampler:
+            weights = methods.ClusterReweighting(**setting.debias_args)
+            weights.bind(num_classes=datamodule.num_classes, task="multiclass", num_clusters=setting.num_prototypes)
+            weights.fit_clusters(dictionary.assignments, dictionary.targets)
+            datamodule.sample_weights = weights.sample_weights(dictionary.assignments, dictionary.targets)
         callbacks.append(ConfounderDictionaryCallback(**{k: v for k, v in asdict(recipe).items() if k != "pca_dim"}))
     L.seed_everything(seed, verbose=False)
     debias = getattr(methods, setting.debias)(**setting.debias_args) if setting.debias else None
