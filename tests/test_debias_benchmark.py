@@ -189,3 +189,20 @@ def test_gap_closed_and_intervals_against_hand_and_normal_references():
     paired_half = 1.96 * math.sqrt(d * (1 - d) / (2 * n))
     delta_low, delta_high = summary["method"]["delta"][1:]
     assert paired_half * 0.8 < (delta_high - delta_low) / 2 < paired_half * 1.2 + 1.96 * abs(per_seed[0] - d)
+
+
+def test_resampling_variant_draws_by_the_weights():
+    import torch
+
+    debias = _load("debias")
+    config = debias.RunConfig(train_size=16, test_size=8, batch_size=8)
+    datamodule = debias.DataCache().datamodule(config, 0, debias.Setting("x", "x", attention="none"))
+    datamodule.setup()
+    weights = torch.zeros(16)
+    weights[[3, 11]] = 1.0  # only samples 3 and 11 may be drawn
+    datamodule.sample_weights = weights
+    torch.manual_seed(0)
+    drawn = torch.cat([batch["index"] for batch in datamodule.train_dataloader()])
+    assert len(drawn) == 16 and set(drawn.tolist()) == {3, 11}
+    row = {s.name: s for s in debias.all_settings()}["reweight_sampler"]
+    assert row.sampler and row.debias is None and row.needs_dictionary
