@@ -288,8 +288,9 @@ def write_report(
         "/ (U_oracle - U_baseline), where the oracle is the baseline trained on bias-0 data and tested on the same "
         "test sets. [brackets]: 95% intervals of a paired bootstrap over seeds and test samples "
         f"({resamples} resamples; seeds drawn with replacement, then each drawn seed's test samples with "
-        "replacement, the same draw for every row). s / run: wall time of one run on 1 CPU thread (data, "
-        f"dictionary build or cache read, training, tests). Data generator: `{generator}`.",
+        "replacement, the same draw for every row). s / run: mean wall time of one run on 1 CPU thread (data, "
+        "dictionary build or cache read, training, tests), as measured: the committed runs shared 2 cores with "
+        f"other jobs, so these are upper bounds for an idle machine. Data generator: `{generator}`.",
         "",
         "## Bias 0.9: baseline, CCIM, the paper's ablations, the debiasing methods, the oracle",
         "",
