@@ -1,18 +1,22 @@
-"""Tests for benchmarks/debias.py: its --quick mode on a tiny configuration writes the table and the run records."""
+"""Tests for benchmarks/debias.py and debias_report.py: a tiny --quick run, determinism, resume, the report's
+statistics against hand and normal-approximation references."""
 
+import base64
 import importlib.util
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "debias.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("debias_benchmark", SCRIPT)
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -20,7 +24,7 @@ def _load_script():
 
 
 @pytest.fixture(autouse=True)
-def restore_logger_levels():
+def restore_global_state():
     """The script quietens Lightning's and our loggers and sets torch's threads; later tests need them back."""
     import torch
 
@@ -33,72 +37,172 @@ def restore_logger_levels():
     torch.set_num_threads(threads)
 
 
-TINY = ["--train-size", "128", "--val-size", "32", "--test-size", "64", "--epochs", "1", "--batch-size", "32"]
+TINY = ["--train-size", "96", "--test-size", "48", "--epochs", "1", "--batch-size", "32", "--bootstrap", "200"]
 
 
-@pytest.mark.filterwarnings("ignore:k-means with")  # 128 training samples into 32 clusters
-def test_quick_mode_writes_table_and_records(tmp_path, capsys):
-    debias = _load_script()
+def _records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "debias_runs.jsonl").read_text().splitlines()]
+
+
+def _table_rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
+
+
+def test_quick_run_records_are_deterministic_and_resumable(tmp_path, capsys):
+    debias = _load("debias")
+    report = _load("debias_report")
     assert debias.main(["--quick", *TINY, "--out", str(tmp_path)]) == 0
 
-    records = [json.loads(line) for line in (tmp_path / "debias_runs.jsonl").read_text().splitlines()]
-    assert [r["setting"] for r in records] == list(debias.QUICK_SETTINGS)
+    records = _records(tmp_path)
+    assert [r["setting"] for r in records] == debias.quick_names()
     for record in records:
         assert record["seed"] == 0
-        for key in ("biased_acc", "unbiased_acc"):
-            assert 0.0 <= record[key] <= 1.0
-        assert record["gap"] == pytest.approx(record["biased_acc"] - record["unbiased_acc"])
-        assert record["config"]["data"]["train_size"] == 128
+        for test_set in ("biased", "unbiased"):
+            right = report.unpack(record["correct"][test_set], record["correct"]["size"])
+            assert len(right) == 48
+            assert record[f"{test_set}_acc"] == pytest.approx(right.mean())  # the accuracy is the per-sample mean
+        assert record["config"]["data"]["train_size"] == 96
         assert record["config"]["trainer"]["max_epochs"] == 1
         assert record["reproduce"].startswith(f"python benchmarks/debias.py --only {record['setting']} --seeds 0")
-        assert "--train-size 128" in record["reproduce"]
+        assert "--train-size 96" in record["reproduce"]
     by_name = {r["setting"]: r for r in records}
-    assert by_name["baseline"]["config"]["model"]["attention"] == "none"
-    assert by_name["baseline"]["config"]["dictionary_callback"] is None
-    assert by_name["random_dictionary"]["config"]["dictionary_callback"]["source"] == "random"
-    # The clustered dictionary was written to the cache folder and handed to the callback from there.
-    cache = Path(by_name["ccim_dot"]["config"]["dictionary_callback"]["cache"])
-    assert cache.parent == tmp_path / "cache" and cache.exists()
+    assert by_name["baseline"]["config"]["dictionary"] is None
+    assert by_name["oracle"]["config"]["data"]["bias"] == 0.0
+    assert by_name["oracle"]["config"]["data"]["test_bias"] == 0.9
+    assert by_name[debias.BEST]["config"]["model"]["debias"] == debias.METHODS[debias.BEST][0]
+    # CCIM and the cluster method share one dictionary per (seed, bias, N, mask): one cache file.
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [
+        "dict_test_efficientnet_seed0_bias0.9_train96_N32_masked.pt"
+    ]
 
     table = (tmp_path / "debias.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| setting")]
-    assert [row.split(" | ")[0].strip("| ") for row in rows] == list(debias.QUICK_SETTINGS)
-    for row in rows:
-        cells = [cell.strip() for cell in row.strip("|").split("|")]
-        biased, unbiased = float(cells[5]), float(cells[6])  # percentages, one seed: no spread
-        assert 0.0 <= biased <= 100.0 and 0.0 <= unbiased <= 100.0
-    assert "Check: the baseline's biased-unbiased gap" in table
+    assert [row.split(" | ")[0].strip("| ") for row in _table_rows(table)] == debias.quick_names()
+    assert "Goal check" in table and (tmp_path / "debias_gap_closed.png").exists()
 
     # --resume skips what is done.
     capsys.readouterr()
     assert debias.main(["--quick", *TINY, "--out", str(tmp_path), "--resume"]) == 0
-    assert capsys.readouterr().out.count("already done, skipped") == 3
-    assert len((tmp_path / "debias_runs.jsonl").read_text().splitlines()) == 3
+    assert capsys.readouterr().out.count("already done, skipped") == 4
+    assert len(_records(tmp_path)) == 4
 
-    # A row's reproduce command, run alone, gives the same numbers; the table keeps the other rows.
-    command = by_name["baseline"]["reproduce"].split()
-    assert debias.main([*command[2:], "--out", str(tmp_path)]) == 0
-    rerun = json.loads((tmp_path / "debias_runs.jsonl").read_text().splitlines()[-1])
-    assert (rerun["setting"], rerun["seed"]) == ("baseline", 0)
-    assert rerun["biased_acc"] == pytest.approx(by_name["baseline"]["biased_acc"])
-    assert rerun["unbiased_acc"] == pytest.approx(by_name["baseline"]["unbiased_acc"])
-    assert "| random_dictionary |" in (tmp_path / "debias.md").read_text()
+    # Determinism: each reproduce command, run alone in a fresh process state, gives the same per-sample results,
+    # whether the dictionary is built (first run) or read from the cache (now).
+    for name in ("baseline", "ccim_dot", debias.BEST):
+        command = by_name[name]["reproduce"].split()
+        assert debias.main([*command[2:], "--bootstrap", "200", "--out", str(tmp_path)]) == 0
+        rerun = _records(tmp_path)[-1]
+        assert (rerun["setting"], rerun["seed"]) == (name, 0)
+        assert rerun["correct"] == by_name[name]["correct"], name
+
+    # --report-only rebuilds the same table from the JSON lines.
+    table = (tmp_path / "debias.md").read_text()
+    assert debias.main(["--quick", *TINY, "--out", str(tmp_path), "--report-only"]) == 0
+    assert _table_rows((tmp_path / "debias.md").read_text()) == _table_rows(table)
+
+
+def test_quick_never_writes_over_committed_results():
+    debias = _load("debias")
+    with pytest.raises(SystemExit, match="never writes over the committed results"):
+        debias.main(["--quick", "--out", str(debias.DEFAULT_OUT)])
 
 
 def test_settings_cover_the_issue():
-    debias = _load_script()
-    names = [s.name for s in debias.all_settings()]
-    for name in (
-        "baseline",
-        "ccim_dot",
-        "ccim_additive",
-        "random_dictionary",
-        "without_lambda",
-        "without_prior",
-        "without_masking",
-    ):
-        assert name in names
-    assert len([s for s in debias.all_settings() if s.group == "size"]) >= 2
-    assert len({s.bias for s in debias.all_settings()}) >= 3
+    debias = _load("debias")
+    settings = {s.name: s for s in debias.all_settings()}
+    for name in ("baseline", "ccim_dot", "ccim_additive", "random_dictionary", "without_lambda", "without_prior",
+                 "without_masking", "oracle"):  # fmt: skip
+        assert name in settings
+    assert settings["random_dictionary"].source == "random"
+    assert settings["without_lambda"].uniform_attention and not settings["without_prior"].use_prior
+    assert not settings["without_masking"].mask_subject
+    assert settings["oracle"].train_bias == 0.0 and settings["oracle"].attention == "none"
+    for cls in ("ClusterReweighting", "GroupDRO", "ProductOfExperts", "CLEF"):
+        heads = sorted(s.attention for s in settings.values() if s.debias == cls and s.group == "method")
+        assert heads == ["dot_product", "none"], cls
+    sweep = {(s.name.rsplit("_bias", 1)[0], s.bias) for s in settings.values() if s.group == "sweep"}
+    assert {stem for stem, _ in sweep} == {"baseline", "ccim_dot", debias.BEST}
+    assert len({b for _, b in sweep}) >= 2
+    assert len(debias.DEFAULT_SEEDS) >= 5
     with pytest.raises(SystemExit, match="Unknown setting"):
         debias.main(["--only", "nope", "--out", "unused"])
+
+
+# --- the report's statistics ---------------------------------------------------------------------------------------
+
+
+class Row:
+    def __init__(self, name, bias=0.9, group="main"):
+        self.name, self.bias, self.group, self.description = name, bias, group, name
+
+
+def _record(name, seed, biased, unbiased):
+    def packed(right):
+        return base64.b64encode(np.packbits(np.asarray(right, dtype=np.uint8)).tobytes()).decode()
+
+    return {
+        "setting": name,
+        "seed": seed,
+        "biased_acc": float(np.mean(biased)),
+        "unbiased_acc": float(np.mean(unbiased)),
+        "seconds": 1.0,
+        "correct": {"biased": packed(biased), "unbiased": packed(unbiased), "size": len(biased)},
+    }
+
+
+def test_gap_closed_and_intervals_against_hand_and_normal_references():
+    report = _load("debias_report")
+    rng = np.random.default_rng(5)
+    n = 4000
+    records = []
+    hand = {}
+    for seed in (0, 1):
+        base_u = rng.random(n) < 0.60
+        oracle_u = base_u | (rng.random(n) < 0.5)  # the oracle gets right what the baseline does and more
+        method_u = base_u.copy()
+        flip = np.flatnonzero(~base_u & oracle_u)[: int(0.75 * (oracle_u.sum() - base_u.sum()))]
+        method_u[flip] = True
+        biased = rng.random(n) < 0.9
+        for name, u in (("baseline", base_u), ("oracle", oracle_u), ("method", method_u)):
+            records.append(_record(name, seed, biased, u))
+            hand.setdefault(name, []).append(u.mean())
+    rows = [Row("baseline"), Row("oracle", group="oracle"), Row("method", group="method")]
+    summary = report.summarise(records, rows, resamples=1000)
+
+    mean = {name: np.mean(values) for name, values in hand.items()}
+    closed = (mean["method"] - mean["baseline"]) / (mean["oracle"] - mean["baseline"])
+    assert summary["method"]["closed"][0] == pytest.approx(closed)
+    assert summary["method"]["delta"][0] == pytest.approx(mean["method"] - mean["baseline"])
+    low, high = summary["method"]["closed"][1:]
+    assert low < closed < high
+    # Accuracy interval of one row against the normal approximation: with two seeds of equal accuracy, seed
+    # resampling adds little, so the half-width is about 1.96 sqrt(p (1 - p) / (2 n)) (plus the seed-mean spread).
+    p = mean["baseline"]
+    spread = abs(hand["baseline"][0] - hand["baseline"][1]) / 2
+    half = 1.96 * math.sqrt(p * (1 - p) / (2 * n))
+    width = (summary["baseline"]["unbiased"][2] - summary["baseline"]["unbiased"][1]) / 2
+    assert half * 0.8 < width < half * 1.2 + 1.96 * spread
+    # The paired Δ interval: the method differs from the baseline on a fixed set of samples, so the resampled Δ
+    # is the mean of the per-sample differences d_i in {0, 1}: normal reference 1.96 sqrt(d (1 - d) / (2 n)), plus
+    # the seed-mean spread.
+    per_seed = [hand["method"][s] - hand["baseline"][s] for s in (0, 1)]
+    d = np.mean(per_seed)
+    paired_half = 1.96 * math.sqrt(d * (1 - d) / (2 * n))
+    delta_low, delta_high = summary["method"]["delta"][1:]
+    assert paired_half * 0.8 < (delta_high - delta_low) / 2 < paired_half * 1.2 + 1.96 * abs(per_seed[0] - d)
+
+
+def test_resampling_variant_draws_by_the_weights():
+    import torch
+
+    debias = _load("debias")
+    config = debias.RunConfig(train_size=16, test_size=8, batch_size=8)
+    datamodule = debias.DataCache().datamodule(config, 0, debias.Setting("x", "x", attention="none"))
+    datamodule.setup()
+    weights = torch.zeros(16)
+    weights[[3, 11]] = 1.0  # only samples 3 and 11 may be drawn
+    datamodule.sample_weights = weights
+    torch.manual_seed(0)
+    drawn = torch.cat([batch["index"] for batch in datamodule.train_dataloader()])
+    assert len(drawn) == 16 and set(drawn.tolist()) == {3, 11}
+    row = {s.name: s for s in debias.all_settings()}["reweight_sampler"]
+    assert row.sampler and row.debias is None and row.needs_dictionary
