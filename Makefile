@@ -17,6 +17,8 @@ demo: $(STAMP)
 	rm -rf runs/synthetic
 	$(BIN)/ccim fit --config configs/synthetic.yaml
 	$(BIN)/ccim test --config configs/synthetic.yaml --ckpt_path last
+	# Side by side (one seed, scratch folder): baseline, CCIM, the best debiasing method, the oracle.
+	$(BIN)/python benchmarks/debias.py --quick --jobs 2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q
