@@ -56,19 +56,9 @@ class ConfounderDictionaryCallback(Callback):
         cache: str | None = None,
         progress: bool = True,
     ) -> None:
-        self.recipe = DictionaryRecipe(
-            extractor=extractor,
-            weights=weights,
-            source=source,
-            mask_subject=mask_subject,
-            seed=seed,
-            num_iterations=num_iterations,
-            pca_dim=pca_dim,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            cache=cache,
-            progress=progress,
-        )
+        # The arguments are the recipe's fields, one for one (spelled out above for LightningCLI's --dictionary.*).
+        settings = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        self.recipe = DictionaryRecipe(**settings)
         self.last_dictionary: ConfounderDictionary | None = None
 
     @override
