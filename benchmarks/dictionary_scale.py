@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _proc import status_kib  # benchmarks/ is on sys.path when a script here runs
 
 BLOCK = 4096
 """Rows per generated block."""
@@ -92,14 +93,6 @@ def generate_rows(start: int, stop: int, dim: int, blobs: int, seed: int) -> tor
     return out
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _reset_peak() -> int:
     """Returns free heap to the kernel, resets VmHWM and gives the resident bytes now (the baseline)."""
     try:
@@ -108,7 +101,7 @@ def _reset_peak() -> int:
         pass
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
-    return _status_kib("VmRSS") * 1024
+    return status_kib("VmRSS") * 1024
 
 
 def _rank(rank: int, world_size: int, port: int, args: argparse.Namespace, out: str, faiss_reference: bool) -> None:
@@ -144,7 +137,7 @@ def _rank(rank: int, world_size: int, port: int, args: argparse.Namespace, out: 
     else:
         result = distributed_kmeans(shard, args.k, seed=args.seed, num_iterations=args.iterations)
     seconds = time.perf_counter() - clock
-    peak = _status_kib("VmHWM") * 1024 - base
+    peak = status_kib("VmHWM") * 1024 - base
     report = {
         "rank": rank,
         "rows": stop - start,

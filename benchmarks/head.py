@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 import torch
+from _proc import status_kib  # benchmarks/ is on sys.path when a script here runs
 
 from ccim_lightning.head import ContextualCausalIntervention
 
@@ -99,14 +100,6 @@ def _release_free_heap() -> None:
         pass
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 class PeakMemory:
     """Peak memory (MiB) used between ``start()`` and ``stop()``, see the module docstring for the method."""
 
@@ -124,7 +117,7 @@ class PeakMemory:
         try:
             with open("/proc/self/clear_refs", "w") as clear_refs:
                 clear_refs.write("5")
-            self.base, self.method = _status_kib("VmRSS") * 1024, "VmHWM after clear_refs reset (fresh process)"
+            self.base, self.method = status_kib("VmRSS") * 1024, "VmHWM after clear_refs reset (fresh process)"
         except OSError:
             self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             self.method = "ru_maxrss increase (fresh process; lower bound)"
@@ -134,7 +127,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
         elif self.method.startswith("VmHWM"):
-            peak = _status_kib("VmHWM") * 1024
+            peak = status_kib("VmHWM") * 1024
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return (peak - self.base) / 2**20
