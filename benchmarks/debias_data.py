@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from ccim_lightning.datamodules import SyntheticContextDataModule
-from ccim_lightning.datamodules.synthetic import SyntheticContextDataset
+from ccim_lightning.datamodules.synthetic import SceneSettings, SyntheticContextDataset
 
 
 @dataclass
@@ -143,5 +143,4 @@ class DataCache:
 
 def generator_settings() -> str:
     """The synthetic generator's version and settings except seed and bias (stored with every run)."""
-    identity = SyntheticContextDataset("train", 1).sample_identities()[0].rsplit(":", 2)[0]
-    return re.sub(r"seed=[^,]*,bias=[^,]*,", "", identity)
+    return re.sub(r"seed=[^,]*,bias=[^,]*,", "", SceneSettings().identity())

@@ -27,10 +27,30 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ATTENTION_TYPES", "OFFICIAL_OUTPUT_LAYERS", "ContextualCausalIntervention", "OfficialLoadResult"]
+__all__ = [
+    "ATTENTION_TYPES",
+    "HEAD_OPTIONS",
+    "OFFICIAL_OUTPUT_LAYERS",
+    "ContextualCausalIntervention",
+    "OfficialLoadResult",
+]
 
 #: Valid values of ``ContextualCausalIntervention(attention=...)``; ``"none"`` is the baseline head without eq. 5.
 ATTENTION_TYPES = ("dot_product", "additive", "none")
+
+#: The head's constructor options that ``CCIMLightningModule`` exposes under the same names and defaults (the
+#: module passes them through; a test keeps the two signatures in step).
+HEAD_OPTIONS = (
+    "num_prototypes",
+    "confounder_dim",
+    "attention",
+    "hidden_dim",
+    "attention_dim",
+    "dropout",
+    "residual_scale",
+    "use_prior",
+    "uniform_attention",
+)
 
 #: Output-layer prefix of the reference module for each dataset, and its number of classes.
 OFFICIAL_OUTPUT_LAYERS = {"emotic": ("emotic_fc", 26), "caers": ("caers_fc", 7), "groupwalk": ("groupwalk_fc", 4)}

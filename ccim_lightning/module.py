@@ -18,7 +18,7 @@ from typing_extensions import override
 from ccim_lightning.compat import instantiated_by_cli
 from ccim_lightning.debias.base import DebiasMethod
 from ccim_lightning.dictionary.store import ConfounderDictionary
-from ccim_lightning.head import ContextualCausalIntervention
+from ccim_lightning.head import HEAD_OPTIONS, ContextualCausalIntervention
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class CCIMLightningModule(L.LightningModule):
         continuous_key: str = "vad",
         continuous_dim: int = 3,
     ) -> None:
+        arguments = dict(locals())  # before any other local: the head's options are passed through by name
         super().__init__()
         # From Python the backbone and loss are live modules: keeping them in hparams would pickle whole models
         # into every checkpoint; pass them again to ``load_from_checkpoint``. From the CLI they are configs.
@@ -121,19 +122,8 @@ class CCIMLightningModule(L.LightningModule):
                     "attribute: pass feature_dim= (the width of the feature the backbone returns)"
                 )
         self.backbone = backbone
-        self.head = ContextualCausalIntervention(
-            feature_dim=feature_dim,
-            num_classes=num_classes,
-            num_prototypes=num_prototypes,
-            confounder_dim=confounder_dim,
-            attention=attention,
-            hidden_dim=hidden_dim,
-            attention_dim=attention_dim,
-            dropout=dropout,
-            residual_scale=residual_scale,
-            use_prior=use_prior,
-            uniform_attention=uniform_attention,
-        )
+        head_options = {name: arguments[name] for name in HEAD_OPTIONS}
+        self.head = ContextualCausalIntervention(feature_dim=feature_dim, num_classes=num_classes, **head_options)
         self.task = task
         self.num_classes = num_classes
         if class_names is not None and len(class_names) != num_classes:

@@ -10,7 +10,7 @@ from ccim_lightning.datamodules.common import AnnotationError
 from ccim_lightning.datamodules.emotic import EmoticDataModule
 from ccim_lightning.datamodules.groupwalk import GroupWalkDataModule
 from ccim_lightning.datamodules.schema import BATCH_KEYS, DictionaryDataModule, IdentifiedDataset
-from ccim_lightning.datamodules.synthetic import SyntheticContextDataModule
+from ccim_lightning.datamodules.synthetic import SceneSettings, SyntheticContextDataModule
 from ccim_lightning.datamodules.table import TableDataModule
 from ccim_lightning.datamodules.transforms import ContextTransform
 
@@ -24,6 +24,7 @@ __all__ = [
     "GroupWalkDataModule",
     "IdentifiedDataset",
     "PersonDataModule",
+    "SceneSettings",
     "SyntheticContextDataModule",
     "TableDataModule",
 ]

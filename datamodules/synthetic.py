@@ -28,7 +28,9 @@ mean colour).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -66,24 +68,81 @@ _U_PERSON, _U_PER_PERSON = 19, 9  # height, x, y, skin tone, cloth h/s/v, ink, e
 _Z_HUE, _Z_PERSON, _Z_PER_PERSON = 0, 1, 7  # skin jitter x3, face jitter x4
 
 
+@dataclass(frozen=True)
+class SceneSettings:
+    """The generator settings every split of one synthetic dataset shares (checked on creation).
+
+    Attributes:
+        seed: Dataset seed (>= 0); the data is a pure function of (seed, split, index) and the settings.
+        bias: Probability in [0, 1] that a sample's emotion is its scene's dominant emotion (scene ``s`` -> emotion
+            ``s % num_classes``); otherwise it is uniform. 0 = independent.
+        num_classes: Number of emotions, 2 to 7 (``EMOTIONS[:num_classes]``).
+        num_scenes: Number of scene types.
+        image_size: Side of the context image in pixels.
+        subject_size: Side of the subject crop in pixels.
+        expression_noise: Standard deviation of the per-person jitter of the face parameters, in units of the
+            difference between the happy and the neutral face (0 = clean prototypes); higher makes the face harder
+            to read and the scene more tempting.
+        pixel_noise: Standard deviation of the additive Gaussian pixel noise on the [0, 1] colour scale.
+        max_distractors: Maximum number of other people (random expressions) per image.
+    """
+
+    seed: int = 0
+    bias: float = 0.9
+    num_classes: int = 4
+    num_scenes: int = 4
+    image_size: int = 64
+    subject_size: int = 32
+    expression_noise: float = 0.4
+    pixel_noise: float = 0.06
+    max_distractors: int = 2
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not 0.0 <= self.bias <= 1.0:
+            raise ValueError(f"bias must be a probability in [0, 1], got {self.bias}")
+        object.__setattr__(self, "bias", float(self.bias))  # one spelling in sample identities (1 and 1.0)
+        if not 2 <= self.num_classes <= len(EMOTIONS):
+            raise ValueError(f"num_classes must be between 2 and {len(EMOTIONS)}, got {self.num_classes}")
+        if self.num_scenes < 1:
+            raise ValueError(f"num_scenes must be >= 1, got {self.num_scenes}")
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16 pixels, got {self.image_size}")
+        if self.subject_size < 4:
+            raise ValueError(f"subject_size must be >= 4 pixels, got {self.subject_size}")
+        if self.expression_noise < 0 or self.pixel_noise < 0:
+            raise ValueError(
+                f"noise levels must be >= 0, got expression_noise={self.expression_noise}, "
+                f"pixel_noise={self.pixel_noise}"
+            )
+        if self.max_distractors < 0:
+            raise ValueError(f"max_distractors must be >= 0, got {self.max_distractors}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> SceneSettings:
+        """The settings named in ``values`` (e.g. a datamodule's ``hparams``); other keys are ignored."""
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+    def identity(self) -> str:
+        """The generator version and every setting, as sample identities name them."""
+        return (
+            f"synthetic-v{GENERATOR_VERSION}(seed={self.seed},bias={self.bias},classes={self.num_classes},"
+            f"scenes={self.num_scenes},size={self.image_size}/{self.subject_size},"
+            f"noise={self.expression_noise}/{self.pixel_noise},distractors={self.max_distractors})"
+        )
+
+
 class SyntheticContextDataset(Dataset):
     """One split of procedural context-biased emotion images (see the module docstring).
 
     ``__getitems__`` renders a whole batch at once and is what ``DataLoader`` uses; ``__getitem__`` renders one.
 
     Args:
-        split: One of ``SPLITS``; ``"test_unbiased"`` ignores ``bias`` (scene and emotion independent).
+        split: One of ``SPLITS``; ``"test_unbiased"`` ignores ``settings.bias`` (scene and emotion independent).
         size: Number of samples.
-        seed: Dataset seed (>= 0); the data is a pure function of (seed, split, index) and the settings.
-        bias: Probability that a sample's emotion is its scene's dominant emotion; otherwise it is uniform.
-        num_classes: Number of emotions, 2 to 7 (``EMOTIONS[:num_classes]``).
-        num_scenes: Number of scene types.
-        image_size: Side of the context image in pixels.
-        subject_size: Side of the subject crop in pixels.
-        expression_noise: Standard deviation of the per-person jitter of the face parameters, in units of the
-            difference between the happy and the neutral face (0 = clean prototypes).
-        pixel_noise: Standard deviation of the additive Gaussian pixel noise on the [0, 1] colour scale.
-        max_distractors: Maximum number of other people (random expressions) per image.
+        settings: The generator settings (default: ``SceneSettings()``); ``self.settings`` has ``bias=0`` on the
+            unbiased split.
         flip: Randomly flip samples horizontally (subject, context and box together, decided by the torch RNG).
         mask_subject: Fill the subject box of ``context`` with zeros.
     """
@@ -92,35 +151,18 @@ class SyntheticContextDataset(Dataset):
         self,
         split: str,
         size: int,
-        seed: int = 0,
-        bias: float = 0.9,
-        num_classes: int = 4,
-        num_scenes: int = 4,
-        image_size: int = 64,
-        subject_size: int = 32,
-        expression_noise: float = 0.4,
-        pixel_noise: float = 0.06,
-        max_distractors: int = 2,
+        settings: SceneSettings | None = None,
         flip: bool = False,
         mask_subject: bool = True,
     ) -> None:
-        settings = (num_classes, num_scenes, image_size, subject_size, expression_noise, pixel_noise)
-        _check_settings(seed, bias, *settings, max_distractors)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
+        settings = settings or SceneSettings()
         self.split = split
         self.size = size
-        self.seed = seed
-        self.bias = 0.0 if split == "test_unbiased" else float(bias)
-        self.num_classes = num_classes
-        self.num_scenes = num_scenes
-        self.image_size = image_size
-        self.subject_size = subject_size
-        self.expression_noise = expression_noise
-        self.pixel_noise = pixel_noise
-        self.max_distractors = max_distractors
+        self.settings = replace(settings, bias=0.0) if split == "test_unbiased" else settings
         self.flip = flip
         self.mask_subject = mask_subject
         self._split_id = SPLITS.index(split)
@@ -131,12 +173,7 @@ class SyntheticContextDataset(Dataset):
 
     def sample_identities(self) -> list[str]:
         """One stable name per sample (the generator settings, split and index), for dictionary fingerprints."""
-        settings = (
-            f"synthetic-v{GENERATOR_VERSION}(seed={self.seed},bias={self.bias},classes={self.num_classes},scenes={self.num_scenes},"
-            f"size={self.image_size}/{self.subject_size},noise={self.expression_noise}/{self.pixel_noise},"
-            f"distractors={self.max_distractors})"
-        )
-        return [f"{settings}:{self.split}:{i}" for i in range(self.size)]
+        return [f"{self.settings.identity()}:{self.split}:{i}" for i in range(self.size)]
 
     def sample_table(self) -> pd.DataFrame:
         """One row per sample, in index order: ``index``, ``split`` and the ``scene`` type.
@@ -158,7 +195,7 @@ class SyntheticContextDataset(Dataset):
 
     def dominant_emotion(self, scene: int) -> int:
         """The emotion that scene type ``scene`` is biased towards."""
-        return scene % self.num_classes
+        return scene % self.settings.num_classes
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.__getitems__([index])[0]
@@ -178,8 +215,8 @@ class SyntheticContextDataset(Dataset):
             context[flipped] = context[flipped, :, :, ::-1]
             subject[flipped] = subject[flipped, :, :, ::-1]
             boxes[flipped, 0], boxes[flipped, 2] = (
-                self.image_size - boxes[flipped, 2],
-                self.image_size - boxes[flipped, 0],
+                self.settings.image_size - boxes[flipped, 2],
+                self.settings.image_size - boxes[flipped, 0],
             )
         batch = {
             "subject": torch.from_numpy(subject),
@@ -206,21 +243,23 @@ class SyntheticContextDataset(Dataset):
     # --- generation --------------------------------------------------------------------------------------------
     def _draws(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """All random numbers of sample ``index``: uniforms (see the ``_U_*`` layout) and standard normals."""
-        rng = np.random.default_rng([self.seed, self._split_id, index])
-        people = self.max_distractors + 1
+        rng = np.random.default_rng([self.settings.seed, self._split_id, index])
+        people = self.settings.max_distractors + 1
         uniforms = rng.random(_U_PERSON + _U_PER_PERSON * people)
         return uniforms, rng.standard_normal(_Z_PERSON + _Z_PER_PERSON * people)
 
     def _labels_from(self, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scenes = choice(uniforms[:, _U_SCENE], self.num_scenes)
-        uniform_emotion = choice(uniforms[:, _U_EMOTION], self.num_classes)
-        targets = np.where(uniforms[:, _U_FOLLOW] < self.bias, scenes % self.num_classes, uniform_emotion)
+        scenes = choice(uniforms[:, _U_SCENE], self.settings.num_scenes)
+        uniform_emotion = choice(uniforms[:, _U_EMOTION], self.settings.num_classes)
+        targets = np.where(
+            uniforms[:, _U_FOLLOW] < self.settings.bias, scenes % self.settings.num_classes, uniform_emotion
+        )
         return targets, scenes
 
     def _noise_bank(self) -> np.ndarray:
         if self._noise is None:
-            side = _NOISE_BANK_SIDES * max(self.image_size, self.subject_size)
-            rng = np.random.default_rng([self.seed, len(SPLITS)])
+            side = _NOISE_BANK_SIDES * max(self.settings.image_size, self.settings.subject_size)
+            rng = np.random.default_rng([self.settings.seed, len(SPLITS)])
             self._noise = rng.standard_normal((3, side, side), dtype=np.float32)
         return self._noise
 
@@ -228,7 +267,7 @@ class SyntheticContextDataset(Dataset):
         """Parameters of person ``slot`` (0 = the target, then distractors) for every sample of the batch."""
         u = uniforms[:, _U_PERSON + _U_PER_PERSON * slot :][:, :_U_PER_PERSON]
         z = normals[:, _Z_PERSON + _Z_PER_PERSON * slot :][:, :_Z_PER_PERSON]
-        size = self.image_size
+        size = self.settings.image_size
         if slot == 0:  # the target: the whole box inside the image
             h = (0.42 + 0.28 * u[:, 0]) * size
             cx = h / 4 + u[:, 1] * (size - h / 2)
@@ -238,7 +277,7 @@ class SyntheticContextDataset(Dataset):
             h = (0.3 + 0.3 * u[:, 0]) * size
             cx = u[:, 1] * size
             top = -0.2 * h + u[:, 2] * (size - 0.4 * h)
-            emotion = choice(u[:, 8], self.num_classes)
+            emotion = choice(u[:, 8], self.settings.num_classes)
         skin = SKIN_LIGHT + u[:, 3, None] * (SKIN_DARK - SKIN_LIGHT) + 0.03 * z[:, :3]
         return {
             "cx": cx.astype(np.float32),
@@ -247,18 +286,18 @@ class SyntheticContextDataset(Dataset):
             "skin": np.clip(skin, 0.0, 1.0).astype(np.float32),
             "cloth": hsv_to_rgb(u[:, 4], 0.2 + 0.7 * u[:, 5], 0.25 + 0.7 * u[:, 6]),
             "ink": (0.2 * u[:, 7]).astype(np.float32),
-            "face": (EXPRESSIONS[emotion] + self.expression_noise * z[:, 3:7]).astype(np.float32),
+            "face": (EXPRESSIONS[emotion] + self.settings.expression_noise * z[:, 3:7]).astype(np.float32),
         }
 
     def _generate(self, indices: list[int], normalise: bool):
         """Renders a batch: ``(context, subject, boxes, targets, scenes)``, images (n, 3, H, W) float32."""
-        n, size, sub = len(indices), self.image_size, self.subject_size
+        n, size, sub = len(indices), self.settings.image_size, self.settings.subject_size
         draws = [self._draws(index) for index in indices]
         uniforms = np.stack([d[0] for d in draws]) if n else np.zeros((0, _U_PERSON + _U_PER_PERSON))
         normals = np.stack([d[1] for d in draws]) if n else np.zeros((0, _Z_PERSON + _Z_PER_PERSON))
         targets, scenes = self._labels_from(uniforms)
-        n_distractors = choice(uniforms[:, _U_DISTRACTORS], self.max_distractors + 1)
-        people = [self._person(uniforms, normals, slot, targets) for slot in range(self.max_distractors + 1)]
+        n_distractors = choice(uniforms[:, _U_DISTRACTORS], self.settings.max_distractors + 1)
+        people = [self._person(uniforms, normals, slot, targets) for slot in range(self.settings.max_distractors + 1)]
         target = people[0]
         x1, y1 = np.floor(target["cx"] - target["h"] / 4), np.floor(target["top"])
         x2, y2 = np.ceil(target["cx"] + target["h"] / 4), np.ceil(target["top"] + target["h"])
@@ -274,7 +313,7 @@ class SyntheticContextDataset(Dataset):
         sub_step = sides.max(axis=1) / sub
 
         background = self._background(uniforms, normals, scenes)
-        order = [*range(1, self.max_distractors + 1), 0]  # distractors first, the target on top
+        order = [*range(1, self.settings.max_distractors + 1), 0]  # distractors first, the target on top
         images = []
         renderings = ((ctx_x, ctx_y, np.ones(n, np.float32), True), (sub_x, sub_y, sub_step, False))
         for xs, ys, step, windowed in renderings:
@@ -289,7 +328,7 @@ class SyntheticContextDataset(Dataset):
         brightness = -0.06 + 0.12 * uniforms[:, _U_BRIGHTNESS]
         scale = np.repeat(contrast[:, None], 3, axis=1)
         offset = np.repeat((0.5 - 0.5 * contrast + brightness)[:, None], 3, axis=1)
-        noise_scale = np.full((n, 3), self.pixel_noise)
+        noise_scale = np.full((n, 3), self.settings.pixel_noise)
         if normalise:
             mean, std = np.asarray(IMAGENET_DEFAULT_MEAN), np.asarray(IMAGENET_DEFAULT_STD)
             scale, offset, noise_scale = scale / std, (offset - mean) / std, noise_scale / std
@@ -305,9 +344,9 @@ class SyntheticContextDataset(Dataset):
         return images[0], images[1], boxes, targets, scenes
 
     def _background(self, uniforms: np.ndarray, normals: np.ndarray, scenes: np.ndarray) -> dict:
-        size = self.image_size
+        size = self.settings.image_size
         u = uniforms[:, _U_BACKGROUND]
-        hue = scenes / self.num_scenes + 0.05 + 0.015 * normals[:, _Z_HUE]
+        hue = scenes / self.settings.num_scenes + 0.05 + 0.015 * normals[:, _Z_HUE]
         variant = scenes // len(TEXTURES)
         params = {
             "kind": scenes % len(TEXTURES),
@@ -343,7 +382,10 @@ class SyntheticContextDataset(Dataset):
                 t[sel] = np.clip(0.5 - (np.sqrt(du * du + dv * dv) - 0.28) * period / step[sel, None, None], 0, 1)
             else:  # horizon: a sky gradient over the ground
                 soft = 1.5 * step[sel, None, None]
-                t[sel] = 1.0 / (1.0 + np.exp((b["horizon"][sel, None, None] - y) / soft)) + 0.3 * y / self.image_size
+                t[sel] = (
+                    1.0 / (1.0 + np.exp((b["horizon"][sel, None, None] - y) / soft))
+                    + 0.3 * y / self.settings.image_size
+                )
         c1, c2 = b["c1"][:, :, None, None], b["c2"][:, :, None, None]
         return c1 + t[:, None] * (c2 - c1)
 
@@ -378,37 +420,6 @@ class SyntheticContextDataset(Dataset):
                 canvas[i, :, r, c] = window
         else:
             canvas[rows_of] = view
-
-
-def _check_settings(
-    seed: int,
-    bias: float,
-    num_classes: int,
-    num_scenes: int,
-    image_size: int,
-    subject_size: int,
-    expression_noise: float,
-    pixel_noise: float,
-    max_distractors: int,
-) -> None:
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    if not 0.0 <= bias <= 1.0:
-        raise ValueError(f"bias must be a probability in [0, 1], got {bias}")
-    if not 2 <= num_classes <= len(EMOTIONS):
-        raise ValueError(f"num_classes must be between 2 and {len(EMOTIONS)}, got {num_classes}")
-    if num_scenes < 1:
-        raise ValueError(f"num_scenes must be >= 1, got {num_scenes}")
-    if image_size < 16:
-        raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
-    if subject_size < 4:
-        raise ValueError(f"subject_size must be >= 4 pixels, got {subject_size}")
-    if expression_noise < 0 or pixel_noise < 0:
-        raise ValueError(
-            f"noise levels must be >= 0, got expression_noise={expression_noise}, pixel_noise={pixel_noise}"
-        )
-    if max_distractors < 0:
-        raise ValueError(f"max_distractors must be >= 0, got {max_distractors}")
 
 
 class SyntheticContextDataModule(L.LightningDataModule):
@@ -460,17 +471,6 @@ class SyntheticContextDataModule(L.LightningDataModule):
         flip: bool = True,
     ) -> None:
         super().__init__()
-        _check_settings(
-            seed,
-            bias,
-            num_classes,
-            num_scenes,
-            image_size,
-            subject_size,
-            expression_noise,
-            pixel_noise,
-            max_distractors,
-        )
         for name, value in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -479,6 +479,7 @@ class SyntheticContextDataModule(L.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
+        self.settings = SceneSettings.from_mapping(self.hparams)  # checks the generator settings
         self.num_classes = num_classes
         self.class_names = list(EMOTIONS[:num_classes])
         self.batch_size = batch_size
@@ -492,21 +493,7 @@ class SyntheticContextDataModule(L.LightningDataModule):
     def _dataset(self, split: str, flip: bool = False, mask_subject: bool = True) -> SyntheticContextDataset:
         hp = self.hparams
         size = {"train": hp.train_size, "val": hp.val_size}.get(split, hp.test_size)
-        return SyntheticContextDataset(
-            split,
-            size,
-            seed=hp.seed,
-            bias=hp.bias,
-            num_classes=hp.num_classes,
-            num_scenes=hp.num_scenes,
-            image_size=hp.image_size,
-            subject_size=hp.subject_size,
-            expression_noise=hp.expression_noise,
-            pixel_noise=hp.pixel_noise,
-            max_distractors=hp.max_distractors,
-            flip=flip,
-            mask_subject=mask_subject,
-        )
+        return SyntheticContextDataset(split, size, self.settings, flip=flip, mask_subject=mask_subject)
 
     def setup(self, stage: str | None = None) -> None:
         """Creates all four splits (cheap: samples are rendered when indexed)."""
@@ -567,7 +554,7 @@ class SyntheticContextDataModule(L.LightningDataModule):
         return {
             "datamodule": type(self).__name__,
             "pixels": f"synthetic-v{GENERATOR_VERSION} (rendered at the output size, no resize)",
-            "context_size": [self.hparams.image_size, self.hparams.image_size],
+            "context_size": [self.settings.image_size, self.settings.image_size],
             "mean": list(IMAGENET_DEFAULT_MEAN),
             "std": list(IMAGENET_DEFAULT_STD),
             "mask_fill": 0.0,

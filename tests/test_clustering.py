@@ -11,7 +11,7 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from ccim_lightning.dictionary.kmeans import MIN_POINTS_PER_CLUSTER, KMeansResult, kmeans
+from ccim_lightning.dictionary.kmeans import MIN_POINTS_PER_CLUSTER, KMeansResult, empty_cluster_moves, kmeans
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -327,3 +327,14 @@ def test_fewer_distinct_points_than_clusters_warn_and_enough_do_not(caplog):
         caplog.clear()
         kmeans(features, 3)
     assert "distinct" not in caplog.text
+
+
+def test_empty_cluster_moves_by_hand():
+    # sizes: cluster 0 has 3 points, 1 has 1 (a singleton, never emptied), 2 and 3 are empty.
+    # Candidates farthest first: point 7 (the singleton's) is passed over, points 4 and 5 (cluster 0) move.
+    candidates = [(7, 1), (4, 0), (5, 0), (6, 0)]
+    assert empty_cluster_moves([2, 3], [3, 1, 0, 0], candidates) == [(4, 2), (5, 3)]
+    # cluster 0 is down to 1 member after one move, so point 5 stays and nothing is left for cluster 3
+    with pytest.raises(ValueError, match="empty cluster 3"):
+        empty_cluster_moves([2, 3], [2, 1, 0, 0], [(4, 0), (5, 0), (7, 1)])
+    assert empty_cluster_moves([], [3, 1], candidates) == []

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from ccim_lightning.datamodules.synthetic import SyntheticContextDataset
+from ccim_lightning.datamodules.synthetic import SceneSettings, SyntheticContextDataset
 from ccim_lightning.debias import CLEF, ClusterReweighting, GroupDRO, ProductOfExperts
 
 NUM_CLUSTERS = 32
@@ -13,7 +13,7 @@ NUM_CLUSTERS = 32
 
 @pytest.fixture(scope="module")
 def demo():
-    dataset = SyntheticContextDataset("train", 48, seed=0)
+    dataset = SyntheticContextDataset("train", 48, SceneSettings(seed=0))
     batch = default_collate(dataset.__getitems__(list(range(len(dataset)))))
     # Eight clusters per scene, as a k-means dictionary that recovers the scenes would give.
     clusters = batch["scene"] * 8 + batch["index"] % 8
@@ -40,7 +40,7 @@ def test_defaults_train_and_infer_on_the_demo_data(make, demo):
 
 
 def test_reweighting_down_weights_each_scene_s_dominant_emotion():
-    dataset = SyntheticContextDataset("train", 400, seed=0)
+    dataset = SyntheticContextDataset("train", 400, SceneSettings(seed=0))
     targets, scenes = (torch.as_tensor(a) for a in dataset.labels())
     method = ClusterReweighting()
     method.bind(num_classes=4, task="multiclass", num_clusters=4)

@@ -226,3 +226,26 @@ def test_raw_uint8_pixels_are_a_clear_error():
     batch = {"context": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "subject": torch.zeros(2, 3, 8, 8)}
     with pytest.raises(TypeError, match="on_after_batch_transfer"):
         module(batch)
+
+
+def test_head_options_pass_through_with_the_heads_defaults():
+    import inspect
+
+    from ccim_lightning.head import HEAD_OPTIONS, ContextualCausalIntervention
+
+    head = inspect.signature(ContextualCausalIntervention).parameters
+    module = inspect.signature(CCIMLightningModule).parameters
+    for name in HEAD_OPTIONS:
+        assert name in head and name in module, name
+        if head[name].default is not inspect.Parameter.empty:
+            assert module[name].default == head[name].default, name
+    # every option really reaches the head (not a default of the head's own)
+    given = {"num_prototypes": 7, "confounder_dim": 5, "attention": "additive", "hidden_dim": 12, "attention_dim": 9,
+             "dropout": 0.25, "residual_scale": 0.7, "use_prior": False, "uniform_attention": True}  # fmt: skip
+    assert set(given) == set(HEAD_OPTIONS)
+    model = CCIMLightningModule(nn.Identity(), num_classes=3, feature_dim=4, **given)
+    dropouts = {m.p for m in model.head.classifier.modules() if isinstance(m, nn.Dropout)}
+    assert dropouts == {0.25}
+    for name, value in given.items():
+        if name != "dropout":
+            assert getattr(model.head, name) == value, name

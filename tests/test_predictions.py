@@ -22,7 +22,12 @@ from ccim_lightning.callbacks.prediction_writer import (
     predictions_frame,
 )
 from ccim_lightning.cli import build_cli
-from ccim_lightning.datamodules.synthetic import EMOTIONS, SyntheticContextDataModule, SyntheticContextDataset
+from ccim_lightning.datamodules.synthetic import (
+    EMOTIONS,
+    SceneSettings,
+    SyntheticContextDataModule,
+    SyntheticContextDataset,
+)
 from ccim_lightning.hosts import CAERNet, EmotNet, TwoStreamHost
 
 ROOT = Path(__file__).parents[1]
@@ -141,7 +146,7 @@ def test_ground_truth_columns_may_not_clash_with_class_or_identity_names():
 
 
 def test_synthetic_sample_table_matches_the_samples_without_rendering():
-    dataset = SyntheticContextDataset("test", 6, seed=3, num_scenes=5, image_size=16, subject_size=8)
+    dataset = SyntheticContextDataset("test", 6, SceneSettings(seed=3, num_scenes=5, image_size=16, subject_size=8))
     table = dataset.sample_table()
     assert list(table.columns) == ["index", "split", "scene"] and len(table) == 6
     assert table["index"].tolist() == list(range(6)) and set(table["split"]) == {"test"}

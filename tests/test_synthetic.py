@@ -6,6 +6,7 @@ import torch
 
 from ccim_lightning.datamodules.synthetic import (
     EMOTIONS,
+    SceneSettings,
     SyntheticContextDataModule,
     SyntheticContextDataset,
 )
@@ -47,17 +48,21 @@ def test_normalised_roughly(datamodule: SyntheticContextDataModule) -> None:
 
 
 def test_deterministic_per_seed() -> None:
-    a = SyntheticContextDataset("train", 10, seed=3, **SMALL)
-    b = SyntheticContextDataset("train", 10, seed=3, **SMALL)
-    c = SyntheticContextDataset("train", 10, seed=4, **SMALL)
+    a = SyntheticContextDataset("train", 10, SceneSettings(seed=3, **SMALL))
+    b = SyntheticContextDataset("train", 10, SceneSettings(seed=3, **SMALL))
+    c = SyntheticContextDataset("train", 10, SceneSettings(seed=4, **SMALL))
     for index in (0, 7):
         first, second, other = a[index], b[index], c[index]
         for key in first:
             assert torch.equal(first[key], second[key]), key
         assert not torch.equal(first["context"], other["context"])
     # order of access does not matter, and splits differ
-    assert torch.equal(a[2]["subject"], SyntheticContextDataset("train", 10, seed=3, **SMALL)[2]["subject"])
-    assert not torch.equal(a[2]["context"], SyntheticContextDataset("val", 10, seed=3, **SMALL)[2]["context"])
+    assert torch.equal(
+        a[2]["subject"], SyntheticContextDataset("train", 10, SceneSettings(seed=3, **SMALL))[2]["subject"]
+    )
+    assert not torch.equal(
+        a[2]["context"], SyntheticContextDataset("val", 10, SceneSettings(seed=3, **SMALL))[2]["context"]
+    )
 
 
 def test_datamodule_loaders_are_reproducible() -> None:
@@ -84,8 +89,8 @@ def test_subject_box_masked(datamodule: SyntheticContextDataModule) -> None:
 
 
 def test_flip_keeps_subject_context_and_box_consistent() -> None:
-    plain = SyntheticContextDataset("train", 4, **SMALL)
-    flipping = SyntheticContextDataset("train", 4, flip=True, **SMALL)
+    plain = SyntheticContextDataset("train", 4, SceneSettings(**SMALL))
+    flipping = SyntheticContextDataset("train", 4, SceneSettings(**SMALL), flip=True)
     torch.manual_seed(0)
     seen = set()
     for _ in range(20):
@@ -106,7 +111,7 @@ def test_flip_keeps_subject_context_and_box_consistent() -> None:
 
 
 def test_labels_match_rendered_samples() -> None:
-    dataset = SyntheticContextDataset("val", 30, bias=0.5, **SMALL)
+    dataset = SyntheticContextDataset("val", 30, SceneSettings(bias=0.5, **SMALL))
     targets, scenes = dataset.labels()
     samples = dataset.__getitems__(list(range(30)))
     assert [int(s["target"]) for s in samples] == targets.tolist()
@@ -117,7 +122,7 @@ def test_labels_match_rendered_samples() -> None:
 
 
 def test_batched_and_single_access_agree() -> None:
-    dataset = SyntheticContextDataset("test", 12, **SMALL)
+    dataset = SyntheticContextDataset("test", 12, SceneSettings(**SMALL))
     batch = dataset.__getitems__([5, 0, 11])
     for index, sample in zip([5, 0, 11], batch):
         single = dataset[index]
@@ -130,13 +135,13 @@ def test_batched_and_single_access_agree() -> None:
 def test_bias_semantics(num_classes: int, num_scenes: int) -> None:
     n = 4000
     settings = {"num_classes": num_classes, "num_scenes": num_scenes}
-    targets, scenes = SyntheticContextDataset("train", n, bias=1.0, **settings).labels()
+    targets, scenes = SyntheticContextDataset("train", n, SceneSettings(bias=1.0, **settings)).labels()
     assert np.all(targets == scenes % num_classes)
     assert np.bincount(scenes, minlength=num_scenes).min() > n / num_scenes * 0.8
 
     # bias 0, and the unbiased test split whatever the bias: P(dominant) = 1 / C and scene, emotion independent
     for split, bias in (("train", 0.0), ("test_unbiased", 0.9)):
-        targets, scenes = SyntheticContextDataset(split, n, bias=bias, **settings).labels()
+        targets, scenes = SyntheticContextDataset(split, n, SceneSettings(bias=bias, **settings)).labels()
         assert abs(np.mean(targets == scenes % num_classes) - 1 / num_classes) < 0.03
         joint = np.histogram2d(scenes, targets, bins=(num_scenes, num_classes))[0] / n
         independent = np.outer(np.bincount(scenes) / n, np.bincount(targets) / n)
@@ -144,13 +149,13 @@ def test_bias_semantics(num_classes: int, num_scenes: int) -> None:
 
     # the biased splits: P(dominant) = bias + (1 - bias) / C
     for split in ("train", "val", "test"):
-        targets, scenes = SyntheticContextDataset(split, n, bias=0.9, **settings).labels()
+        targets, scenes = SyntheticContextDataset(split, n, SceneSettings(bias=0.9, **settings)).labels()
         assert abs(np.mean(targets == scenes % num_classes) - (0.9 + 0.1 / num_classes)) < 0.02
 
 
 def test_bias_only_changes_labels_and_faces() -> None:
-    biased = SyntheticContextDataset("train", 8, bias=1.0, **SMALL)
-    unbiased = SyntheticContextDataset("train", 8, bias=0.0, **SMALL)
+    biased = SyntheticContextDataset("train", 8, SceneSettings(bias=1.0, **SMALL))
+    unbiased = SyntheticContextDataset("train", 8, SceneSettings(bias=0.0, **SMALL))
     for index in range(8):
         one, two = biased[index], unbiased[index]
         assert one["scene"] == two["scene"] and torch.equal(one["box"], two["box"])
@@ -165,7 +170,10 @@ def test_test_loaders_order_and_predict(datamodule: SyntheticContextDataModule) 
     assert isinstance(loaders, list) and len(loaders) == 2
     assert loaders[0].dataset is datamodule.test_dataset and datamodule.test_dataset.split == "test"
     assert loaders[1].dataset is datamodule.test_unbiased_dataset
-    assert datamodule.test_unbiased_dataset.split == "test_unbiased" and datamodule.test_unbiased_dataset.bias == 0
+    assert (
+        datamodule.test_unbiased_dataset.split == "test_unbiased"
+        and datamodule.test_unbiased_dataset.settings.bias == 0
+    )
     assert datamodule.predict_dataloader().dataset.split == "test_unbiased"
 
 
@@ -196,3 +204,22 @@ def test_invalid_settings() -> None:
         SyntheticContextDataset("holdout", 3)
     with pytest.raises(RuntimeError, match="setup"):
         SyntheticContextDataModule().train_dataloader()
+
+
+def test_scene_settings_identity_and_checks() -> None:
+    # The identity is written out: caches and committed benchmark records are keyed by this exact text.
+    expected = "synthetic-v2(seed=3,bias=1.0,classes=4,scenes=4,size=64/32,noise=0.4/0.06,distractors=2)"
+    assert SceneSettings(seed=3, bias=1).identity() == expected
+    dataset = SyntheticContextDataset("train", 2, SceneSettings(seed=3, bias=1))
+    assert dataset.sample_identities() == [f"{expected}:train:0", f"{expected}:train:1"]
+    unbiased = SyntheticContextDataset("test_unbiased", 1, SceneSettings(seed=3, bias=1))
+    assert unbiased.settings.bias == 0.0 and "bias=0.0" in unbiased.sample_identities()[0]
+    dm = SyntheticContextDataModule(seed=3, num_scenes=6, image_size=32, subject_size=16, train_size=4)
+    assert dm.settings == SceneSettings(seed=3, num_scenes=6, image_size=32, subject_size=16)
+    dm.setup("fit")
+    assert dm.train_dataset.settings is dm.settings and dm.dictionary_signature()["context_size"] == [32, 32]
+    for bad, field in ((dict(seed=-1), "seed"), (dict(image_size=8), "image_size"), (dict(pixel_noise=-1), "noise")):
+        with pytest.raises(ValueError, match=field):
+            SceneSettings(**bad)
+        with pytest.raises(ValueError, match=field):
+            SyntheticContextDataModule(**bad)

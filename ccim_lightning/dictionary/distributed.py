@@ -43,6 +43,7 @@ from ccim_lightning.dictionary.kmeans import (
     KMeansResult,
     _sample_proportional,
     _squared_distances,
+    empty_cluster_moves,
 )
 
 __all__ = ["DistributedKMeansResult", "all_gather_variable", "distributed_kmeans"]
@@ -505,15 +506,9 @@ def _fill_empty_clusters(
     by_row = torch.argsort(gathered[1], stable=True)
     order = by_row[torch.argsort(-gathered[0, by_row], stable=True)]
     rows, clusters = gathered[1, order].long().tolist(), gathered[2, order].long().tolist()
-    sizes = counts.tolist()
     moved = assignments.clone()
-    visit = iter(i for i in range(len(rows)) if rows[i] >= 0)
-    for cluster in empty:
-        i = next(visit)
-        while sizes[clusters[i]] < 2:
-            i = next(visit)
-        sizes[clusters[i]] -= 1
-        sizes[cluster] = 1
-        if shard.offset <= rows[i] < shard.offset + shard.rows:
-            moved[rows[i] - shard.offset] = cluster
+    candidates = ((row, cluster) for row, cluster in zip(rows, clusters) if row >= 0)
+    for row, cluster in empty_cluster_moves(empty, counts.tolist(), candidates):
+        if shard.offset <= row < shard.offset + shard.rows:
+            moved[row - shard.offset] = cluster
     return moved

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -560,17 +560,42 @@ def _fill_empty_clusters(assignments: torch.Tensor, distances: torch.Tensor, num
     if not empty:
         return assignments
     logger.info("k-means: moving the farthest points into %d empty cluster(s)", len(empty))
-    moved = assignments.cpu().numpy().copy()
-    sizes = counts.tolist()
-    farthest_first = iter(np.argsort(-distances.cpu().numpy(), kind="stable").tolist())
-    for cluster in empty:
-        point = next(farthest_first)
-        while sizes[moved[point]] < 2:
-            point = next(farthest_first)
-        sizes[moved[point]] -= 1
-        sizes[cluster] = 1
+    original = assignments.cpu().numpy()
+    moved = original.copy()
+    farthest_first = np.argsort(-distances.cpu().numpy(), kind="stable").tolist()
+    for point, cluster in empty_cluster_moves(empty, counts.tolist(), ((p, original[p]) for p in farthest_first)):
         moved[point] = cluster
     return torch.from_numpy(moved).to(assignments.device)
+
+
+def empty_cluster_moves(
+    empty: list[int], sizes: list[int], farthest_first: Iterable[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Which points refill the empty clusters: one ``(point, empty cluster)`` pair per empty cluster.
+
+    The rule shared by the one-process and the distributed k-means: walk the candidates farthest from their
+    centroid first and take a point only if its cluster keeps at least one member.
+
+    Args:
+        empty: The empty clusters, in the order they are filled.
+        sizes: Every cluster's size before the moves (not modified).
+        farthest_first: ``(point, its cluster)`` candidates, farthest from their centroid first.
+
+    Raises:
+        ValueError: When the candidates run out first (fewer movable points than empty clusters).
+    """
+    sizes = list(sizes)
+    candidates = iter(farthest_first)
+    moves = []
+    for cluster in empty:
+        # the shared iterator resumes after the last point taken
+        point, source = next(((p, c) for p, c in candidates if sizes[c] >= 2), (None, None))
+        if point is None:
+            raise ValueError(f"k-means: no point left to move into empty cluster {cluster} (sizes {sizes})")
+        sizes[source] -= 1
+        sizes[cluster] = 1
+        moves.append((point, cluster))
+    return moves
 
 
 def _member_means(x: torch.Tensor, assignments: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
