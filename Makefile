@@ -17,8 +17,10 @@ demo: $(STAMP)
 	rm -rf runs/synthetic
 	$(BIN)/ccim fit --config configs/synthetic.yaml
 	$(BIN)/ccim test --config configs/synthetic.yaml --ckpt_path last
-	# Side by side (one seed, scratch folder): baseline, CCIM, the best debiasing method, the oracle.
-	$(BIN)/python benchmarks/debias.py --quick --jobs 2
+	# Side by side (seed 0, scratch folder, the fit's 1,000-sample test sets): baseline, the CCIM model just fitted
+	# (tested, not trained again), the best debiasing method, the oracle.
+	$(BIN)/python benchmarks/debias.py --quick --jobs 2 --test-size 1000 \
+		--ccim-checkpoint runs/synthetic/lightning_logs/version_0/checkpoints/last.ckpt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q

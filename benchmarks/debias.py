@@ -5,6 +5,10 @@ N = 32 prototypes of 256-dim ``test_efficientnet`` scene features, 4 epochs of A
 ``SyntheticContextDataModule`` and tests the final-epoch weights on a biased test set (the training distribution)
 and an unbiased one (scene and emotion independent), 5,000 samples each.
 
+``--ccim-checkpoint`` adds the row ``ccim_fit``: a ``ccim fit --config configs/synthetic.yaml`` checkpoint, checked
+to be trained as ``ccim_dot`` is and tested on the same test sets, not trained again (``debias_checkpoint.py``);
+with ``--quick`` it takes ``ccim_dot``'s place, which is how ``make demo`` reuses its own fit.
+
 Rows (``--list`` prints them): the baseline (``attention="none"``); CCIM with dot-product and additive attention;
 the paper's four ablations (random Z, without lambda = uniform attention, without P(z), dictionary from unmasked
 images); each method of ``ccim_lightning.debias`` on the baseline head and on CCIM; the **oracle** (the baseline
@@ -30,6 +34,7 @@ Method:
 Example:
     python benchmarks/debias.py --out /tmp/debias --resume --jobs 2   # full run
     python benchmarks/debias.py --quick                              # 1 seed, 4 rows, in a scratch folder
+    python benchmarks/debias.py --quick --test-size 1000 --ccim-checkpoint runs/synthetic/.../last.ckpt   # make demo
     python benchmarks/debias.py --report-only                        # rebuild debias.md and plots from the JSON lines
     python benchmarks/debias.py --only reweight --seeds 1 --out /tmp/debias   # one row, one seed
 """
@@ -58,11 +63,13 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import debias_report  # noqa: E402  (the report half, next to this file)
+from debias_checkpoint import checkpoint_mismatches, expected_data, expected_model, training_steps  # noqa: E402
 from debias_data import DataCache, RenderedDataModule, RenderedSplit, RunConfig, generator_settings  # noqa: E402, F401
 
 from ccim_lightning import CCIMLightningModule  # noqa: E402
 from ccim_lightning import debias as methods  # noqa: E402
 from ccim_lightning.callbacks import ConfounderDictionaryCallback  # noqa: E402
+from ccim_lightning.checkpoints import load_checkpoint  # noqa: E402
 from ccim_lightning.dictionary.recipe import DictionaryRecipe  # noqa: E402
 from ccim_lightning.hosts import TwoStreamHost  # noqa: E402
 
@@ -84,6 +91,11 @@ METHODS: dict[str, tuple[str, dict]] = {
 }
 #: The method carried into the bias sweep and ``--quick`` (the best at bias 0.9 in the full run).
 BEST = "clef"
+#: The row of ``--ccim-checkpoint`` (group ``"checkpoint"``: only run when a checkpoint is given).
+CHECKPOINT_ROW = "ccim_fit"
+#: Relative cost of a run when dealing runs out to workers (CLEF trains a second encoder: 50 s vs 30 s per run on
+#: the idle machine; testing a checkpoint is a few seconds).
+RUN_COST = {"CLEF": 1.6, "checkpoint": 0.1}
 
 
 @dataclass(frozen=True)
@@ -160,6 +172,12 @@ def all_settings() -> list[Setting]:
     settings = [
         Setting("baseline", "host + head, attention none (no intervention)", attention="none"),
         Setting("ccim_dot", "CCIM, dot-product attention (paper default)"),
+        Setting(
+            CHECKPOINT_ROW,
+            "ccim_dot's model from `ccim fit` (--ccim-checkpoint; validated each epoch, own "
+            "dictionary; tested here, not retrained)",
+            "checkpoint",
+        ),  # fmt: skip
         Setting("ccim_additive", "CCIM, additive attention", attention="additive"),
         Setting("random_dictionary", "ablation: random Z, uniform prior", source="random"),
         Setting("without_lambda", "ablation: uniform attention (without lambda)", uniform_attention=True),
@@ -216,9 +234,27 @@ def tuning_settings() -> list[Setting]:
     return rows
 
 
-def quick_names() -> list[str]:
-    """``--quick``: baseline, CCIM, the best method, the oracle."""
-    return ["baseline", "ccim_dot", BEST, "oracle"]
+def quick_names(checkpoint: bool = False) -> list[str]:
+    """``--quick``: baseline, CCIM (``ccim_fit`` when a checkpoint is given), the best method, the oracle."""
+    return ["baseline", CHECKPOINT_ROW if checkpoint else "ccim_dot", BEST, "oracle"]
+
+
+def run_cost(setting: Setting) -> float:
+    """The expected duration of a run of ``setting``, relative to a plain one (see ``RUN_COST``)."""
+    if setting.group == "checkpoint":
+        return RUN_COST["checkpoint"]
+    return RUN_COST.get(setting.debias or "", 1.0)
+
+
+def deal(plan: list[tuple[int, str]], jobs: int, settings: dict[str, Setting]) -> list[list[tuple[int, str]]]:
+    """Splits the plan over ``jobs`` workers: each run goes to the least loaded so far, plan order kept inside."""
+    shares: list[list[tuple[int, str]]] = [[] for _ in range(jobs)]
+    loads = [0.0] * jobs
+    for seed, name in plan:
+        worker = loads.index(min(loads))
+        shares[worker].append((seed, name))
+        loads[worker] += run_cost(settings[name])
+    return shares
 
 
 # --- one run -----------------------------------------------------------------------------------------------------
@@ -249,6 +285,8 @@ def reproduce_command(args: argparse.Namespace, setting: str, seed: int) -> str:
     for option in ("train_size", "test_size", "batch_size", "epochs"):
         if getattr(args, option) != getattr(defaults, option):
             parts += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    if setting == CHECKPOINT_ROW:
+        parts += ["--ccim-checkpoint", str(args.ccim_checkpoint)]
     return shlex.join(parts)
 
 
@@ -271,12 +309,14 @@ def comparable(record: dict) -> str:
     """What a stored run must share with this invocation to count (everything but the seed and the timings)."""
     config = record["config"]
     data = {k: v for k, v in config["data"].items() if k not in ("seed", "bias", "class")}
-    return json.dumps([config["setting"], data, config["trainer"]["max_epochs"]], sort_keys=True)
+    return json.dumps(
+        [config["setting"], data, config["trainer"]["max_epochs"], config.get("checkpoint")], sort_keys=True
+    )
 
 
 def run_config_of(setting: Setting, seed: int, config: RunConfig) -> dict:
     """The ``config`` part of a run's record (also used to match stored runs for ``--resume``)."""
-    return {
+    run = {
         "setting": asdict(setting),
         "data": {
             **config.data_kwargs(seed, setting.data_bias),
@@ -306,10 +346,81 @@ def run_config_of(setting: Setting, seed: int, config: RunConfig) -> dict:
             "weights_tested": "final epoch",
         },
     }
+    if setting.group == "checkpoint":
+        stat = Path(config.checkpoint).stat()  # a rewritten file is another run (``--resume``)
+        run["checkpoint"] = {"path": config.checkpoint, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        run["trainer"].update(validation="every epoch (ccim fit)", weights_tested="last.ckpt of ccim fit")
+    return run
+
+
+def build_model(setting: Setting, config: RunConfig, num_classes: int, class_names: list[str]) -> CCIMLightningModule:
+    """The model of a run of ``setting`` (the demo's host; the setting's head and method)."""
+    debias = getattr(methods, setting.debias)(**setting.debias_args) if setting.debias else None
+    return CCIMLightningModule(
+        TwoStreamHost("small_cnn", "small_cnn", feature_dim=config.feature_dim),
+        num_classes=num_classes,
+        num_prototypes=setting.num_prototypes,
+        confounder_dim=CONFOUNDER_DIM,
+        attention=setting.attention,
+        use_prior=setting.use_prior,
+        uniform_attention=setting.uniform_attention,
+        debias=debias,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=setting.lr or 1e-3),
+        class_names=class_names,
+    )
+
+
+def check_checkpoint(setting: Setting, seed: int, config: RunConfig) -> dict:
+    """The ``--ccim-checkpoint`` file, read safely; exits naming every field where it was trained differently."""
+    checkpoint = load_checkpoint(config.checkpoint)
+    problems = checkpoint_mismatches(
+        checkpoint,
+        expected_model(setting.num_prototypes, CONFOUNDER_DIM, config.feature_dim),
+        expected_data(seed, setting.data_bias, config.train_size, config.batch_size),
+        training_steps(config.train_size, config.batch_size, config.epochs),
+    )
+    if problems:
+        raise SystemExit(
+            f"--ccim-checkpoint {config.checkpoint} was not trained as this benchmark trains ccim_dot (seed {seed}):"
+            "\n  "
+            + "\n  ".join(problems)
+            + "\nTrain it with `ccim fit --config configs/synthetic.yaml`, or pass the --seeds, --train-size, "
+            "--batch-size and --epochs it was trained with."
+        )
+    return checkpoint
+
+
+def evaluate_checkpoint(setting: Setting, seed: int, config: RunConfig, cache: DataCache, reproduce: str) -> dict:
+    """Tests the ``--ccim-checkpoint`` model on the run's test sets; returns its JSON record (nothing is trained)."""
+    start = time.perf_counter()
+    checkpoint = check_checkpoint(setting, seed, config)
+    hparams = checkpoint["hyper_parameters"]
+    model = build_model(setting, config, hparams["num_classes"], hparams["class_names"])
+    model.on_load_checkpoint(checkpoint)  # sizes the per-sample cluster buffer, as Lightning does before loading
+    model.load_state_dict(checkpoint["state_dict"])
+    biased_set, unbiased_set = cache.test_sets(config, seed, setting.bias)
+    biased, unbiased = correctness(model, biased_set), correctness(model, unbiased_set)
+    run_config = run_config_of(setting, seed, config)
+    return {
+        "setting": setting.name,
+        "seed": seed,
+        "biased_acc": float(biased.mean()),
+        "unbiased_acc": float(unbiased.mean()),
+        "gap": float(biased.mean() - unbiased.mean()),
+        "correct": {"biased": pack(biased), "unbiased": pack(unbiased), "size": int(len(biased))},
+        "dictionary_stats": {},
+        "config": run_config,
+        "seconds": round(time.perf_counter() - start, 1),
+        "train_seconds": 0.0,
+        "reproduce": reproduce,
+        "versions": {"torch": torch.__version__, "lightning": L.__version__},
+    }
 
 
 def run_one(setting: Setting, seed: int, config: RunConfig, cache: DataCache, out: Path, reproduce: str) -> dict:
     """Trains and tests one setting with one seed; returns its JSON record."""
+    if setting.group == "checkpoint":
+        return evaluate_checkpoint(setting, seed, config, cache, reproduce)
     start = time.perf_counter()
     datamodule = cache.datamodule(config, seed, setting)
     callbacks, stats = [], {}
@@ -327,19 +438,7 @@ def run_one(setting: Setting, seed: int, config: RunConfig, cache: DataCache, ou
             datamodule.sample_weights = weights.sample_weights(dictionary.assignments, dictionary.targets)
         callbacks.append(ConfounderDictionaryCallback(**{k: v for k, v in asdict(recipe).items() if k != "pca_dim"}))
     L.seed_everything(seed, verbose=False)
-    debias = getattr(methods, setting.debias)(**setting.debias_args) if setting.debias else None
-    model = CCIMLightningModule(
-        TwoStreamHost("small_cnn", "small_cnn", feature_dim=config.feature_dim),
-        num_classes=datamodule.num_classes,
-        num_prototypes=setting.num_prototypes,
-        confounder_dim=CONFOUNDER_DIM,
-        attention=setting.attention,
-        use_prior=setting.use_prior,
-        uniform_attention=setting.uniform_attention,
-        debias=debias,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=setting.lr or 1e-3),
-        class_names=datamodule.class_names,
-    )
+    model = build_model(setting, config, datamodule.num_classes, datamodule.class_names)
     with tempfile.TemporaryDirectory(prefix="ccim-debias-") as root:
         trainer = L.Trainer(
             accelerator="cpu",
@@ -426,6 +525,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true", help="rebuild debias.md and plots from the JSON lines")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--list", action="store_true", help="print the settings and exit")
+    parser.add_argument("--ccim-checkpoint", type=Path, metavar="CKPT", help=f"test this `ccim fit --config "
+                        f"configs/synthetic.yaml` checkpoint as row {CHECKPOINT_ROW} (with --quick: instead of "
+                        "training ccim_dot)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -451,11 +553,14 @@ def main(argv: list[str] | None = None) -> int:
         for setting in settings:
             print(f"{setting.name:24s} [{setting.group}] {setting.description}")
         return 0
-    default_rows = [s.name for s in settings if s.group != "tuning"]
-    wanted = args.only or (quick_names() if args.quick else default_rows)
+    default_rows = [s.name for s in settings if s.group not in ("tuning", "checkpoint")]
+    given = args.ccim_checkpoint is not None
+    wanted = args.only or (quick_names(given) if args.quick else default_rows + [CHECKPOINT_ROW] * given)
     unknown = [name for name in wanted if name not in names]
     if unknown:
         raise SystemExit(f"Unknown setting(s) {unknown}; choose from: {', '.join(names)}")
+    if CHECKPOINT_ROW in wanted and not given:
+        raise SystemExit(f"The row {CHECKPOINT_ROW} tests a checkpoint: pass --ccim-checkpoint CKPT")
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else list(DEFAULT_SEEDS))
     if args.out is None:
         args.out = Path(tempfile.gettempdir()) / "ccim-debias-quick" if args.quick else DEFAULT_OUT
@@ -463,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and out.resolve() == DEFAULT_OUT.resolve():
         raise SystemExit(f"--quick never writes over the committed results in {DEFAULT_OUT}: pass another --out")
     out.mkdir(parents=True, exist_ok=True)
-    config = RunConfig(args.train_size, args.test_size, args.batch_size, args.epochs)
+    checkpoint = None if args.ccim_checkpoint is None else str(args.ccim_checkpoint)
+    config = RunConfig(args.train_size, args.test_size, args.batch_size, args.epochs, checkpoint=checkpoint)
     runs_path = out / "debias_runs.jsonl"
     records = load_records(runs_path)
     if not args.report_only:
@@ -488,14 +594,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} seed={seed}: already done, skipped", flush=True)
             plan = [p for p in plan if p not in skipped]
         reproduce = {(seed, name): reproduce_command(args, name, seed) for seed, name in plan}
+        for seed in sorted({seed for seed, name in plan if name == CHECKPOINT_ROW}):
+            check_checkpoint(by_name[CHECKPOINT_ROW], seed, config)  # before any training: fail in seconds
         print(f"debias: {len(plan)} runs ({len(wanted)} settings x seeds {seeds}) in {out}", flush=True)
         start = time.perf_counter()
         jobs = max(1, min(args.jobs, len(plan)))
         if jobs == 1:
             run_plan(plan, config, out, reproduce, len(plan))
         else:
-            # Runs are dealt out in plan order, so the workers finish together and each meets a seed's runs in a row.
-            shares = [plan[j::jobs] for j in range(jobs)]
+            # Dealt by expected cost in plan order: the workers finish together, each meets a seed's runs in a row.
+            shares = deal(plan, jobs, by_name)
             with ProcessPoolExecutor(jobs) as pool:
                 for future in [pool.submit(run_plan, s, config, out, reproduce, len(plan)) for s in shares]:
                     future.result()
@@ -517,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.quick:
         print(f"Side by side (seed {seeds[0]}, {config.test_size}-sample test sets; table and plots in {out}):")
-        print(debias_report.side_by_side(summary, quick_names()))
+        print(debias_report.side_by_side(summary, quick_names(given)))
     return 0
 
 

@@ -22,6 +22,7 @@ class RunConfig:
     batch_size: int = 64
     epochs: int = 4
     feature_dim: int = 128
+    checkpoint: str | None = None  # ``--ccim-checkpoint``: the ``ccim fit`` checkpoint tested as row ``ccim_fit``
 
     def data_kwargs(self, seed: int, bias: float) -> dict:
         """``SyntheticContextDataModule`` keyword arguments of one data setting (validation is not run: 1 sample)."""
@@ -123,6 +124,10 @@ class DataCache:
             self.splits[key] = RenderedSplit(source, flip=split == "train" and plain.hparams.flip)
             print(f"  rendered {split} seed={seed} bias={bias:g} in {time.perf_counter() - start:.0f} s", flush=True)
         return self.splits[key]
+
+    def test_sets(self, config: RunConfig, seed: int, bias: float) -> tuple[Dataset, Dataset]:
+        """The biased (at ``bias``) and the unbiased test set of ``seed``, without rendering a training split."""
+        return self._split(config, seed, bias, "test"), self._split(config, seed, bias, "test_unbiased")
 
     def datamodule(self, config: RunConfig, seed: int, setting) -> RenderedDataModule:
         """Training split at the setting's training bias; test sets at its ``bias`` (the oracle's are biased).

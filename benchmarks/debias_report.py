@@ -294,13 +294,13 @@ def write_report(
         "",
         "## Bias 0.9: baseline, CCIM, the paper's ablations, the debiasing methods, the oracle",
         "",
-        markdown_table(summary, by_group("main", "method", "oracle")),
+        markdown_table(summary, by_group("main", "checkpoint", "method", "oracle")),
         "",
         *goal_lines(summary, settings),
     ]
     if plot_gap_closed(
         summary,
-        [n for n in by_group("main", "method") if n != "baseline"],
+        [n for n in by_group("main", "checkpoint", "method") if n != "baseline"],
         out / "debias_gap_closed.png",
         set(by_group("method")),
     ):

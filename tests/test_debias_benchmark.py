@@ -206,3 +206,89 @@ def test_resampling_variant_draws_by_the_weights():
     assert len(drawn) == 16 and set(drawn.tolist()) == {3, 11}
     row = {s.name: s for s in debias.all_settings()}["reweight_sampler"]
     assert row.sampler and row.debias is None and row.needs_dictionary
+
+
+def test_runs_are_dealt_by_expected_cost():
+    debias = _load("debias")
+    settings = {s.name: s for s in debias.all_settings()}
+    plan = [(0, "baseline"), (0, "ccim_fit"), (0, "clef"), (0, "oracle")]
+    # costs 1, 0.1, 1.6, 1: baseline -> A, ccim_fit -> B, clef -> B (0.1 < 1), oracle -> A (1 < 1.7)
+    assert debias.deal(plan, 2, settings) == [[(0, "baseline"), (0, "oracle")], [(0, "ccim_fit"), (0, "clef")]]
+    assert debias.deal(plan, 1, settings) == [plan]
+
+
+def test_checkpoint_mismatches_name_each_field_and_both_values():
+    checks = _load("debias_checkpoint")
+    model = checks.expected_model(32, 256, 128)
+    data = checks.expected_data(0, 0.9, 96, 32)
+    steps = checks.training_steps(96, 32, 1)
+    assert steps == 3 and checks.training_steps(97, 32, 2) == 6  # 97 = 3 x 32 + 1: the 1-sample batch is dropped
+
+    def nest(flat: dict) -> dict:
+        tree: dict = {}
+        for path, value in flat.items():
+            *parents, leaf = path.split(".")
+            node = tree
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+        return tree
+
+    good = {"hyper_parameters": nest(model), "datamodule_hyper_parameters": nest(data), "global_step": 3}
+    assert checks.checkpoint_mismatches(good, model, data, steps) == []
+    bad = json.loads(json.dumps(good))
+    bad["hyper_parameters"]["attention"] = "additive"
+    bad["datamodule_hyper_parameters"]["train_size"] = 4000
+    del bad["hyper_parameters"]["backbone"]["init_args"]["feature_dim"]
+    bad["global_step"] = 252
+    assert checks.checkpoint_mismatches(bad, model, data, steps) == [
+        "hyper_parameters.backbone.init_args.feature_dim: not in the checkpoint, benchmark 128",
+        "hyper_parameters.attention: checkpoint 'additive', benchmark 'dot_product'",
+        "datamodule_hyper_parameters.train_size: checkpoint 4000, benchmark 96",
+        "global_step: checkpoint 252, benchmark 3 (the epochs)",
+    ]
+    python_saved = {"hyper_parameters": {"num_classes": 4}, "global_step": 3}
+    assert any(
+        "datamodule_hyper_parameters: missing" in p
+        for p in checks.checkpoint_mismatches(python_saved, model, data, steps)
+    )
+
+
+def test_ccim_fit_checkpoint_is_tested_as_its_own_row(tmp_path, monkeypatch, capsys):
+    from ccim_lightning.cli import build_cli
+
+    debias = _load("debias")
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).parents[1] / "configs" / "synthetic.yaml")
+    fit = [f"--data.init_args.{k}={v}" for k, v in (("train_size", 96), ("test_size", 48), ("batch_size", 32))]
+    fitted = build_cli(["fit", "--config", config, *fit, "--data.init_args.num_workers=0", "--trainer.max_epochs=1",
+                        "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0"])  # fmt: skip
+    checkpoint = next(tmp_path.glob("runs/**/checkpoints/last.ckpt"))
+    out = tmp_path / "bench"
+    assert (
+        debias.main(
+            ["--only", "ccim_fit", "--seeds", "0", *TINY, "--out", str(out), "--ccim-checkpoint", str(checkpoint)]
+        )
+        == 0
+    )
+    (record,) = _records(out)
+    assert record["setting"] == "ccim_fit" and record["train_seconds"] == 0.0
+    assert record["config"]["checkpoint"]["path"] == str(checkpoint)
+
+    # the same accuracy as the fitted model itself on the benchmark's test sets, counted independently here
+    import torch
+
+    cache = sys.modules["debias_data"].DataCache()
+    biased, unbiased = cache.test_sets(debias.RunConfig(96, 48, 32, 1), 0, 0.9)
+    model = fitted.model.eval()
+    with torch.inference_mode():
+        for dataset, key in ((biased, "biased_acc"), (unbiased, "unbiased_acc")):
+            batch = {k: v for k, v in dataset.tensors.items()}
+            right = (model(batch).argmax(1) == batch["target"]).float().mean().item()
+            assert record[key] == pytest.approx(right), key
+
+    # trained differently (2 epochs asked for, 1 run): an error naming the field before anything is trained
+    with pytest.raises(SystemExit, match=r"global_step: checkpoint 3, benchmark 6"):
+        debias.main(["--quick", *TINY, "--epochs", "2", "--out", str(out), "--ccim-checkpoint", str(checkpoint)])
+    with pytest.raises(SystemExit, match="pass --ccim-checkpoint"):
+        debias.main(["--only", "ccim_fit", *TINY, "--out", str(out)])
