@@ -400,21 +400,7 @@ def evaluate_checkpoint(setting: Setting, seed: int, config: RunConfig, cache: D
     model.load_state_dict(checkpoint["state_dict"])
     biased_set, unbiased_set = cache.test_sets(config, seed, setting.bias)
     biased, unbiased = correctness(model, biased_set), correctness(model, unbiased_set)
-    run_config = run_config_of(setting, seed, config)
-    return {
-        "setting": setting.name,
-        "seed": seed,
-        "biased_acc": float(biased.mean()),
-        "unbiased_acc": float(unbiased.mean()),
-        "gap": float(biased.mean() - unbiased.mean()),
-        "correct": {"biased": pack(biased), "unbiased": pack(unbiased), "size": int(len(biased))},
-        "dictionary_stats": {},
-        "config": run_config,
-        "seconds": round(time.perf_counter() - start, 1),
-        "train_seconds": 0.0,
-        "reproduce": reproduce,
-        "versions": {"torch": torch.__version__, "lightning": L.__version__},
-    }
+    return run_record(setting, seed, config, biased, unbiased, start, 0.0, {}, reproduce)
 
 
 def run_one(setting: Setting, seed: int, config: RunConfig, cache: DataCache, out: Path, reproduce: str) -> dict:
@@ -457,6 +443,21 @@ def run_one(setting: Setting, seed: int, config: RunConfig, cache: DataCache, ou
     train_seconds = time.perf_counter() - start
     biased = correctness(model, datamodule.test_dataset)
     unbiased = correctness(model, datamodule.test_unbiased_dataset)
+    return run_record(setting, seed, config, biased, unbiased, start, train_seconds, stats, reproduce)
+
+
+def run_record(
+    setting: Setting,
+    seed: int,
+    config: RunConfig,
+    biased: np.ndarray,
+    unbiased: np.ndarray,
+    start: float,
+    train_seconds: float,
+    stats: dict,
+    reproduce: str,
+) -> dict:
+    """The JSON record of a run: accuracies, per-sample correctness, configuration, timings, the command."""
     return {
         "setting": setting.name,
         "seed": seed,
