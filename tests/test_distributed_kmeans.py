@@ -22,6 +22,7 @@ from ccim_lightning.dictionary.distributed import (
     distributed_kmeans,
 )
 from ccim_lightning.dictionary.kmeans import kmeans
+from ccim_lightning.dictionary.refill import fill_empty_clusters
 
 TOLERANCE = 0.005  # inertia relative to the one-process build
 CASES = {  # name: (rows, dim, blobs, k, shard sizes of the two ranks)
@@ -128,7 +129,7 @@ def test_row_wise_greedy_seeding_chooses_as_the_one_process_greedy():
 def test_empty_cluster_refill_equals_the_one_process_refill():
     assignments, distances, k = random_fill_case()
     x = torch.zeros(len(assignments), 2)
-    expected = one_process._fill_empty_clusters(assignments, distances, k)
+    expected = fill_empty_clusters(assignments, distances, k)
     filled = _fill_empty_clusters(shard_of(x, 0, len(x)), assignments, distances, k, _Collectives(None, x.device))
     assert torch.equal(filled, expected)
     assert int(filled[17]) == 3 and bool((torch.bincount(filled, minlength=k) > 0).all())
@@ -245,7 +246,7 @@ def test_two_ranks_seed_and_refill_as_one_process(two_ranks):
     x = blobs(*CASES["700-300"][:3], seed=1)
     seeds = _seed_centres(shard_of(x, 0, len(x)), 12, seed=0, comm=_Collectives(None, x.device))
     assignments, distances, k = random_fill_case()
-    expected = one_process._fill_empty_clusters(assignments, distances, k)
+    expected = fill_empty_clusters(assignments, distances, k)
     for results in two_ranks:
         assert torch.allclose(results["seeds"], seeds, atol=1e-5)
         assert torch.equal(results["filled"], expected)

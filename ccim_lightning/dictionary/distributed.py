@@ -43,8 +43,8 @@ from ccim_lightning.dictionary.kmeans import (
     KMeansResult,
     _sample_proportional,
     _squared_distances,
-    empty_cluster_moves,
 )
+from ccim_lightning.dictionary.refill import empty_cluster_moves
 
 __all__ = ["DistributedKMeansResult", "all_gather_variable", "distributed_kmeans"]
 

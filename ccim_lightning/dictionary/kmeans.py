@@ -20,13 +20,15 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import faiss
 import numpy as np
 import torch
+
+from ccim_lightning.dictionary.refill import fill_empty_clusters
 
 __all__ = ["MIN_POINTS_PER_CLUSTER", "KMeansResult", "kmeans"]
 
@@ -162,7 +164,7 @@ def kmeans(
         distances, assignments, iterations = _lloyd_faiss(points, init, num_iterations, seed, target)
     else:
         distances, assignments, iterations = _lloyd_torch(points, init, num_iterations)
-    assignments = _fill_empty_clusters(assignments, distances, num_clusters)
+    assignments = fill_empty_clusters(assignments, distances, num_clusters)
     centroids, counts, inertia = _cluster_means(x, assignments, num_clusters)
 
     seconds = time.perf_counter() - start
@@ -529,7 +531,7 @@ def _lloyd_torch(
     Written out rather than plugging a torch dataset object into ``faiss.contrib.clustering.kmeans``: that loop draws
     its own random initial centroids (the k-means++ seeds cannot be passed), prints unconditionally and brings the
     assignment back to numpy on every iteration. Empty clusters are refilled as in the final step
-    (:func:`_fill_empty_clusters`) instead of by FAISS's splitting of large clusters.
+    (:func:`~ccim_lightning.dictionary.refill.fill_empty_clusters`) instead of by FAISS's splitting of large clusters.
 
     Returns:
         Squared distance to and index of each point's nearest final centroid, and the iterations run.
@@ -543,59 +545,10 @@ def _lloyd_torch(
         if previous is not None and torch.equal(assignments, previous):
             return distances, assignments, iteration
         previous = assignments
-        filled = _fill_empty_clusters(assignments, distances, num_clusters)
+        filled = fill_empty_clusters(assignments, distances, num_clusters)
         centroids = _member_means(points, filled, num_clusters)[0].float()
     distances, assignments = _nearest(points, norms, centroids)
     return distances, assignments, num_iterations
-
-
-def _fill_empty_clusters(assignments: torch.Tensor, distances: torch.Tensor, num_clusters: int) -> torch.Tensor:
-    """Moves the points farthest from their centroid, one per empty cluster, into the empty clusters.
-
-    Only points of clusters with at least two members move, so no cluster empties in turn; there are always enough
-    of them when there are at least as many points as clusters.
-    """
-    counts = torch.bincount(assignments, minlength=num_clusters)
-    empty = (counts == 0).nonzero().flatten().tolist()
-    if not empty:
-        return assignments
-    logger.info("k-means: moving the farthest points into %d empty cluster(s)", len(empty))
-    original = assignments.cpu().numpy()
-    moved = original.copy()
-    farthest_first = np.argsort(-distances.cpu().numpy(), kind="stable").tolist()
-    for point, cluster in empty_cluster_moves(empty, counts.tolist(), ((p, original[p]) for p in farthest_first)):
-        moved[point] = cluster
-    return torch.from_numpy(moved).to(assignments.device)
-
-
-def empty_cluster_moves(
-    empty: list[int], sizes: list[int], farthest_first: Iterable[tuple[int, int]]
-) -> list[tuple[int, int]]:
-    """Which points refill the empty clusters: one ``(point, empty cluster)`` pair per empty cluster.
-
-    The rule shared by the one-process and the distributed k-means: walk the candidates farthest from their
-    centroid first and take a point only if its cluster keeps at least one member.
-
-    Args:
-        empty: The empty clusters, in the order they are filled.
-        sizes: Every cluster's size before the moves (not modified).
-        farthest_first: ``(point, its cluster)`` candidates, farthest from their centroid first.
-
-    Raises:
-        ValueError: When the candidates run out first (fewer movable points than empty clusters).
-    """
-    sizes = list(sizes)
-    candidates = iter(farthest_first)
-    moves = []
-    for cluster in empty:
-        # the shared iterator resumes after the last point taken
-        point, source = next(((p, c) for p, c in candidates if sizes[c] >= 2), (None, None))
-        if point is None:
-            raise ValueError(f"k-means: no point left to move into empty cluster {cluster} (sizes {sizes})")
-        sizes[source] -= 1
-        sizes[cluster] = 1
-        moves.append((point, cluster))
-    return moves
 
 
 def _member_means(x: torch.Tensor, assignments: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
