@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
@@ -277,6 +278,18 @@ def main(args: list[str] | None = None) -> None:
         _run(args)
     except (CheckpointConfigMismatch, CheckpointError, FileNotFoundError, IsADirectoryError) as error:
         raise SystemExit(f"ccim: error: {error}") from error
+    close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroys the default process group once a command has finished on this rank.
+
+    Lightning leaves the group open after ``fit``/``test``/``predict``; a gloo group still open at interpreter exit
+    can abort the process ("terminate called without an active exception", exit -6; pytorch/pytorch#190489) after
+    all the work was done. Only after success: destroying while another rank is still in a collective can hang.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _run(args: list[str] | None) -> None:

@@ -75,6 +75,8 @@ def main(out: Path, devices: int, cache: str | None, uniform: bool, fail_rank: i
         callbacks=[dictionary, SaveDictionary(out, dictionary)],
     )
     trainer.fit(model, datamodule=data)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # gloo can abort at exit otherwise (as ccim's close_process_group)
 
 
 if __name__ == "__main__":

@@ -199,3 +199,17 @@ def test_nan_dictionary_in_a_checkpoint_is_refused(tmp_path, monkeypatch):
     torch.save(state, checkpoint)
     with pytest.raises(ValueError, match="head.dictionary"):
         build_cli(["test", "--config", SYNTHETIC, *TINY, "--ckpt_path", str(checkpoint)])
+
+
+def test_a_finished_command_closes_the_process_group(tmp_path, capsys):
+    import torch.distributed as dist
+
+    # An open gloo group at interpreter exit can abort a finished run (exit -6): ccim closes it after success.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        main(["--help"])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert "build-dictionary" in capsys.readouterr().out

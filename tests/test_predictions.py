@@ -435,6 +435,7 @@ try:
     trainer.predict(model, datamodule=datamodule, return_predictions=False)
 except FileExistsError:
     print(f"rank {trainer.global_rank} refused", flush=True)
+torch.distributed.destroy_process_group()  # gloo can abort at exit otherwise (as ccim's close_process_group)
 """
 
 
