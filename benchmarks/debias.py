@@ -5,9 +5,10 @@ N = 32 prototypes of 256-dim ``test_efficientnet`` scene features, 4 epochs of A
 ``SyntheticContextDataModule`` and tests the final-epoch weights on a biased test set (the training distribution)
 and an unbiased one (scene and emotion independent), 5,000 samples each.
 
-``--ccim-checkpoint`` adds the row ``ccim_fit``: a ``ccim fit --config configs/synthetic.yaml`` checkpoint, checked
-to be trained as ``ccim_dot`` is and tested on the same test sets, not trained again (``debias_checkpoint.py``);
-with ``--quick`` it takes ``ccim_dot``'s place, which is how ``make demo`` reuses its own fit.
+``--ccim-checkpoint`` adds the row ``ccim_fit`` for the seed the checkpoint was trained with: a ``ccim fit --config
+configs/synthetic.yaml`` checkpoint, checked to be trained as ``ccim_dot`` is (its hyper-parameters and its run's
+``config.yaml``) and tested on the same test sets, not trained again (``debias_checkpoint.py``); with ``--quick`` it
+takes ``ccim_dot``'s place, which is how ``make demo`` reuses its own fit.
 
 Rows (``--list`` prints them): the baseline (``attention="none"``); CCIM with dot-product and additive attention;
 the paper's four ablations (random Z, without lambda = uniform attention, without P(z), dictionary from unmasked
@@ -63,7 +64,15 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import debias_report  # noqa: E402  (the report half, next to this file)
-from debias_checkpoint import checkpoint_mismatches, expected_data, expected_model, training_steps  # noqa: E402
+from debias_checkpoint import (  # noqa: E402
+    checkpoint_mismatches,
+    expected_data,
+    expected_model,
+    expected_run,
+    file_digest,
+    read_run_config,
+    training_steps,
+)
 from debias_data import DataCache, RenderedDataModule, RenderedSplit, RunConfig, generator_settings  # noqa: E402, F401
 
 from ccim_lightning import CCIMLightningModule  # noqa: E402
@@ -347,9 +356,15 @@ def run_config_of(setting: Setting, seed: int, config: RunConfig) -> dict:
         },
     }
     if setting.group == "checkpoint":
-        stat = Path(config.checkpoint).stat()  # a rewritten file is another run (``--resume``)
-        run["checkpoint"] = {"path": config.checkpoint, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-        run["trainer"].update(validation="every epoch (ccim fit)", weights_tested="last.ckpt of ccim fit")
+        fitted = read_run_config(config.checkpoint)
+        run["checkpoint"] = {"path": config.checkpoint, "sha256": file_digest(config.checkpoint)}
+        run["data"].update(val_size=fitted["data"]["init_args"]["val_size"], num_workers="as ccim fit's config")
+        run["trainer"].update(
+            accelerator=fitted["trainer"]["accelerator"],
+            threads="torch's default",
+            validation="every epoch (ccim fit)",
+            weights_tested="last.ckpt of ccim fit",
+        )
     return run
 
 
@@ -378,6 +393,8 @@ def check_checkpoint(setting: Setting, seed: int, config: RunConfig) -> dict:
         expected_model(setting.num_prototypes, CONFOUNDER_DIM, config.feature_dim),
         expected_data(seed, setting.data_bias, config.train_size, config.batch_size),
         training_steps(config.train_size, config.batch_size, config.epochs),
+        read_run_config(config.checkpoint),
+        expected_run(seed, config.epochs, EXTRACTOR, KMEANS_ITERATIONS),
     )
     if problems:
         raise SystemExit(
@@ -587,6 +604,19 @@ def main(argv: list[str] | None = None) -> int:
                 order[p[1]],
             ),
         )
+        if CHECKPOINT_ROW in wanted:
+            # One model, one seed: the row is planned for the seed the checkpoint was trained with, and checked
+            # before any training, so a mismatch fails in seconds.
+            if not Path(config.checkpoint).is_file():
+                raise SystemExit(f"--ccim-checkpoint {config.checkpoint}: no such file")
+            fitted_seed = read_run_config(config.checkpoint).get("seed_everything")
+            if fitted_seed not in seeds:
+                raise SystemExit(
+                    f"--ccim-checkpoint {config.checkpoint} was trained with seed_everything {fitted_seed!r}, which is "
+                    f"not among --seeds {seeds}: add it"
+                )
+            plan = [(seed, name) for seed, name in plan if name != CHECKPOINT_ROW or seed == fitted_seed]
+            check_checkpoint(by_name[CHECKPOINT_ROW], fitted_seed, config)
         if args.resume:
             done = {(r["setting"], r["seed"], comparable(r)) for r in records}
             probe = lambda seed, name: comparable({"config": run_config_of(by_name[name], seed, config)})  # noqa: E731
@@ -595,8 +625,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} seed={seed}: already done, skipped", flush=True)
             plan = [p for p in plan if p not in skipped]
         reproduce = {(seed, name): reproduce_command(args, name, seed) for seed, name in plan}
-        for seed in sorted({seed for seed, name in plan if name == CHECKPOINT_ROW}):
-            check_checkpoint(by_name[CHECKPOINT_ROW], seed, config)  # before any training: fail in seconds
         print(f"debias: {len(plan)} runs ({len(wanted)} settings x seeds {seeds}) in {out}", flush=True)
         start = time.perf_counter()
         jobs = max(1, min(args.jobs, len(plan)))

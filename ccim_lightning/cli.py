@@ -274,22 +274,27 @@ def main(args: list[str] | None = None) -> None:
 
     # Lightning's own use of a torch API that newer torch deprecates: news to Lightning, not to our users.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    caller_group = _process_group_open()  # a group the calling program opened is its own to close
     try:
         _run(args)
     except (CheckpointConfigMismatch, CheckpointError, FileNotFoundError, IsADirectoryError) as error:
         raise SystemExit(f"ccim: error: {error}") from error
-    close_process_group()
+    if not caller_group and _process_group_open():
+        close_process_group()
+
+
+def _process_group_open() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def close_process_group() -> None:
-    """Destroys the default process group once a command has finished on this rank.
+    """Destroys the default process group the command opened, once it has finished on this rank.
 
     Lightning leaves the group open after ``fit``/``test``/``predict``; a gloo group still open at interpreter exit
     can abort the process ("terminate called without an active exception", exit -6; pytorch/pytorch#190489) after
     all the work was done. Only after success: destroying while another rank is still in a collective can hang.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    torch.distributed.destroy_process_group()
 
 
 def _run(args: list[str] | None) -> None:

@@ -159,7 +159,13 @@ class SyntheticContextDataset(Dataset):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
-        settings = settings or SceneSettings()
+        if settings is None:
+            settings = SceneSettings()
+        elif not isinstance(settings, SceneSettings):  # e.g. an old positional seed: SyntheticContextDataset(s, n, 3)
+            raise TypeError(
+                f"settings must be a SceneSettings, got {type(settings).__name__} {settings!r}: pass the generator "
+                "settings as SceneSettings(seed=..., bias=..., ...)"
+            )
         self.split = split
         self.size = size
         self.settings = replace(settings, bias=0.0) if split == "test_unbiased" else settings

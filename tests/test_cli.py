@@ -201,14 +201,24 @@ def test_nan_dictionary_in_a_checkpoint_is_refused(tmp_path, monkeypatch):
         build_cli(["test", "--config", SYNTHETIC, *TINY, "--ckpt_path", str(checkpoint)])
 
 
-def test_a_finished_command_closes_the_process_group(tmp_path, capsys):
+def test_a_finished_command_closes_the_process_group_it_opened(tmp_path, capsys, monkeypatch):
     import torch.distributed as dist
 
-    # An open gloo group at interpreter exit can abort a finished run (exit -6): ccim closes it after success.
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    from ccim_lightning import cli
+
+    # An open gloo group at interpreter exit can abort a finished run (exit -6): ccim closes the group its command
+    # opened (as Lightning's DDP setup does, simulated here), and leaves alone one its caller opened.
+    store = iter(tmp_path / f"store{i}" for i in range(3))
+    opened = lambda: dist.init_process_group("gloo", init_method=f"file://{next(store)}", rank=0, world_size=1)  # noqa: E731
+    real_run = cli._run
+    monkeypatch.setattr(cli, "_run", lambda args: (opened(), real_run(args)))
     try:
         main(["--help"])
         assert not dist.is_initialized()
+        monkeypatch.setattr(cli, "_run", real_run)
+        opened()
+        main(["--help"])
+        assert dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

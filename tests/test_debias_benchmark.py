@@ -247,6 +247,18 @@ def test_checkpoint_mismatches_name_each_field_and_both_values():
         "datamodule_hyper_parameters.train_size: checkpoint 4000, benchmark 96",
         "global_step: checkpoint 252, benchmark 3 (the epochs)",
     ]
+    # the run's config.yaml: a random-Z dictionary, another seed and clipping, which the hyper-parameters never show
+    run = checks.expected_run(0, 1, "test_efficientnet", 25)
+    config = nest({**run, "trainer.precision": None})  # None is Lightning's default, 32-true
+    assert checks.checkpoint_mismatches(good, model, data, steps, config, run) == []
+    config["dictionary"]["source"], config["seed_everything"] = "random", 7
+    config["trainer"]["gradient_clip_val"] = 0.01
+    assert checks.checkpoint_mismatches(good, model, data, steps, config, run) == [
+        "config.yaml.seed_everything: checkpoint 7, benchmark 0",
+        "config.yaml.trainer.gradient_clip_val: checkpoint 0.01, benchmark None",
+        "config.yaml.dictionary.source: checkpoint 'random', benchmark 'features'",
+    ]
+    assert run["model.init_args.optimizer.init_args.betas"] == [0.9, 0.999]  # torch's AdamW defaults, as YAML lists
     python_saved = {"hyper_parameters": {"num_classes": 4}, "global_step": 3}
     assert any(
         "datamodule_hyper_parameters: missing" in p
@@ -274,6 +286,7 @@ def test_ccim_fit_checkpoint_is_tested_as_its_own_row(tmp_path, monkeypatch, cap
     (record,) = _records(out)
     assert record["setting"] == "ccim_fit" and record["train_seconds"] == 0.0
     assert record["config"]["checkpoint"]["path"] == str(checkpoint)
+    assert len(record["config"]["checkpoint"]["sha256"]) == 64  # a retrained file is another run for --resume
 
     # the same accuracy as the fitted model itself on the benchmark's test sets, counted independently here
     import torch
@@ -292,3 +305,19 @@ def test_ccim_fit_checkpoint_is_tested_as_its_own_row(tmp_path, monkeypatch, cap
         debias.main(["--quick", *TINY, "--epochs", "2", "--out", str(out), "--ccim-checkpoint", str(checkpoint)])
     with pytest.raises(SystemExit, match="pass --ccim-checkpoint"):
         debias.main(["--only", "ccim_fit", *TINY, "--out", str(out)])
+    # one model, one seed: its seed must be run; other seeds get no ccim_fit row
+    with pytest.raises(SystemExit, match=r"seed_everything 0, which is not among --seeds \[1\]"):
+        debias.main(
+            ["--only", "ccim_fit", "--seeds", "1", *TINY, "--out", str(out), "--ccim-checkpoint", str(checkpoint)]
+        )
+    # the run's recipe is read from its config.yaml: an edited recipe, or no config beside the file, stops the run
+    run_config = checkpoint.parents[1] / "config.yaml"
+    run_config.write_text(run_config.read_text().replace("mask_subject: true", "mask_subject: false"))
+    with pytest.raises(SystemExit, match=r"config.yaml.dictionary.mask_subject: checkpoint False, benchmark True"):
+        debias.main(
+            ["--only", "ccim_fit", "--seeds", "0", *TINY, "--out", str(out), "--ccim-checkpoint", str(checkpoint)]
+        )
+    moved = tmp_path / "moved.ckpt"
+    moved.write_bytes(checkpoint.read_bytes())
+    with pytest.raises(SystemExit, match="config.yaml that `ccim fit` writes"):
+        debias.main(["--only", "ccim_fit", "--seeds", "0", *TINY, "--out", str(out), "--ccim-checkpoint", str(moved)])

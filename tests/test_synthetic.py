@@ -218,6 +218,8 @@ def test_scene_settings_identity_and_checks() -> None:
     assert dm.settings == SceneSettings(seed=3, num_scenes=6, image_size=32, subject_size=16)
     dm.setup("fit")
     assert dm.train_dataset.settings is dm.settings and dm.dictionary_signature()["context_size"] == [32, 32]
+    with pytest.raises(TypeError, match="SceneSettings, got int 3"):
+        SyntheticContextDataset("train", 10, 3)
     for bad, field in ((dict(seed=-1), "seed"), (dict(image_size=8), "image_size"), (dict(pixel_noise=-1), "noise")):
         with pytest.raises(ValueError, match=field):
             SceneSettings(**bad)
