@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "examples" / "slurm" / "ccim_fit.sbatch"
+SCRIPT = Path(__file__).parents[2] / "examples" / "slurm" / "ccim_fit.sbatch"
 
 SRUN = """#!/bin/bash
 { printf 'srun\\tSRUN_CPUS_PER_TASK=%s' "${SRUN_CPUS_PER_TASK:-}"; printf '\\t%s' "$@"; printf '\\n'; } >> "$STUB_LOG"

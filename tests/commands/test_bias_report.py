@@ -11,7 +11,7 @@ import pytest
 from ccim_lightning.analysis.command import add_bias_report_arguments, main, write_bias_report
 from ccim_lightning.analysis.statistics import compute_bias_report
 
-EMOTIC_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "emotic_csv"
+EMOTIC_CSV = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "emotic_csv"
 
 
 def test_arguments_require_one_source_and_table_columns(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _load(name: str):
@@ -271,7 +271,7 @@ def test_ccim_fit_checkpoint_is_tested_as_its_own_row(tmp_path, monkeypatch, cap
 
     debias = _load("debias")
     monkeypatch.chdir(tmp_path)
-    config = str(Path(__file__).parents[1] / "configs" / "synthetic.yaml")
+    config = str(Path(__file__).parents[2] / "configs" / "synthetic.yaml")
     fit = [f"--data.init_args.{k}={v}" for k, v in (("train_size", 96), ("test_size", 48), ("batch_size", 32))]
     fitted = build_cli(["fit", "--config", config, *fit, "--data.init_args.num_workers=0", "--trainer.max_epochs=1",
                         "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0"])  # fmt: skip

@@ -6,7 +6,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from test_loader_decode import PERSONS, table_module, write_photo_table
+from tests.datamodules.test_decode import PERSONS, table_module, write_photo_table
 
 from ccim_lightning.datamodules.dataset import (
     ImageGroupedSampler,

@@ -30,7 +30,7 @@ from ccim_lightning.datamodules.synthetic import (
 )
 from ccim_lightning.hosts import CAERNet, EmotNet, TwoStreamHost
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 CONFIGS = ROOT / "configs"
 SYNTHETIC = str(CONFIGS / "synthetic.yaml")
 TRAINER_PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml"))

@@ -6,8 +6,8 @@ import torch
 from ccim_lightning import CCIMLightningModule
 from ccim_lightning.cli import CheckpointConfigMismatch, build_cli, build_dictionary, main, scene_feature_dim
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-SYNTHETIC = str(Path(__file__).parents[1] / "configs" / "synthetic.yaml")
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+SYNTHETIC = str(Path(__file__).parents[2] / "configs" / "synthetic.yaml")
 TINY = [
     "--data.init_args.train_size=128",
     "--data.init_args.val_size=32",
