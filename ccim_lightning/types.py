@@ -20,7 +20,7 @@ The Protocols are ``runtime_checkable``: ``isinstance(obj, DictionaryDataModule)
 their signatures), so a caller can raise a clear error naming what is missing (:func:`missing_members`).
 """
 
-from typing import Any, Final, Literal, Protocol, TypedDict, get_args, runtime_checkable
+from typing import Any, Final, Generic, Literal, Protocol, TypedDict, get_args, runtime_checkable
 
 import pandas as pd
 import torch
@@ -58,6 +58,8 @@ BATCH_KEYS: tuple[str, ...] = (SUBJECT, CONTEXT, TARGET, INDEX, BOX)
 """Keys every sample and batch has; datasets may add extras (:data:`EXTRA_KEYS`)."""
 EXTRA_KEYS: tuple[str, ...] = (VAD, SCENE)
 """Extras of the shipped datamodules: ``vad`` (EMOTIC valence/arousal/dominance), ``scene`` (synthetic)."""
+PROBABILITIES: Final = "probabilities"
+"""Key of ``predict_step``'s (B, C) class probabilities; its other key is :data:`INDEX`, the samples' positions."""
 
 
 class Sample(TypedDict):
@@ -85,19 +87,24 @@ class Batch(TypedDict):
 
 
 @runtime_checkable
-class IdentifiedDataset(Protocol):
-    """A dataset whose samples can be named: for the dictionary cache fingerprint and for prediction files."""
+class TabulatedDataset(Protocol):
+    """A dataset that can list its samples as a table (the identity columns of prediction files)."""
 
     def __len__(self) -> int: ...
+
+    def sample_table(self) -> pd.DataFrame:
+        """One row per sample in index order: the columns that identify it (e.g. image path and box)."""
+        ...
+
+
+@runtime_checkable
+class IdentifiedDataset(TabulatedDataset, Protocol):
+    """A dataset whose samples can be named: for the dictionary cache fingerprint and for prediction files."""
 
     def __getitem__(self, index: int) -> dict[str, Any] | None: ...
 
     def sample_identities(self) -> list[str]:
         """One stable string per sample, in index order; changes when the sample's content may have changed."""
-        ...
-
-    def sample_table(self) -> pd.DataFrame:
-        """One row per sample in index order: the columns that identify it (e.g. image path and box)."""
         ...
 
 
@@ -147,12 +154,55 @@ class DictionaryModel(Protocol):
         ...
 
 
+@runtime_checkable
+class ClassifierModel(Protocol):
+    """A model that says what it classifies (the prediction writer names its columns from it).
+
+    Attributes:
+        task: ``"multiclass"`` or ``"multilabel"``.
+        num_classes: Number of classes.
+        class_names: Class names in target order.
+    """
+
+    task: Task
+    num_classes: int
+    class_names: list[str]
+
+
+@runtime_checkable
+class FeatureBackbone(Protocol):
+    """A host backbone that states the width ``d_h`` of the feature its ``forward(batch)`` returns."""
+
+    feature_dim: int
+
+
+@runtime_checkable
+class ReducibleLoss(Protocol):
+    """A loss module with a ``reduction`` setting (``"none"`` gives per-element losses, as the debias methods need)."""
+
+    reduction: str
+
+
+@runtime_checkable
+class NamedTestSets(Protocol):
+    """A datamodule whose test dataloaders have names (``test_<name>/...`` metrics instead of ``test_<i>/...``)."""
+
+    test_set_names: list[str]
+
+
 def missing_members(obj: Any, protocol: type) -> list[str]:
-    """The members of ``protocol`` that ``obj`` lacks (empty when ``isinstance(obj, protocol)``)."""
-    body = vars(protocol)
-    members = [*body.get("__annotations__", {})]
-    members += [name for name, value in body.items() if callable(value) and (name in _DUNDERS or name[0] != "_")]
-    return sorted(name for name in members if not hasattr(obj, name))
+    """The members of ``protocol`` (and of the Protocols it extends) that ``obj`` lacks, sorted.
+
+    Empty exactly when ``isinstance(obj, protocol)`` holds for a ``runtime_checkable`` protocol.
+    """
+    members: list[str] = []
+    for cls in protocol.__mro__:
+        if cls in (Protocol, Generic, object):
+            continue
+        body = vars(cls)
+        members += [*body.get("__annotations__", {})]
+        members += [name for name, value in body.items() if callable(value) and (name in _DUNDERS or name[0] != "_")]
+    return sorted({name for name in members if not hasattr(obj, name)})
 
 
 _DUNDERS = ("__len__", "__getitem__")

@@ -35,11 +35,6 @@ def require_fitted(method: DebiasMethod) -> None:
         )
 
 
-def check_task(task: str) -> None:
-    if task not in ("multiclass", "multilabel"):
-        raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
-
-
 def check_clusters(clusters: torch.Tensor, num_clusters: int, name: str = "clusters") -> torch.Tensor:
     """Checks a (n,) integer tensor of cluster ids in ``[0, num_clusters)``; returns it as int64."""
     if not isinstance(clusters, torch.Tensor) or clusters.dim() != 1:
