@@ -58,6 +58,9 @@ BATCH_KEYS: tuple[str, ...] = (SUBJECT, CONTEXT, TARGET, INDEX, BOX)
 """Keys every sample and batch has; datasets may add extras (:data:`EXTRA_KEYS`)."""
 EXTRA_KEYS: tuple[str, ...] = (VAD, SCENE)
 """Extras of the shipped datamodules: ``vad`` (EMOTIC valence/arousal/dominance), ``scene`` (synthetic)."""
+MASK_BOX: Final = "mask_box"
+"""Extra of an ``output="uint8"`` sample: int64 (4,) context-pixel box to fill, removed by the device hook that
+normalises the batch (so it never reaches a model)."""
 PROBABILITIES: Final = "probabilities"
 """Key of ``predict_step``'s (B, C) class probabilities; its other key is :data:`INDEX`, the samples' positions."""
 
@@ -188,6 +191,41 @@ class NamedTestSets(Protocol):
     """A datamodule whose test dataloaders have names (``test_<name>/...`` metrics instead of ``test_<i>/...``)."""
 
     test_set_names: list[str]
+
+
+@runtime_checkable
+class DescribedTransform(Protocol):
+    """A transform that describes itself for the dictionary cache key (``ContextTransform.signature``)."""
+
+    def signature(self) -> dict[str, Any]:
+        """A JSON-able dict of every setting that changes the pixels it produces."""
+        ...
+
+
+@runtime_checkable
+class NormalizingTransform(Protocol):
+    """A transform that normalises pixels as ``(x / 255 - mean) / std`` per channel (on the [0, 1] scale)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@runtime_checkable
+class ReducingTransform(NormalizingTransform, Protocol):
+    """A ``ContextTransform``-style transform: it can work from a reduced JPEG decode and give uint8 pixels.
+
+    Its ``__call__`` takes ``reduction=``, ``full_size=``, ``uint8=`` and ``reduce_context=`` besides the image and
+    box; :meth:`decode_reductions` says how far each person's image may be reduced.
+
+    Attributes:
+        subject_size: (height, width) of the subject crop (with the context size it sets the reductions).
+    """
+
+    subject_size: tuple[int, int]
+
+    def decode_reductions(self, sizes: Any, boxes: Any, localised: Any) -> Any:
+        """Per person, the largest DCT reduction (1, 2, 4 or 8) that keeps both outputs at full detail."""
+        ...
 
 
 def missing_members(obj: Any, protocol: type) -> list[str]:

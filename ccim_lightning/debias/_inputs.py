@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 def require_bound(method: DebiasMethod) -> None:
     """Raises if ``bind`` has not been called (the method has no parameters or buffers yet)."""
-    if not hasattr(method, "num_clusters"):
+    if not hasattr(method, "num_clusters"):  # bind() sets it: its absence is the unbound state
         raise RuntimeError(
             f"{type(method).__name__} is not bound: call bind(num_classes=, task=, num_clusters=) first "
             "(CCIMLightningModule(debias=...) does this in its __init__)."
