@@ -3,10 +3,11 @@
 :class:`DictionaryRecipe` is used by ``ConfounderDictionaryCallback`` (before fitting), ``ccim build-dictionary``,
 ``ccim bias-report`` (cluster mode) and ``benchmarks/debias.py``, so all of them build, key and reuse a dictionary
 the same way. The build: the datamodule's ``dictionary_dataset(mask_subject=...)`` (train split, eval transforms,
-subject filled with zeros) -> the scene CNN on this rank's device, each rank over its own shard -> features gathered
-from all ranks (shards may differ in size), the sampler's padding repeats removed -> k-means once on rank 0 ->
-broadcast. Every rank returns the same :class:`~ccim_lightning.dictionary.store.ConfounderDictionary`, with each
-training sample's cluster in sample-index order.
+subject filled with zeros) -> the scene CNN on this rank's device, each rank over its own shard -> the sampler's
+padding repeats removed -> one k-means over the ranks' shards (draws keyed by sample index, so every world size
+builds the same dictionary) -> assembled on rank 0 and broadcast. Every rank returns the same
+:class:`~ccim_lightning.dictionary.store.ConfounderDictionary`, with each training sample's cluster in sample-index
+order.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from ccim_lightning.dictionary.distributed import all_gather_variable, distributed_kmeans
+from ccim_lightning.dictionary.collectives import Collectives as ProcessGroup
+from ccim_lightning.dictionary.collectives import RankFailedError  # noqa: F401 - raised by _agreed; importable here
 from ccim_lightning.dictionary.features import ContextFeatureExtractor
 from ccim_lightning.dictionary.kmeans import kmeans
 from ccim_lightning.dictionary.store import (
@@ -58,10 +59,6 @@ class Collectives(Protocol):
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool: ...
-
-
-class RankFailedError(RuntimeError):
-    """Another rank failed during a step of the dictionary build; its own log holds the cause."""
 
 
 @dataclass
@@ -347,42 +344,46 @@ class DictionaryRecipe:
             show = self.progress and collectives.is_global_zero
             local = extract_context_features(extractor, loader, device, progress=show)
         del extractor
-        if collectives.world_size == 1:
-            dictionary = self.cluster(in_index_order(local), num_prototypes, wanted, num_samples=len(dataset))
-        else:
-            dictionary = self._cluster_shards(local, collectives, num_prototypes, wanted, len(dataset))
+        dictionary = self._cluster_shards(local, collectives, num_prototypes, wanted, len(dataset))
         dictionary.extra["build_seconds"] = time.perf_counter() - start
         return dictionary
 
     def _cluster_shards(
         self, local: ContextFeatures, collectives: Collectives, num_prototypes: int, wanted: dict, size: int
     ) -> ConfounderDictionary:
-        """k-means over the ranks' shards: no rank holds more than its shard's features plus O(k·d).
+        """k-means over the ranks' shards, one path at every world size: a rank holds its shard plus O(k·d).
 
-        The per-sample clusters, targets and scenes (a few numbers per sample) are gathered; rank 0 assembles the
-        dictionary, writes the cache and broadcasts it.
+        The draws follow sample indices, so 1, 2 or 4 ranks build the same dictionary. The per-sample clusters,
+        targets and scenes (a few numbers per sample) are gathered; rank 0 assembles the dictionary, writes the cache
+        and broadcasts it.
         """
-        if self.pca_dim is not None:
-            raise ValueError(
-                "pca_dim is not supported by the distributed dictionary build: unset it, or build the dictionary "
-                "once in one process (`ccim build-dictionary --dictionary.cache FILE`) and reuse it through `cache`."
-            )
-        local = own_rows(local, collectives.world_size, collectives.global_rank)
+        group = ProcessGroup.current(collectives.root_device)
+        local = own_rows(local, group.world_size, group.rank)
+        if int(group.all_reduce(torch.tensor([len(local.indices)]))[0]) == 0:
+            raise ValueError("No training sample could be read for the confounder dictionary: the split is empty.")
         start = time.perf_counter()
-        result = distributed_kmeans(local.features, num_prototypes, seed=self.seed, num_iterations=self.num_iterations)
+        result = kmeans(
+            local.features,
+            num_prototypes,
+            seed=self.seed,
+            num_iterations=self.num_iterations,
+            pca_dim=self.pca_dim,
+            sample_ids=local.indices,
+            collectives=group,
+        )
         columns = [local.indices, result.assignments.to(local.indices.device)]
         if local.scenes is not None:
             columns.append(local.scenes)
-        gathered = all_gather_variable(torch.stack(columns, dim=1)).cpu()
-        targets = None if local.targets is None else all_gather_variable(local.targets).cpu()
+        gathered = group.gather_unequal(torch.stack(columns, dim=1)).cpu()
+        targets = None if local.targets is None else group.gather_unequal(local.targets).cpu()
         dictionary = None
-        with _agreed(collectives, "assembling the dictionary"):
-            if collectives.is_global_zero:
+        with group.agreed("assembling the dictionary"):
+            if group.is_global_zero:
                 scenes = gathered[:, 2] if gathered.shape[1] > 2 else None
                 rows = ContextFeatures(torch.zeros(len(gathered), 0), gathered[:, 0], targets, scenes)
-                extra = {"kmeans_seconds": time.perf_counter() - start, "kmeans_backend": "distributed-torch"}
+                extra = {"kmeans_seconds": time.perf_counter() - start, "kmeans_backend": result.backend}
                 dictionary = self._assemble(result, rows, gathered[:, 1], wanted, size, extra)
-        return collectives.broadcast(dictionary, src=0)
+        return group.broadcast(dictionary, src=0)
 
     def cluster(
         self, gathered: ContextFeatures, num_prototypes: int, wanted: dict[str, Any], num_samples: int | None = None
@@ -474,31 +475,9 @@ def transform_signature(datamodule: Any) -> str:
     return json.dumps(datamodule.dictionary_signature(), sort_keys=True, default=str)
 
 
-@contextmanager
-def _agreed(collectives: Collectives, step: str) -> Iterator[None]:
-    """Runs a step, then has all ranks agree it succeeded everywhere before any of them goes on.
-
-    An exception on one rank is re-raised there after the agreement; the other ranks raise
-    :class:`RankFailedError`. Without this, the healthy ranks would block in the next collective until the
-    process-group timeout (hours with ``configs/trainer/ddp.yaml``).
-    """
-    if collectives.world_size <= 1:
-        yield
-        return
-    error: BaseException | None = None
-    try:
-        yield
-    except Exception as exc:  # re-raised below, once every rank knows
-        error = exc
-    if not collectives.reduce_boolean_decision(error is None, all=True):
-        if error is not None:
-            raise error
-        raise RankFailedError(
-            f"Confounder dictionary: another rank failed while {step}; this rank (global rank "
-            f"{collectives.global_rank}) stops too. The failing rank's log has the cause."
-        )
-    if error is not None:  # pragma: no cover - reduce says all succeeded although this rank failed: impossible
-        raise error
+def _agreed(collectives: Collectives, step: str) -> AbstractContextManager[None]:
+    """All ranks agree a step succeeded before any goes on (:meth:`ProcessGroup.agreed`; :class:`RankFailedError`)."""
+    return ProcessGroup.current(collectives.root_device).agreed(step)
 
 
 def dictionary_summary(dictionary: ConfounderDictionary) -> dict[str, float]:
