@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ccim_lightning import CCIMLightningModule
-from ccim_lightning.cli import build_cli
+from ccim_lightning.commands.cli import build_cli
 from ccim_lightning.debias import CLEF, ClusterReweighting, GroupDRO, ProductOfExperts
 from ccim_lightning.dictionary.store import ConfounderDictionary
 from ccim_lightning.hosts import TwoStreamHost
