@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from ccim_lightning.callbacks import ConfounderDictionaryCallback, FiniteLossGuard, PredictionWriter
 from ccim_lightning.callbacks.prediction_writer import default_predictions_path
+from ccim_lightning.dictionary.recipe import DictionaryRecipe
 from ccim_lightning.module import CCIMLightningModule
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ class CCIMCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ConfounderDictionaryCallback, "dictionary")
+        # --dictionary.* parses straight into the recipe; instantiate_trainer hands it to the callback.
+        parser.add_class_arguments(DictionaryRecipe, "dictionary")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(FiniteLossGuard, "guard")
         parser.set_defaults({"checkpoint.save_last": True})
@@ -82,6 +84,13 @@ class CCIMCLI(LightningCLI):
         parser.link_arguments(
             "dictionary.extractor", "model.init_args.confounder_dim", compute_fn=scene_feature_dim, apply_on="parse"
         )
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer.callbacks.insert(0, ConfounderDictionaryCallback(config["dictionary"]))
+        return trainer
 
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
