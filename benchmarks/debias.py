@@ -439,7 +439,7 @@ def run_one(setting: Setting, seed: int, config: RunConfig, cache: DataCache, ou
             weights.bind(num_classes=datamodule.num_classes, task="multiclass", num_clusters=setting.num_prototypes)
             weights.fit_clusters(dictionary.assignments, dictionary.targets)
             datamodule.sample_weights = weights.sample_weights(dictionary.assignments, dictionary.targets)
-        callbacks.append(ConfounderDictionaryCallback(**{k: v for k, v in asdict(recipe).items() if k != "pca_dim"}))
+        callbacks.append(ConfounderDictionaryCallback(recipe))
     L.seed_everything(seed, verbose=False)
     model = build_model(setting, config, datamodule.num_classes, datamodule.class_names)
     with tempfile.TemporaryDirectory(prefix="ccim-debias-") as root:

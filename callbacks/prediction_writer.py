@@ -38,7 +38,10 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
 from typing_extensions import override
+
+from ccim_lightning.types import INDEX, PROBABILITIES, TARGET, ClassifierModel, TabulatedDataset, check_task
 
 __all__ = ["PredictionWriter", "dataset_file_stem", "default_predictions_path", "predictions_frame"]
 
@@ -47,7 +50,7 @@ log = logging.getLogger(__name__)
 #: Name of the CSV column with the predicted label(s).
 PREDICTION_COLUMN = "prediction"
 #: Name of the CSV column with the true label(s).
-TARGET_COLUMN = "target"
+TARGET_COLUMN = TARGET
 #: Name of the CSV column with a multiclass sample's true class index.
 TARGET_INDEX_COLUMN = "target_index"
 #: Prefix of a multilabel model's per-class 0/1 ground-truth columns.
@@ -97,8 +100,7 @@ def predictions_frame(
     class_names = [str(name) for name in class_names]
     if len(class_names) != probabilities.shape[1]:
         raise ValueError(f"{len(class_names)} class names for {probabilities.shape[1]} probability columns")
-    if task not in ("multiclass", "multilabel"):
-        raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+    check_task(task, where="predictions_frame")
 
     if target is not None:
         target = torch.as_tensor(target).cpu().numpy()
@@ -166,16 +168,16 @@ def _truth_columns(target: np.ndarray, index: np.ndarray, names: np.ndarray, tas
 
 def _identity_columns(index: np.ndarray, sample_table: pd.DataFrame | None) -> pd.DataFrame:
     """``index`` plus the sample table's rows at those indices."""
-    ids = pd.DataFrame({"index": index})
+    ids = pd.DataFrame({INDEX: index})
     if sample_table is None:
         return ids
     table = sample_table.reset_index(drop=True)
-    if "index" in table.columns:
-        if not np.array_equal(table["index"].to_numpy(), np.arange(len(table))):
+    if INDEX in table.columns:
+        if not np.array_equal(table[INDEX].to_numpy(), np.arange(len(table))):
             raise ValueError(
                 "sample_table() must list the samples in index order: its `index` column is not 0 .. len - 1"
             )
-        table = table.drop(columns="index")
+        table = table.drop(columns=INDEX)
     if len(index) and (index.min() < 0 or index.max() >= len(table)):
         raise ValueError(
             f"Predicted sample indices span {index.min()} .. {index.max()} but sample_table() has {len(table)} rows: "
@@ -292,18 +294,18 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        if not isinstance(prediction, Mapping) or "probabilities" not in prediction:
+        if not isinstance(prediction, Mapping) or PROBABILITIES not in prediction:
             raise TypeError(
                 f"PredictionWriter needs predict_step to return a dict with 'probabilities' (B, C) and 'index' (B,), "
                 f"got {type(prediction).__name__}"
             )
-        index = prediction["index"] if "index" in prediction else batch["index"]
-        target = batch.get("target") if isinstance(batch, Mapping) else None
+        index = prediction[INDEX] if INDEX in prediction else batch[INDEX]
+        target = batch.get(TARGET) if isinstance(batch, Mapping) else None
         if target is not None:  # class indices stay integers, multi-hot rows float (checked when the table is made)
             target = target.detach().cpu()
             target = target.long() if target.ndim == 1 and not target.is_floating_point() else target.float()
         self._parts.setdefault(dataloader_idx, []).append(
-            (index.detach().long().reshape(-1).cpu(), prediction["probabilities"].detach().float().cpu(), target)
+            (index.detach().long().reshape(-1).cpu(), prediction[PROBABILITIES].detach().float().cpu(), target)
         )
 
     @override
@@ -320,7 +322,7 @@ class PredictionWriter(BasePredictionWriter):
                 index,
                 probabilities,
                 self._class_names(pl_module, probabilities.shape[1]),
-                task=getattr(pl_module, "task", "multiclass"),
+                task=pl_module.task if isinstance(pl_module, ClassifierModel) else "multiclass",
                 threshold=self.threshold,
                 sample_table=table,
                 target=target,
@@ -350,7 +352,10 @@ class PredictionWriter(BasePredictionWriter):
         parts = self._parts.get(loader_idx, [])
         kinds = {_target_kind(t) for _, _, t in parts}
         kind = _NO_ROWS if not parts else (kinds.pop() if len(kinds) == 1 else _MIXED)
-        num_classes = parts[0][1].shape[1] if parts else int(getattr(pl_module, "num_classes", 0))
+        if parts:
+            num_classes = parts[0][1].shape[1]
+        else:  # this rank predicted nothing: the module's width, agreed with the other ranks below
+            num_classes = pl_module.num_classes if isinstance(pl_module, ClassifierModel) else 0
         index = torch.cat([i for i, _, _ in parts]) if parts else torch.zeros(0, dtype=torch.long)
         probabilities = torch.cat([p for _, p, _ in parts]) if parts else torch.zeros(0, num_classes)
         target = torch.cat([t for _, _, t in parts]) if kind in (_CLASS_INDEX, _MULTI_HOT) else None
@@ -396,18 +401,16 @@ class PredictionWriter(BasePredictionWriter):
 
     @staticmethod
     def _class_names(pl_module: L.LightningModule, num_classes: int) -> list[str]:
-        names = getattr(pl_module, "class_names", None)
-        if names is not None and len(names) == num_classes:
-            return list(names)
+        if isinstance(pl_module, ClassifierModel) and len(pl_module.class_names) == num_classes:
+            return list(pl_module.class_names)
         return [f"class_{i}" for i in range(num_classes)]
 
     @staticmethod
     def _sample_table(loader: Any) -> pd.DataFrame | None:
-        dataset = getattr(loader, "dataset", None)
-        method = getattr(dataset, "sample_table", None)
-        if not callable(method):
+        dataset = loader.dataset if isinstance(loader, DataLoader) else None
+        if not isinstance(dataset, TabulatedDataset):  # the table is optional: without it the CSV has `index` alone
             return None
-        table = method()
+        table = dataset.sample_table()
         if not isinstance(table, pd.DataFrame):
             raise TypeError(
                 f"{type(dataset).__name__}.sample_table() returned {type(table).__name__}, not a pandas DataFrame"

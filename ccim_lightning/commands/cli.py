@@ -87,7 +87,7 @@ class CCIMCLI(LightningCLI):
         # Where a `dictionary` callback group used to sit: before the checkpoint callbacks, which Lightning keeps last.
         callbacks = trainer.callbacks
         first_checkpoint = next((i for i, cb in enumerate(callbacks) if isinstance(cb, Checkpoint)), len(callbacks))
-        callbacks.insert(first_checkpoint, ConfounderDictionaryCallback(**vars(self.recipe)))
+        callbacks.insert(first_checkpoint, ConfounderDictionaryCallback(self.recipe))
         return trainer
 
     def _drop_checkpointing(self) -> None:
