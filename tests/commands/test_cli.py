@@ -75,6 +75,24 @@ def test_named_groups_reach_the_dictionary_and_checkpoint_and_runs_never_collide
     assert not (tmp_path / "runs").exists()
 
 
+def test_dictionary_options_are_the_recipe_and_the_callback_is_built_from_it(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import Checkpoint
+
+    from ccim_lightning.callbacks import ConfounderDictionaryCallback
+    from ccim_lightning.dictionary.recipe import DictionaryRecipe
+
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["--config", SYNTHETIC, *TINY, "--dictionary.seed", "3", "--dictionary.cache", "z.pt"], run=False)
+    assert type(cli.recipe) is DictionaryRecipe
+    assert (cli.recipe.seed, cli.recipe.cache, cli.recipe.extractor) == (3, "z.pt", "test_efficientnet")
+    callbacks = cli.trainer.callbacks
+    (position,) = [i for i, cb in enumerate(callbacks) if isinstance(cb, ConfounderDictionaryCallback)]
+    assert callbacks[position].recipe is cli.recipe
+    assert all(not isinstance(cb, Checkpoint) for cb in callbacks[:position])  # checkpoints still come last
+    with pytest.raises(SystemExit):  # a recipe field that does not exist is the config parser's error
+        build_cli(["--config", SYNTHETIC, "--dictionary.sede", "3"], run=False)
+
+
 def test_confounder_dim_follows_the_scene_cnn(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = build_cli(["--config", SYNTHETIC, *TINY], run=False)
