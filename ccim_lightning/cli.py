@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from ccim_lightning.callbacks import ConfounderDictionaryCallback, FiniteLossGuard, PredictionWriter
 from ccim_lightning.callbacks.prediction_writer import default_predictions_path
+from ccim_lightning.dictionary.collectives import Collectives
 from ccim_lightning.dictionary.recipe import DictionaryRecipe
 from ccim_lightning.module import CCIMLightningModule
 
@@ -261,7 +262,8 @@ def build_dictionary(args: list[str]) -> Path:
         recipe.cache = str(out)  # the build writes it, once, on rank 0
     cli.datamodule.setup("fit")
     num_prototypes, dim = cli.model.dictionary_shape
-    dictionary = recipe.load_or_build(cli.trainer.strategy, cli.datamodule, num_prototypes, dim)
+    collectives = Collectives.current(cli.trainer.strategy.root_device)
+    dictionary = recipe.load_or_build(cli.datamodule, num_prototypes, dim, collectives)
     if not out.exists():  # a random dictionary is not written by the build
         dictionary.save(out)
     summary = ", ".join(f"{k}={v:.4g}" for k, v in dictionary_summary(dictionary).items())

@@ -246,11 +246,10 @@ def cluster_contexts(
     """
     import dataclasses
 
-    from lightning.pytorch.strategies import SingleDeviceStrategy
-
     from ccim_lightning.callbacks import ConfounderDictionaryCallback
-    from ccim_lightning.dictionary.features import ContextFeatureExtractor
-    from ccim_lightning.dictionary.recipe import dictionary_loader, extract_context_features, in_index_order
+    from ccim_lightning.dictionary.collectives import Collectives
+    from ccim_lightning.dictionary.features import ContextFeatureExtractor, dictionary_loader, extract_context_features
+    from ccim_lightning.dictionary.recipe import dictionary_key
 
     given = None if dictionary_path is None else check_dictionary_file(dictionary_path)  # fail before the slow part
     datamodule = cli.datamodule
@@ -270,7 +269,7 @@ def cluster_contexts(
     if given is None:
         # The recipe's own dictionary (the cache when it matches, else built and cached): each training sample's
         # cluster is recorded in it.
-        dictionary = recipe.load_or_build(SingleDeviceStrategy(torch_device), datamodule, num_prototypes, dim)
+        dictionary = recipe.load_or_build(datamodule, num_prototypes, dim, Collectives.current(torch_device))
         known = dictionary.assignments >= 0
         clusters = dictionary.assignments[known].numpy()
         matrix, multi_label = _target_matrix(dictionary.targets[known], getattr(datamodule, "num_classes", None))
@@ -282,11 +281,11 @@ def cluster_contexts(
         dataset, batch_size=recipe.batch_size or getattr(datamodule, "batch_size", 64), num_workers=recipe.num_workers
     )
     recorder = _TargetRecorder(loader)  # one pass gives the features and the labels
-    features = in_index_order(extract_context_features(extractor, recorder, torch_device, progress=progress))
-    wanted = recipe.cache_key(datamodule, dataset, extractor, num_prototypes)
+    features = extract_context_features(extractor, recorder, torch_device, progress=progress).in_index_order()
+    wanted = dictionary_key(recipe, datamodule, dataset, extractor, num_prototypes)
     # Another N, seed or k-means setting is fine for a report; other data, scene CNN or masking means other clusters.
     ignored = ("num_prototypes", "seed", "num_iterations", "pca_dim", "source")
-    reasons = [r for r in given.mismatches(wanted) if not r.startswith(ignored)]
+    reasons = given.mismatches(wanted, ignore=ignored)
     if reasons:
         log.warning(
             "Dictionary %s was not built for this config's data and scene CNN (%s); assigning anyway.",
@@ -325,11 +324,10 @@ def _training_samples(datamodule: Any, mask_subject: bool) -> Any:
 
 def _targets_in_index_order(recorder: _TargetRecorder) -> torch.Tensor:
     """The recorded targets, one per sample, sorted by sample index (the order of the gathered features)."""
+    from ccim_lightning.sample_index import first_of_each_index
+
     indices, targets = torch.cat(recorder.indices), torch.cat(recorder.targets)
-    order = torch.argsort(indices, stable=True)
-    keep = torch.ones(len(order), dtype=torch.bool)
-    keep[1:] = indices[order][1:] != indices[order][:-1]
-    return targets[order[keep]]
+    return targets[torch.from_numpy(first_of_each_index(indices))]
 
 
 def _target_matrix(targets: torch.Tensor, num_classes: int | None) -> tuple[np.ndarray, bool]:
