@@ -23,7 +23,6 @@ import torch
 from torch.utils.data import Dataset
 
 from ccim_lightning.dictionary.collectives import Collectives
-from ccim_lightning.dictionary.distributed import distributed_kmeans
 from ccim_lightning.dictionary.features import (
     ContextFeatureExtractor,
     ContextFeatures,
@@ -272,26 +271,22 @@ def cluster(
 ) -> tuple[Any, str]:
     """k-means of all ranks' rows: the global centroids, counts and inertia, and this rank's rows' clusters.
 
+    One call at every world size; the draws follow the sample indices, so any split of the rows over ranks gives
+    the same clusters.
+
     Returns:
         The clustering (``centroids``, ``counts``, ``inertia``, ``assignments`` of ``rows``) and its backend's name.
     """
-    if collectives.world_size == 1:
-        result = kmeans(
-            rows.features,
-            num_prototypes,
-            seed=recipe.seed,
-            num_iterations=recipe.num_iterations,
-            pca_dim=recipe.pca_dim,
-            sample_ids=rows.indices.tolist(),
-        )
-        return result, result.backend
-    if recipe.pca_dim is not None:
-        raise ValueError(
-            "pca_dim is not supported by the distributed dictionary build: unset it, or build the dictionary "
-            "once in one process (`ccim build-dictionary --dictionary.cache FILE`) and reuse it through `cache`."
-        )
-    result = distributed_kmeans(rows.features, num_prototypes, seed=recipe.seed, num_iterations=recipe.num_iterations)
-    return result, "distributed-torch"
+    result = kmeans(
+        rows.features,
+        num_prototypes,
+        seed=recipe.seed,
+        num_iterations=recipe.num_iterations,
+        pca_dim=recipe.pca_dim,
+        sample_ids=rows.indices,
+        collectives=collectives,
+    )
+    return result, result.backend
 
 
 def assemble(
