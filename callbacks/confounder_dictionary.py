@@ -5,31 +5,18 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from ccim_lightning.datamodules.schema import missing_members
+from ccim_lightning.dictionary.collectives import Collectives
 from ccim_lightning.dictionary.recipe import DictionaryRecipe, dictionary_summary
 from ccim_lightning.dictionary.store import ConfounderDictionary
+from ccim_lightning.types import DictionaryModel, missing_members
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class DictionaryModel(Protocol):
-    """What this callback needs of a model (moves to ``ccim_lightning.types`` with the other protocols)."""
-
-    needs_dictionary: bool
-    has_dictionary: bool
-    dictionary_shape: tuple[int, int]
-
-    def set_dictionary(self, dictionary: ConfounderDictionary) -> None:
-        """Takes the built dictionary (prototypes, prior, each training sample's cluster)."""
-        ...
 
 
 class ConfounderDictionaryCallback(Callback):
@@ -72,7 +59,8 @@ class ConfounderDictionaryCallback(Callback):
             return
         num_prototypes, dim = pl_module.dictionary_shape
         start = time.perf_counter()
-        dictionary = self.recipe.load_or_build(trainer.strategy, trainer.datamodule, num_prototypes, dim)
+        collectives = Collectives.current(trainer.strategy.root_device)
+        dictionary = self.recipe.load_or_build(trainer.datamodule, num_prototypes, dim, collectives)
         pl_module.set_dictionary(dictionary)
         self.last_dictionary = dictionary
         self._report(trainer, dictionary, time.perf_counter() - start)

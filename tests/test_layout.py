@@ -19,7 +19,10 @@ PACKAGES = {
 LAYERS = {
     "ccim_lightning.types": 0,
     **dict.fromkeys(
-        (f"ccim_lightning.{name}" for name in ("head", "hosts", "losses", "weights", "checkpoints", "compat", "logs")),
+        (
+            f"ccim_lightning.{name}"
+            for name in ("head", "hosts", "losses", "weights", "checkpoints", "compat", "logs", "sample_index")
+        ),
         1,
     ),
     "ccim_lightning.dictionary": 2,

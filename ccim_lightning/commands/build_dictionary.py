@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ccim_lightning.commands.cli import build_cli
 from ccim_lightning.commands.errors import CommandError
+from ccim_lightning.dictionary.collectives import Collectives
 from ccim_lightning.dictionary.recipe import dictionary_summary
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ def run(options: argparse.Namespace, config_args: list[str]) -> Path:
     recipe = dataclasses.replace(recipe, cache=str(out))  # the build writes it, once, on rank 0
     cli.datamodule.setup("fit")
     num_prototypes, dim = cli.model.dictionary_shape
-    dictionary = recipe.load_or_build(cli.trainer.strategy, cli.datamodule, num_prototypes, dim)
+    collectives = Collectives.current(cli.trainer.strategy.root_device)
+    dictionary = recipe.load_or_build(cli.datamodule, num_prototypes, dim, collectives)
     if not out.exists():  # a random dictionary is not written by the build
         dictionary.save(out)
     summary = ", ".join(f"{k}={v:.4g}" for k, v in dictionary_summary(dictionary).items())

@@ -15,18 +15,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, Dataset
 
 from ccim_lightning.analysis.sources import ContextLabels, label_matrix
-from ccim_lightning.dictionary.features import ContextFeatureExtractor
-from ccim_lightning.dictionary.recipe import (
-    DictionaryRecipe,
-    dictionary_loader,
-    extract_context_features,
-    in_index_order,
-)
+from ccim_lightning.dictionary.collectives import Collectives
+from ccim_lightning.dictionary.features import ContextFeatureExtractor, dictionary_loader, extract_context_features
+from ccim_lightning.dictionary.recipe import DictionaryRecipe, dictionary_key, training_samples
 from ccim_lightning.dictionary.store import ConfounderDictionary
+from ccim_lightning.sample_index import first_of_each_index
 
 __all__ = ["check_dictionary_file", "cluster_contexts", "nearest_prototype"]
 
@@ -101,11 +97,8 @@ class _TargetRecorder:
 
     def targets_in_index_order(self) -> torch.Tensor:
         """The recorded targets, one per sample, sorted by sample index (the order of the gathered features)."""
-        indices, targets = torch.cat(self.indices), torch.cat(self.targets)
-        order = torch.argsort(indices, stable=True)
-        keep = torch.ones(len(order), dtype=torch.bool)
-        keep[1:] = indices[order][1:] != indices[order][:-1]
-        return targets[order[keep]]
+        targets = torch.cat(self.targets)
+        return targets[torch.from_numpy(first_of_each_index(torch.cat(self.indices)))]
 
 
 def cluster_contexts(
@@ -155,7 +148,7 @@ def cluster_contexts(
     num_classes = getattr(datamodule, "num_classes", None)
     if given is None:
         # The recipe's own dictionary (the cache when it matches, else built and cached) records each sample's cluster.
-        dictionary = recipe.load_or_build(SingleDeviceStrategy(torch_device), datamodule, num_prototypes, dim)
+        dictionary = recipe.load_or_build(datamodule, num_prototypes, dim, Collectives.current(torch_device))
         known = dictionary.assignments >= 0
         clusters = dictionary.assignments[known].numpy()
         targets = dictionary.targets[known].numpy()
@@ -183,9 +176,9 @@ def _assign_to_given(
         dataset, batch_size=recipe.batch_size or getattr(datamodule, "batch_size", 64), num_workers=recipe.num_workers
     )
     recorder = _TargetRecorder(loader)  # one pass gives the features and the labels
-    features = in_index_order(extract_context_features(extractor, recorder, device, progress=progress))
-    wanted = recipe.cache_key(datamodule, dataset, extractor, given.num_prototypes)
-    reasons = [r for r in given.mismatches(wanted) if not r.startswith(_REPORT_INDIFFERENT)]
+    features = extract_context_features(extractor, recorder, device, progress=progress).in_index_order()
+    wanted = dictionary_key(recipe, datamodule, dataset, extractor, given.num_prototypes)
+    reasons = given.mismatches(wanted, ignore=_REPORT_INDIFFERENT)
     if reasons:
         log.warning(
             "Dictionary %s was not built for this config's data and scene CNN (%s); assigning anyway.",
@@ -205,9 +198,4 @@ def _training_samples(datamodule: Any, mask_subject: bool) -> Dataset:
     if callable(getattr(datamodule, "prepare_data", None)):
         datamodule.prepare_data()
     datamodule.setup("fit")
-    if not callable(getattr(datamodule, "dictionary_dataset", None)):
-        raise TypeError(
-            f"{type(datamodule).__name__} has no dictionary_dataset(mask_subject=...): cannot list the "
-            "training samples. Use a ccim_lightning datamodule or add that method."
-        )
-    return datamodule.dictionary_dataset(mask_subject=mask_subject)
+    return training_samples(datamodule, mask_subject)  # names what a datamodule without the contract lacks

@@ -7,8 +7,9 @@ import torch
 from ccim_lightning import CCIMLightningModule, ContextFeatureExtractor
 from ccim_lightning.callbacks import ConfounderDictionaryCallback
 from ccim_lightning.datamodules import SyntheticContextDataModule
-from ccim_lightning.dictionary.recipe import ContextFeatures, DictionaryRecipe, own_rows
-from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryFileError
+from ccim_lightning.dictionary.features import ContextFeatures
+from ccim_lightning.dictionary.recipe import DictionaryRecipe, build_from_features
+from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryFileError, DictionaryKey
 from ccim_lightning.hosts import TwoStreamHost
 
 EXTRACTOR = "test_efficientnet"  # timm's tiny test model: 256-d features, fast on CPU
@@ -88,8 +89,9 @@ def test_cluster_statistics_against_hand_counts():
     features = centres.repeat_interleave(4, dim=0) + 0.01 * torch.randn(8, 2, generator=g)
     scenes = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])
     gathered = ContextFeatures(features, torch.arange(8), targets=torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), scenes=scenes)
-    wanted = {"extractor": "x", "weights_digest": "y", "dataset_fingerprint": "f", "transform": "t"}
-    dictionary = DictionaryRecipe(seed=0).cluster(gathered, 2, wanted)
+    key = DictionaryKey("x", "y", 2, True, 0, "features", 25, None, "t", "f")
+    dictionary = build_from_features(DictionaryRecipe(seed=0), gathered, key)
+    assert dictionary.key == key
     assert dictionary.extra["scene_purity"] == pytest.approx(7 / 8)
     blob = [0, 0, 0, 0, 1, 1, 1, 1]
     assert dictionary.extra["scene_nmi"] == pytest.approx(normalized_mutual_info_score(scenes, blob), abs=1e-6)
@@ -195,7 +197,7 @@ def test_cache_is_reused_when_it_matches_and_rebuilt_when_it_does_not(tmp_path, 
     )
     assert cache.exists()
     saved = ConfounderDictionary.load(cache)
-    assert saved.num_prototypes == 6 and saved.extractor == EXTRACTOR and saved.num_samples == 96
+    assert saved.num_prototypes == 6 and saved.key.extractor == EXTRACTOR and saved.num_samples == 96
 
     import ccim_lightning.dictionary.recipe as module
 
@@ -237,28 +239,6 @@ def test_damaged_cache_is_an_error_not_silently_used(tmp_path):
             tiny_data(),
             ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR, cache=str(cache), progress=False)),
         )
-
-
-def test_own_rows_drop_the_sampler_padding_and_keep_every_sample_once():
-    from torch.utils.data.distributed import DistributedSampler
-
-    # 5 samples over 2 ranks: the sampler gives rank 0 samples 0, 2, 4 and rank 1 samples 1, 3 and a repeat of 0.
-    shards = [list(DistributedSampler(range(5), num_replicas=2, rank=r, shuffle=False)) for r in (0, 1)]
-    assert shards == [[0, 2, 4], [1, 3, 0]]
-    kept = []
-    for rank, shard in enumerate(shards):
-        index = torch.tensor(shard)
-        local = ContextFeatures(index[:, None].float(), index, targets=index * 10)
-        own = own_rows(local, world_size=2, rank=rank)
-        assert torch.equal(own.targets, own.indices * 10) and torch.equal(own.features[:, 0].long(), own.indices)
-        kept += own.indices.tolist()
-    assert sorted(kept) == [0, 1, 2, 3, 4]
-
-
-def test_own_rows_with_unequal_shards():
-    # Rank 1 lost sample 3 to a decode failure: its shard is [1, 0(repeat)], rank 0's is [0, 2, 4].
-    local = ContextFeatures(torch.zeros(2, 1), torch.tensor([1, 0]))
-    assert own_rows(local, world_size=2, rank=1).indices.tolist() == [1]
 
 
 @pytest.mark.parametrize(

@@ -150,7 +150,7 @@ def test_build_dictionary_then_fit_reuses_it_and_resume_keeps_it(tmp_path, monke
     assert not [w for w in record if "LightningCLI's args parameter" in str(w.message)]
     assert out == cache
     saved = ConfounderDictionary.load(cache)
-    assert saved.num_prototypes == 8 and saved.num_samples == 128 and saved.extractor == "test_efficientnet"
+    assert saved.num_prototypes == 8 and saved.num_samples == 128 and saved.key.extractor == "test_efficientnet"
     assert saved.assignments.shape == (128,)
 
     # The fit finds the same file through --dictionary.cache and does not extract again.

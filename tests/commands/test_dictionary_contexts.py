@@ -16,13 +16,14 @@ def test_nearest_prototype():
 def test_check_dictionary_file_refuses_random_z_and_accepts_clustered(tmp_path):
     import torch
 
-    from ccim_lightning.dictionary.recipe import ContextFeatures, DictionaryRecipe
-    from ccim_lightning.dictionary.store import ConfounderDictionary
+    from ccim_lightning.dictionary.features import ContextFeatures
+    from ccim_lightning.dictionary.recipe import DictionaryRecipe, build_from_features
+    from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryKey
 
     random = ConfounderDictionary.random(4, 8, seed=0).save(tmp_path / "random.pt")
     with pytest.raises(ValueError, match=r"random\.pt.*random-Z"):
         check_dictionary_file(random)
     features = ContextFeatures(torch.randn(40, 8, generator=torch.Generator().manual_seed(0)), torch.arange(40))
-    wanted = {"extractor": "x", "weights_digest": "none", "dataset_fingerprint": "f", "transform": "t"}
-    clustered = DictionaryRecipe(seed=0).cluster(features, 4, wanted).save(tmp_path / "clustered.pt")
+    key = DictionaryKey("x", "none", 4, True, 0, "features", 25, None, "t", "f")
+    clustered = build_from_features(DictionaryRecipe(seed=0), features, key).save(tmp_path / "clustered.pt")
     assert check_dictionary_file(clustered).prototypes.shape == (4, 8)
