@@ -401,6 +401,8 @@ class ConfounderDictionary:
             problem = f"no tensor under {missing}"
         elif unknown := sorted(set(metadata) - set(_METADATA_FIELDS) - {"extra"}):
             problem = f"unknown metadata fields {unknown}"
+        elif absent := sorted(set(_METADATA_FIELDS) - set(metadata)):
+            problem = f"metadata lacks {absent}"
         elif (payload["prototypes"].dtype, payload["prior"].dtype) != (torch.float32,) * 2:
             problem = f"tensors are {payload['prototypes'].dtype}/{payload['prior'].dtype}, not float32"
         else:

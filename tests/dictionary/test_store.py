@@ -177,6 +177,7 @@ def _rewrite(path, edit) -> None:
         ),
         pytest.param(lambda p: p["key"].update(source="magic"), "source must be one of", id="source"),
         pytest.param(lambda p: p.pop("key"), "no metadata or key dict", id="no_key"),
+        pytest.param(lambda p: p["metadata"].pop("num_samples"), r"metadata lacks \['num_samples'\]", id="lacks"),
         pytest.param(lambda p: p.update(prior=p["prior"].double()), "not float32", id="dtype"),
         pytest.param(lambda p: p.pop("prototypes"), r"no tensor under \['prototypes'\]", id="no_tensor"),
     ],
