@@ -59,7 +59,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,6 +78,7 @@ from ccim_lightning import CCIMLightningModule  # noqa: E402
 from ccim_lightning import debias as methods  # noqa: E402
 from ccim_lightning.callbacks import ConfounderDictionaryCallback  # noqa: E402
 from ccim_lightning.checkpoints import load_checkpoint  # noqa: E402
+from ccim_lightning.dictionary.collectives import Collectives  # noqa: E402
 from ccim_lightning.dictionary.recipe import DictionaryRecipe  # noqa: E402
 from ccim_lightning.hosts import TwoStreamHost  # noqa: E402
 
@@ -431,15 +431,15 @@ def run_one(setting: Setting, seed: int, config: RunConfig, cache: DataCache, ou
         recipe = dictionary_recipe(out, config, setting, seed)
         # Built (or checked) here, before seeding: the run's callback then reads the same dictionary from the cache,
         # and training consumes the same random numbers whether the file existed or not.
-        dictionary = recipe.load_or_build(SingleDeviceStrategy(torch.device("cpu")), datamodule,
-                                          setting.num_prototypes, CONFOUNDER_DIM)  # fmt: skip
+        dictionary = recipe.load_or_build(datamodule, setting.num_prototypes, CONFOUNDER_DIM,
+                                          Collectives.current(torch.device("cpu")))  # fmt: skip
         stats = {k: float(dictionary.extra[k]) for k in ("scene_purity", "scene_nmi") if k in dictionary.extra}
         if setting.sampler:
             weights = methods.ClusterReweighting(**setting.debias_args)
             weights.bind(num_classes=datamodule.num_classes, task="multiclass", num_clusters=setting.num_prototypes)
             weights.fit_clusters(dictionary.assignments, dictionary.targets)
             datamodule.sample_weights = weights.sample_weights(dictionary.assignments, dictionary.targets)
-        callbacks.append(ConfounderDictionaryCallback(**{k: v for k, v in asdict(recipe).items() if k != "pca_dim"}))
+        callbacks.append(ConfounderDictionaryCallback(recipe))
     L.seed_everything(seed, verbose=False)
     model = build_model(setting, config, datamodule.num_classes, datamodule.class_names)
     with tempfile.TemporaryDirectory(prefix="ccim-debias-") as root:

@@ -42,15 +42,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from ccim_lightning.types import (
-    INDEX,
-    PROBABILITIES,
-    TARGET,
-    ClassifierModel,
-    TabulatedDataset,
-    check_task,
-    missing_members,
-)
+from ccim_lightning.sample_index import first_of_each_index
+from ccim_lightning.types import INDEX, PROBABILITIES, TARGET, ClassifierModel, TabulatedDataset, check_task
 
 __all__ = ["PredictionWriter", "dataset_file_stem", "default_predictions_path", "predictions_frame"]
 
@@ -116,7 +109,7 @@ def predictions_frame(
         if target.ndim == 0 or target.shape[0] != index.shape[0]:
             raise ValueError(f"target must have one row per index (M={index.shape[0]}), got {target.shape}")
 
-    _, first = np.unique(index, return_index=True)  # sorted distinct indices, first occurrence of each
+    first = first_of_each_index(index)  # sorted distinct indices, first occurrence of each
     index, probabilities = index[first], probabilities[first]
     names = np.asarray(class_names, dtype=object)
     truth = None if target is None else _truth_columns(target[first], index, names, task)

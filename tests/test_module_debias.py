@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ccim_lightning import CCIMLightningModule
-from ccim_lightning.cli import build_cli
+from ccim_lightning.commands.cli import build_cli
 from ccim_lightning.debias import CLEF, ClusterReweighting, GroupDRO, ProductOfExperts
 from ccim_lightning.dictionary.store import ConfounderDictionary
 from ccim_lightning.hosts import TwoStreamHost
@@ -121,12 +121,13 @@ def test_clef_predicts_from_the_total_indirect_effect():
 def test_debias_combines_with_the_ccim_head(tmp_path):
     from ccim_lightning.callbacks import ConfounderDictionaryCallback
     from ccim_lightning.datamodules import SyntheticContextDataModule
+    from ccim_lightning.dictionary.recipe import DictionaryRecipe
 
     data = SyntheticContextDataModule(seed=1, train_size=64, val_size=16, test_size=16, batch_size=32, image_size=32,
                                       subject_size=16)  # fmt: skip
     model = CCIMLightningModule(TwoStreamHost(feature_dim=16), num_classes=4, num_prototypes=4, confounder_dim=256,
                                 debias=ClusterReweighting())  # fmt: skip
-    callback = ConfounderDictionaryCallback(extractor="test_efficientnet", progress=False)
+    callback = ConfounderDictionaryCallback(DictionaryRecipe(extractor="test_efficientnet", progress=False))
     trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])  # fmt: skip
     trainer.fit(model, datamodule=data)

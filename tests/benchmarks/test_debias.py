@@ -267,7 +267,7 @@ def test_checkpoint_mismatches_name_each_field_and_both_values():
 
 
 def test_ccim_fit_checkpoint_is_tested_as_its_own_row(tmp_path, monkeypatch, capsys):
-    from ccim_lightning.cli import build_cli
+    from ccim_lightning.commands.cli import build_cli
 
     debias = _load("debias")
     monkeypatch.chdir(tmp_path)

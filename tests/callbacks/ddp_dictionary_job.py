@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from ccim_lightning import CCIMLightningModule
 from ccim_lightning.callbacks import ConfounderDictionaryCallback
 from ccim_lightning.datamodules import SyntheticContextDataModule
+from ccim_lightning.dictionary.recipe import DictionaryRecipe
 from ccim_lightning.hosts import TwoStreamHost
 
 
@@ -60,7 +61,9 @@ def main(out: Path, devices: int, cache: str | None, uniform: bool, fail_rank: i
     model = CCIMLightningModule(
         TwoStreamHost(feature_dim=16), num_classes=4, num_prototypes=6, confounder_dim=256, uniform_attention=uniform
     )
-    dictionary = ConfounderDictionaryCallback(extractor="test_efficientnet", batch_size=8, cache=cache, progress=False)
+    dictionary = ConfounderDictionaryCallback(
+        DictionaryRecipe(extractor="test_efficientnet", batch_size=8, cache=cache, progress=False)
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,

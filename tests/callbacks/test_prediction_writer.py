@@ -21,7 +21,7 @@ from ccim_lightning.callbacks.prediction_writer import (
     default_predictions_path,
     predictions_frame,
 )
-from ccim_lightning.cli import build_cli
+from ccim_lightning.commands.cli import build_cli
 from ccim_lightning.datamodules.synthetic import (
     EMOTIONS,
     SceneSettings,
