@@ -149,15 +149,6 @@ class Collectives:
 
 
 _DTYPES = [
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.uint8,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.bool,
+    getattr(torch, name) for name in "float16 bfloat16 float32 float64 uint8 int8 int16 int32 int64 bool".split()
 ]
 """Dtypes :meth:`Collectives.gather_unequal` names by position when it checks that the ranks agree."""

@@ -5,20 +5,17 @@ features of every training sample: z_i is the centroid of cluster i, P(z_i) its 
 is that step. Each rank passes only its own rows; :class:`~ccim_lightning.dictionary.collectives.Collectives`
 carries O(k·d) between ranks (nothing in one process):
 
-1. Checks on every rank at once, then the global mean (and, with ``pca_dim``, the all-reduced covariance and its
-   leading eigenvectors); the points are centred (and projected) once, in float32.
-2. Seeding of greedy k-means++ quality: k-means|| oversampling (Bahmani et al., 2012) then weighted greedy
-   k-means++ over the candidates (:func:`_seed`). Every random draw is a fixed function of the seed and the row's
-   *sample id* (:func:`_uniforms`), never of its position or rank, so any split of the same rows over any number of
-   ranks draws the same candidates.
-3. Lloyd iterations: each rank assigns its points (FAISS on the CPU or one GPU, or torch), per-cluster sums and
-   counts are all-reduced, empty clusters take the globally farthest points (:func:`empty_cluster_moves`). They stop
-   once no assignment changes on any rank.
-4. A final assignment, and the centroids recomputed as the means of the members' *original* features (also with
-   PCA), so that ``centroids``, ``counts``, ``assignments`` and ``inertia`` describe one and the same partition.
+1. Checks on every rank at once; the points centred on the global mean (with ``pca_dim``, projected on the leading
+   eigenvectors of the all-reduced covariance), once, in float32.
+2. Seeding of greedy k-means++ quality (:mod:`~ccim_lightning.dictionary.seeding`): every random draw is a fixed
+   function of the seed and the row's *sample id*, never of its position or rank, so any split draws the same.
+3. Lloyd iterations: each rank assigns its points (torch or FAISS, CPU or one GPU); per-cluster sums and counts are
+   all-reduced; empty clusters take the globally farthest points (:func:`empty_cluster_moves`).
+4. The centroids recomputed as the means of the members' *original* features (also with PCA), so that ``centroids``,
+   ``counts``, ``assignments`` and ``inertia`` describe one and the same partition.
 
-A rank's memory is its rows (and one float32 centred copy), per-row scalars, and O(k·d) centroids, sums and
-candidate pool. Given the seed, the result depends on the world size only through floating-point summation order.
+A rank holds its rows, one float32 centred copy, per-row scalars and O(k·d) centroids, sums and candidate pool.
+Given the seed, the result depends on the world size only through floating-point summation order.
 """
 
 from __future__ import annotations
@@ -36,6 +33,7 @@ import numpy as np
 import torch
 
 from ccim_lightning.dictionary.collectives import Collectives
+from ccim_lightning.dictionary.seeding import CHUNK_ENTRIES, nearest_centres, seed_centroids
 
 __all__ = ["MIN_POINTS_PER_CLUSTER", "KMeansResult", "empty_cluster_moves", "kmeans"]
 
@@ -44,22 +42,8 @@ logger = logging.getLogger(__name__)
 MIN_POINTS_PER_CLUSTER = 39
 """Fewer points per cluster than this (FAISS's own ``min_points_per_centroid``) makes :func:`kmeans` warn."""
 
-_SEEDING_ROUNDS = 5
-"""Oversampling rounds of the seeding, each drawing ``num_clusters`` candidates."""
-
-_LOCAL_TRIALS = 20
-"""Candidates drawn per greedy k-means++ step (scikit-learn draws 2 + ln k; more gives better seeds here, cheaply)."""
-
-_MAX_PAIRWISE_ENTRIES = 1 << 26
-"""Largest candidate-by-candidate distance matrix the greedy step precomputes (256 MiB in float32)."""
-
-_CHUNK_ENTRIES = 1 << 24
-"""Entries of the largest temporary (distance block, float64 copy of rows) materialised at once."""
-
 _LISTED_ROWS = 10
 """How many offending rows an error message lists."""
-
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -109,10 +93,7 @@ def kmeans(
     device: torch.device | str | int | None = None,
     backend: Literal["auto", "faiss", "torch"] = "auto",
 ) -> KMeansResult:
-    """Clusters the rows of every rank into ``num_clusters`` groups; each rank passes only its own rows.
-
-    Call it on every rank with the same arguments but ``features`` and ``sample_ids``. Deterministic for a given
-    ``seed``, rows and backend; the split of the rows over ranks changes only floating-point summation order.
+    """Clusters the rows of every rank into ``num_clusters`` groups; call it on every rank with its own rows.
 
     Args:
         features: (n_r, d) this rank's features, a torch tensor (any float dtype, any device) or a numpy array. Ranks
@@ -120,25 +101,23 @@ def kmeans(
         num_clusters: k, at most the number of rows over all ranks.
         seed: Seed of every random draw of the seeding.
         num_iterations: Most Lloyd iterations; they stop early once no assignment changes.
-        pca_dim: When given, the points are projected on their first ``pca_dim`` principal components (of all ranks'
-            rows) before clustering; the centroids are still means of the original features.
-        sample_ids: The rows' dataset indices, distinct over all ranks; they key the random draws (so that any split
-            gives the same clusters) and name rows in error messages. Default: the row's position in the ranks' rows
-            concatenated in rank order.
+        pca_dim: Cluster on the first ``pca_dim`` principal components; the centroids are still original-space means.
+        sample_ids: The rows' dataset indices, distinct over all ranks: they key the random draws (any split gives the
+            same clusters) and name rows in errors. Default: the row's position in the rows of all ranks in order.
         collectives: The process group; default :meth:`Collectives.current`.
         device: Where the assignment step runs. Defaults to the device of ``features`` (CPU for numpy arrays). An
             integer means that CUDA device.
-        backend: ``"auto"``: FAISS on the CPU; on a CUDA device FAISS's GPU index when the installed FAISS has GPU
-            support, else torch on that GPU. ``"faiss"``: FAISS (raises on a CUDA device without FAISS GPU support).
-            ``"torch"``: torch on ``device``, CPU included.
+        backend: ``"auto"``: torch on the CPU (its matrix product outran FAISS's flat search 2-3x there, measured
+            on 20,000 x 2048 against 256 centroids); on a CUDA device FAISS's GPU index when the installed FAISS has
+            GPU support, else torch on that GPU. ``"faiss"``: FAISS (raises on a CUDA device without FAISS GPU
+            support). ``"torch"``: torch on ``device``.
 
     Returns:
-        The :class:`KMeansResult` of this rank (global centroids, counts and inertia; this rank's assignments).
+        This rank's :class:`KMeansResult` (global centroids, counts and inertia; this rank's assignments).
 
     Raises:
-        ValueError: On every rank, when any rank's features are not 2-D, dimensions differ, a rank has NaN/inf values
-            (the message lists the rows or sample ids), there are fewer rows in all than ``num_clusters``, or an
-            argument is out of range.
+        ValueError: On every rank, when any rank's features are not 2-D, dimensions differ, there are NaN/inf values
+            (the message lists sample ids), fewer rows in all than ``num_clusters``, or an argument is out of range.
         RuntimeError: ``backend="faiss"`` on a CUDA device while the installed FAISS has no GPU support.
     """
     start = time.perf_counter()
@@ -149,25 +128,17 @@ def kmeans(
     target = _resolve_device(device, x)
     backend_name = _resolve_backend(backend, target)
     if group.is_global_zero:
+        pca = f", PCA to {pca_dim}" if pca_dim else ""
         logger.info(
-            "k-means: %d points of dimension %d into %d clusters on %d rank(s), %s (backend %s%s), seed %d, "
-            "at most %d iterations",
-            total,
-            x.shape[1],
-            num_clusters,
-            group.world_size,
-            target,
-            backend_name,
-            f", PCA to {pca_dim}" if pca_dim else "",
-            seed,
-            num_iterations,
+            f"k-means: {total} points of dimension {x.shape[1]} into {num_clusters} clusters on {group.world_size} "
+            f"rank(s), {target} (backend {backend_name}{pca}), seed {seed}, at most {num_iterations} iterations"
         )
     x = x.to(target)
     _warn_if_degenerate(x, num_clusters, total, group)
     points = _centred_points(x, largest, total, pca_dim, group)  # float32, on target
     ids = ids.to(target)
     seeding_start = time.perf_counter()
-    centroids = _seed(points, ids, num_clusters, seed, total, group)
+    centroids = seed_centroids(points, ids, num_clusters, seed, total, group)
     lloyd_start = time.perf_counter()
     assign = _assignment_step(points, backend_name, target)
     distances, assignments = assign(centroids)
@@ -189,16 +160,9 @@ def kmeans(
     seconds = time.perf_counter() - start
     if group.is_global_zero:
         logger.info(
-            "k-means done in %.2f s (%s; seeding %.2f s, Lloyd %.2f s): %d iterations, inertia %.6g, "
-            "cluster sizes %d..%d",
-            seconds,
-            backend_name,
-            lloyd_start - seeding_start,
-            time.perf_counter() - lloyd_start,
-            iterations,
-            inertia,
-            int(counts.min()),
-            int(counts.max()),
+            f"k-means done in {seconds:.2f} s ({backend_name}; seeding {lloyd_start - seeding_start:.2f} s, Lloyd "
+            f"{time.perf_counter() - lloyd_start:.2f} s): {iterations} iterations, inertia {inertia:.6g}, cluster "
+            f"sizes {int(counts.min())}..{int(counts.max())}"
         )
     return KMeansResult(
         centroids=centroids.cpu(),
@@ -243,11 +207,11 @@ def _check_rows(
     pca_dim: int | None,
     sample_ids: Sequence[int] | np.ndarray | torch.Tensor | None,
     group: Collectives,
-) -> tuple[torch.Tensor, int, int]:
+) -> tuple[torch.Tensor, int, float]:
     """Checks every rank's rows together, so that every rank raises the same error or none does.
 
     Returns:
-        This rank's (n_r,) int64 sample ids (default: global row numbers), its first global row, and the total rows.
+        This rank's (n_r,) int64 sample ids (default: global row numbers), the total rows, the largest magnitude.
     """
     rows = x.shape[0] if x.ndim else 0
     if isinstance(sample_ids, torch.Tensor):
@@ -264,7 +228,6 @@ def _check_rows(
     status = torch.full((5 + _LISTED_ROWS,), -1, dtype=torch.int64)
     status[:5] = torch.tensor([x.ndim, rows, x.shape[1] if x.ndim == 2 else -1, -1 if ids is None else len(ids), 0])
     status[4] = bad.numel()
-    listed = bad[:_LISTED_ROWS]
     table = group.all_gather(status).tolist()
     sizes = [row[1] for row in table]
     offset, total = sum(sizes[: group.rank]), sum(sizes)
@@ -288,7 +251,7 @@ def _check_rows(
             f"num_clusters={num_clusters}; lower num_clusters or cluster more samples"
         )
     # the listed rows, named by sample id (or global row), rank by rank
-    status[5 : 5 + len(listed)] = ids[listed]
+    status[5 : 5 + len(bad[:_LISTED_ROWS])] = ids[bad[:_LISTED_ROWS]]
     named = [v for row in group.all_gather(status).tolist() for v in row[5:] if v >= 0]
     bad_rows = sum(row[4] for row in table)
     if bad_rows:
@@ -362,7 +325,7 @@ def _faiss_has_gpu() -> bool:
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
     """The backend name for a requested backend and the resolved device."""
-    if backend == "torch":
+    if backend == "torch" or (backend == "auto" and device.type == "cpu"):
         return "torch-gpu" if device.type == "cuda" else f"torch-{device.type}"
     if device.type == "cpu":
         return "faiss-cpu"
@@ -394,7 +357,7 @@ def _centred_points(
     """
     scale = 1.0 if largest == 0.0 else math.ldexp(1.0, -math.frexp(largest)[1])
     points = x.to(torch.float32) * scale  # always a copy: the caller's features are never modified
-    chunk = max(1, _CHUNK_ENTRIES // max(1, points.shape[1]))
+    chunk = max(1, CHUNK_ENTRIES // max(1, points.shape[1]))
     mean = sum(
         (rows.double().sum(0) for rows in points.split(chunk)),
         torch.zeros(points.shape[1], dtype=torch.float64, device=points.device),
@@ -407,7 +370,7 @@ def _centred_points(
     # Written on the covariance rather than with faiss.PCAMatrix, which needs every row in one process: the (d, d)
     # sums of the ranks add up exactly to those of the concatenated rows. float32 products, float64 accumulation.
     covariance = torch.zeros(points.shape[1], points.shape[1], dtype=torch.float64, device=points.device)
-    for rows in points.split(max(1, _CHUNK_ENTRIES // points.shape[1])):
+    for rows in points.split(max(1, CHUNK_ENTRIES // points.shape[1])):
         covariance += (rows.T @ rows).double()
     covariance = group.all_reduce(covariance) / total
     # rank 0's eigenvectors on every rank: eigh on other hardware or thread counts may differ in the last bits
@@ -417,178 +380,12 @@ def _centred_points(
     return points @ projection.to(points.device)
 
 
-# -------------------------------------------------------------------------------------------------- seeding
-def _splitmix64(values: np.ndarray) -> np.ndarray:
-    """SplitMix64's mixing function on uint64 values (wrapping arithmetic)."""
-    z = values + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def _uniforms(ids: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
-    """(n,) float64 uniforms in [0, 1), a fixed function of (seed, stream, sample id), on the device of ``ids``.
-
-    Hand-written: numpy's and torch's generators are sequential streams, so a draw would depend on the row's position
-    in them (and thus on the rank holding it). A counter-based draw per sample id is what makes any split of the rows
-    over ranks draw the same; SplitMix64 (Steele et al., 2014) is the usual small mixer for that.
-    """
-    keys = _splitmix64(np.array([seed & _MASK64, stream], dtype=np.uint64))
-    z = _splitmix64(_splitmix64(ids.cpu().numpy().astype(np.uint64) ^ keys[0]) ^ keys[1])
-    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0**-53).to(ids.device)
-
-
-def _squared_distances(a: torch.Tensor, a_norms: torch.Tensor, b: torch.Tensor, b_norms: torch.Tensor) -> torch.Tensor:
-    """(p, q) squared Euclidean distances between the rows of a (p, d) and b (q, d), given |a|^2 and |b|^2."""
-    return (a_norms.unsqueeze(1) + b_norms - 2.0 * (a @ b.T)).clamp_min_(0.0)
-
-
-def _nearest(x: torch.Tensor, x_norms: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared distance to, and index of, the nearest of ``centres`` for every row of x (row chunks bound memory)."""
-    norms = centres.square().sum(1)
-    chunk = max(1, _CHUNK_ENTRIES // max(1, centres.shape[0]))
-    distances = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    indices = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
-    for start in range(0, x.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        distances[rows], indices[rows] = _squared_distances(x[rows], x_norms[rows], centres, norms).min(1)
-    return distances, indices
-
-
-def _draw(keys: torch.Tensor, ids: torch.Tensor, count: int, group: Collectives) -> torch.Tensor:
-    """The ``count`` rows of all ranks with the smallest keys (ties by sample id), in ascending sample id.
-
-    The global winners are among every rank's ``count`` smallest, so only those travel.
-
-    Returns:
-        (count, 4) float64 rows of (key, sample id, local row, rank), the same on every rank.
-    """
-    local_keys, local_rows = keys.topk(min(count, len(keys)), largest=False)
-    table = torch.stack([local_keys.double(), ids[local_rows].double(), local_rows.double()], 1)
-    table = torch.cat([table, torch.full_like(table[:, :1], group.rank)], 1)
-    gathered = group.gather_unequal(table)
-    by_id = torch.argsort(gathered[:, 1], stable=True)
-    winners = gathered[by_id[torch.argsort(gathered[by_id, 0], stable=True)[:count]]]
-    return winners[torch.argsort(winners[:, 1])]
-
-
-def _rows_of(points: torch.Tensor, winners: torch.Tensor, group: Collectives) -> torch.Tensor:
-    """(m, d) the winners' points on every rank: the holder writes each row, others zeros, and the sum is exact."""
-    out = torch.zeros(len(winners), points.shape[1], dtype=points.dtype, device=points.device)
-    mine = (winners[:, 3] == group.rank).to(points.device)
-    out[mine] = points[winners[:, 2].long().to(points.device)[mine]]
-    return group.all_reduce(out)
-
-
-def _seed(
-    points: torch.Tensor, ids: torch.Tensor, num_clusters: int, seed: int, total: int, group: Collectives
-) -> torch.Tensor:
-    """(k, d) initial centroids, points of the data of greedy k-means++ quality.
-
-    Hand-written rather than left to FAISS: ``faiss.Clustering`` seeds with random points; FAISS 1.12+ also offers
-    k-means++, but the plain variant (one candidate per step), on the CPU, and on all rows in one process. On
-    clustered 2048-d features with k=256 either start ends Lloyd's iterations several percent above scikit-learn's
-    greedy k-means++, whose own cost is a pass over all points per step and candidate.
-
-    So: k-means|| oversampling, from one point drawn uniformly, ``_SEEDING_ROUNDS`` rounds each draw ``num_clusters``
-    candidates without replacement proportionally to the squared distance to the candidates so far
-    (Efraimidis-Spirakis keys Exp(1) / w from :func:`_uniforms`); each candidate is weighted by the number of points it
-    is the nearest candidate of, and weighted greedy k-means++ reduces them to k. When there are no more points than
-    the pool would hold, the greedy step runs on all points with unit weights, which is greedy k-means++ itself.
-    """
-    if total <= _SEEDING_ROUNDS * num_clusters + 1:
-        table = group.gather_unequal(torch.cat([ids.unsqueeze(1).double(), points.double()], 1))
-        pool = table[torch.argsort(table[:, 0])][:, 1:].float().to(points.device)
-        weights = torch.ones(len(pool), dtype=torch.float64, device=points.device)
-    else:
-        norms = points.square().sum(1)
-        first = _draw(_uniforms(ids, seed, 0), ids, 1, group)
-        pool_parts = [_rows_of(points, first, group)]
-        closest = _squared_distances(points, norms, pool_parts[0], pool_parts[0].square().sum(1))[:, 0]
-        if int(first[0, 3]) == group.rank:
-            closest[int(first[0, 2])] = 0.0
-        owner = torch.zeros(len(points), dtype=torch.int64, device=points.device)
-        pool_size = 1
-        for round_ in range(1, _SEEDING_ROUNDS + 1):
-            remaining = int(group.all_reduce((closest > 0).sum()))
-            if remaining == 0:  # every point coincides with a candidate
-                break
-            keys = -torch.log1p(-_uniforms(ids, seed, round_)) / closest.double()  # weight 0 -> key inf
-            winners = _draw(keys, ids, min(num_clusters, remaining), group)
-            rows = _rows_of(points, winners, group)
-            distances, nearest = _nearest(points, norms, rows)
-            mine = (winners[:, 3] == group.rank).nonzero().flatten().to(points.device)
-            local = winners[:, 2].long().to(points.device)[mine]
-            distances[local], nearest[local] = 0.0, mine  # exactly, rather than float32 cancellation noise
-            closer = distances < closest
-            closest = torch.where(closer, distances, closest)
-            owner = torch.where(closer, nearest + pool_size, owner)
-            pool_parts.append(rows)
-            pool_size += len(rows)
-        pool = torch.cat(pool_parts)
-        weights = group.all_reduce(torch.bincount(owner, minlength=pool_size)).double()
-    generator = torch.Generator().manual_seed(seed)
-    # every rank holds the same pool and weights; rank 0's choice is broadcast so that ranks whose BLAS differs in
-    # the last bit (thread counts) still agree
-    chosen = group.broadcast(_greedy_kmeans_plusplus(pool, weights, num_clusters, generator).cpu())
-    return pool[chosen.to(pool.device)]
-
-
-def _sample_proportional(weights: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` indices drawn with replacement with probability proportional to ``weights`` (inverse CDF).
-
-    The uniform numbers come from the CPU generator whatever the device, so a seed means the same draws everywhere.
-    """
-    cumulative = weights.double().cumsum(0)
-    uniform = torch.rand(count, generator=generator, dtype=torch.float64).to(weights.device)
-    index = torch.searchsorted(cumulative, uniform * cumulative[-1], right=True)
-    return index.clamp_(max=weights.numel() - 1)
-
-
-def _greedy_kmeans_plusplus(
-    points: torch.Tensor, weights: torch.Tensor, num_clusters: int, generator: torch.Generator
-) -> torch.Tensor:
-    """Weighted greedy k-means++ (as scikit-learn's, with ``_LOCAL_TRIALS`` candidates per step).
-
-    The first centre is drawn proportionally to the weights; each further step draws ``_LOCAL_TRIALS`` candidates
-    proportionally to weight times squared distance to the nearest centre so far and keeps the one that leaves the
-    smallest weighted potential.
-
-    Returns:
-        (k,) int64 indices into ``points``.
-    """
-    count = points.shape[0]
-    norms = points.square().sum(1)
-    pairwise = None
-    if count * count <= _MAX_PAIRWISE_ENTRIES:
-        pairwise = _squared_distances(points, norms, points, norms)
-        pairwise.fill_diagonal_(0.0)
-
-    def distances_to(index: torch.Tensor) -> torch.Tensor:
-        if pairwise is not None:
-            return pairwise[index]
-        rows = _squared_distances(points[index], norms[index], points, norms)
-        rows[torch.arange(len(index), device=points.device), index] = 0.0
-        return rows
-
-    chosen = torch.empty(num_clusters, dtype=torch.long, device=points.device)
-    chosen[:1] = _sample_proportional(weights, 1, generator)
-    closest = distances_to(chosen[:1])[0].double()
-    for step in range(1, num_clusters):
-        trials = _sample_proportional(weights * closest, _LOCAL_TRIALS, generator)
-        trial_closest = torch.minimum(distances_to(trials).double(), closest)
-        best = (trial_closest @ weights).argmin()
-        chosen[step] = trials[best]
-        closest = trial_closest[best]
-    return chosen
-
-
 # ---------------------------------------------------------------------------------------------- Lloyd steps
 def _assignment_step(points: torch.Tensor, backend: str, device: torch.device):
     """A function centroids -> (squared distance to, index of) each point's nearest centroid, on the backend."""
     if backend.startswith("torch"):
         norms = points.square().sum(1)
-        return lambda centroids: _nearest(points, norms, centroids)
+        return lambda centroids: nearest_centres(points, norms, centroids)
     data = points.cpu().numpy()
     resources = faiss.StandardGpuResources() if device.type == "cuda" else None
 
@@ -615,7 +412,7 @@ def _sums(x: torch.Tensor, assignments: torch.Tensor, num_clusters: int, group: 
     """
     dtype = torch.float64 if exact else torch.float32
     sums = torch.zeros(num_clusters, x.shape[1], dtype=torch.float64, device=x.device)
-    chunk = max(1, _CHUNK_ENTRIES // (4 * max(1, x.shape[1])))
+    chunk = max(1, CHUNK_ENTRIES // (4 * max(1, x.shape[1])))
     for rows, labels in zip(x.split(chunk), assignments.split(chunk)):
         part = torch.zeros(num_clusters, x.shape[1], dtype=dtype, device=x.device)
         sums += part.index_add_(0, labels, rows.to(dtype)).double()
@@ -625,7 +422,7 @@ def _sums(x: torch.Tensor, assignments: torch.Tensor, num_clusters: int, group: 
 def _inertia(x: torch.Tensor, assignments: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """0-dim float64 sum of squared distances of this rank's original rows to their (float32) centroid."""
     total = torch.zeros((), dtype=torch.float64, device=x.device)
-    chunk = max(1, _CHUNK_ENTRIES // max(1, x.shape[1]))
+    chunk = max(1, CHUNK_ENTRIES // max(1, x.shape[1]))
     centroids = centroids.double()
     for rows, labels in zip(x.split(chunk), assignments.split(chunk)):
         total += (rows.double() - centroids[labels]).square().sum()

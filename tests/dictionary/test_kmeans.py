@@ -69,7 +69,7 @@ def test_recovers_well_separated_blobs():
     features, labels = separated_blobs()
     result = kmeans(features, 12, seed=0)
     check_partition(result, features, 12)
-    assert result.backend == "faiss-cpu" and result.device == "cpu" and result.pca_dim is None
+    assert result.backend == "torch-cpu" and result.device == "cpu" and result.pca_dim is None
     assert 1 <= result.iterations <= 25 and result.seconds > 0
     assert normalized_mutual_info_score(labels, result.assignments.numpy()) > 0.99
     assert adjusted_rand_score(labels, result.assignments.numpy()) > 0.99
@@ -115,7 +115,9 @@ def test_pca_keeps_quality_on_low_rank_features():
 
 def test_torch_backend_on_cpu_matches_faiss_backend():
     features = relu_mixture()
-    faiss_result = kmeans(features, 32, seed=0)
+    faiss_result = kmeans(features, 32, seed=0, backend="faiss")
+    assert faiss_result.backend == "faiss-cpu" and faiss_result.device == "cpu"
+    check_partition(faiss_result, features, 32)
     torch_result = kmeans(features, 32, seed=0, backend="torch")
     assert torch_result.backend == "torch-cpu" and torch_result.device == "cpu"
     check_partition(torch_result, features, 32)
@@ -209,7 +211,7 @@ def test_logs_the_backend(caplog):
     features, _ = separated_blobs(n=600)
     with caplog.at_level(logging.INFO, logger="ccim_lightning.dictionary.kmeans"):
         kmeans(features, 12)
-    assert "backend faiss-cpu" in caplog.text and "k-means done" in caplog.text
+    assert "backend torch-cpu" in caplog.text and "k-means done" in caplog.text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
@@ -217,7 +219,7 @@ def test_cuda_request_without_cuda_falls_back_to_cpu_and_says_so(caplog):
     features, _ = separated_blobs(n=600)
     with caplog.at_level(logging.INFO, logger="ccim_lightning.dictionary.kmeans"):
         result = kmeans(features, 12, device="cuda")
-    assert result.backend == "faiss-cpu" and result.device == "cpu"
+    assert result.backend == "torch-cpu" and result.device == "cpu"
     assert "falling back to the CPU" in caplog.text
 
 
@@ -262,7 +264,7 @@ from ccim_lightning.dictionary.kmeans import kmeans
 torch.set_num_threads(1)
 features = np.load(sys.argv[1])
 out = {}
-for backend, pca in (("auto", None), ("auto", 4), ("torch", None)):
+for backend, pca in (("faiss", None), ("auto", 4), ("torch", None)):
     for name, scale in (("one", 1.0), ("pow2", 2.0**70), ("tiny", 2.0**-90), ("e30", 1e30)):
         result = kmeans((features.astype(np.float64) * scale).astype(np.float32), 6, backend=backend, pca_dim=pca)
         key = f"{backend}-{pca}-{name}"
@@ -285,7 +287,7 @@ def test_features_of_huge_or_tiny_magnitude_cluster_as_unit_features(tmp_path):
     )
     assert done.returncode == 0, f"k-means crashed (exit {done.returncode}):\n{done.stderr[-3000:]}"
     out = np.load(tmp_path / "out.npz")
-    for backend, pca in (("auto", None), ("auto", 4), ("torch", None)):
+    for backend, pca in (("faiss", None), ("auto", 4), ("torch", None)):
         key = f"{backend}-{pca}"
         base = out[f"{key}-one-assignments"]
         assert adjusted_rand_score(labels, base) > 0.99
