@@ -38,11 +38,20 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ccim_lightning.sample_index import first_of_each_index
-from ccim_lightning.types import INDEX, PROBABILITIES, TARGET, ClassifierModel, TabulatedDataset, check_task
+from ccim_lightning.types import (
+    INDEX,
+    PROBABILITIES,
+    TARGET,
+    ClassifierModel,
+    TabulatedDataset,
+    check_task,
+    missing_members,
+)
 
 __all__ = ["PredictionWriter", "dataset_file_stem", "default_predictions_path", "predictions_frame"]
 
@@ -237,8 +246,9 @@ class PredictionWriter(BasePredictionWriter):
 
     Expects ``predict_step`` to return ``{"index": (B,), "probabilities": (B, C)}`` (as
     :class:`~ccim_lightning.CCIMLightningModule` does); the ground truth is the batch's ``target``. The class
-    names and the task come from the module's ``class_names`` and ``task`` attributes (default ``class_0`` ...
-    and multiclass).
+    names and the task come from the module's ``task``, ``num_classes`` and ``class_names`` attributes (a
+    :class:`~ccim_lightning.types.ClassifierModel`); a module without them gets ``class_0`` ... and multiclass, with
+    a warning naming what it lacks.
 
     With several prediction dataloaders, loader ``i`` goes to ``<stem>_<i><suffix>``.
 
@@ -267,6 +277,12 @@ class PredictionWriter(BasePredictionWriter):
 
     @override
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not isinstance(pl_module, ClassifierModel):
+            rank_zero_warn(
+                f"PredictionWriter: {type(pl_module).__name__} lacks {missing_members(pl_module, ClassifierModel)}; "
+                "the CSV uses the defaults (task 'multiclass', columns class_0, class_1, ...). Give the module "
+                "task, num_classes and class_names (as CCIMLightningModule has) to name them."
+            )
         # Decided before predicting, so a refused file costs nothing; every rank takes part (log_dir, broadcast).
         base = self.path if self.path is not None else default_predictions_path(trainer)
         num_loaders = len(_as_list(trainer.predict_dataloaders))

@@ -93,8 +93,6 @@ class Batch(TypedDict):
 class TabulatedDataset(Protocol):
     """A dataset that can list its samples as a table (the identity columns of prediction files)."""
 
-    def __len__(self) -> int: ...
-
     def sample_table(self) -> pd.DataFrame:
         """One row per sample in index order: the columns that identify it (e.g. image path and box)."""
         ...
@@ -103,6 +101,8 @@ class TabulatedDataset(Protocol):
 @runtime_checkable
 class IdentifiedDataset(TabulatedDataset, Protocol):
     """A dataset whose samples can be named: for the dictionary cache fingerprint and for prediction files."""
+
+    def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> dict[str, Any] | None: ...
 
