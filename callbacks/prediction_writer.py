@@ -43,7 +43,15 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ccim_lightning.sample_index import first_of_each_index
-from ccim_lightning.types import INDEX, PROBABILITIES, TARGET, ClassifierModel, TabulatedDataset, check_task
+from ccim_lightning.types import (
+    INDEX,
+    PROBABILITIES,
+    TARGET,
+    ClassifierModel,
+    TabulatedDataset,
+    check_task,
+    missing_members,
+)
 
 __all__ = ["PredictionWriter", "dataset_file_stem", "default_predictions_path", "predictions_frame"]
 

@@ -9,7 +9,7 @@ import torch
 from ccim_lightning import CCIMLightningModule
 from ccim_lightning.commands.cli import build_cli
 from ccim_lightning.debias import CLEF, ClusterReweighting, GroupDRO, ProductOfExperts
-from ccim_lightning.dictionary.store import ConfounderDictionary
+from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryKey
 from ccim_lightning.hosts import TwoStreamHost
 
 SYNTHETIC = str(Path(__file__).parents[1] / "configs" / "synthetic.yaml")
@@ -31,11 +31,7 @@ def dictionary_with(assignments, targets, num_prototypes=4, dim=8):
     return ConfounderDictionary.from_clustering(
         torch.randn(num_prototypes, dim),
         torch.bincount(assignments[assignments >= 0], minlength=num_prototypes).clamp(min=1),
-        extractor="x",
-        weights_digest="y",
-        mask_subject=True,
-        seed=0,
-        dataset_fingerprint="f",
+        DictionaryKey("x", "y", num_prototypes, True, 0, "features", 25, None, "none", "f"),
         assignments=assignments,
         targets=targets,
     )
