@@ -24,6 +24,7 @@ LAYERS = {
     "ccim_lightning.callbacks": 3,
     "ccim_lightning.cli": 4,
     "ccim_lightning.analysis": 4,
+    "ccim_lightning.inference": 4,
 }
 MAX_LINES = 600
 
