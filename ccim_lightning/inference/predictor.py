@@ -146,6 +146,11 @@ class Predictor:
                 pixel inside, a reversed box or a non-finite coordinate is refused, naming the image and box.
             batch_size: Persons per forward pass.
 
+        A file is decoded as the datamodules decode their files: a JPEG at reduced size where the model was trained
+        with ``reduced_decode`` (``ccim_lightning.datamodules.decode``). A PIL image or an array is already
+        decoded, so the probabilities of a JPEG given that way can differ from its file's by what reduced
+        decoding changes (about 1-2 grey levels); for other formats all three give the same probabilities.
+
         Returns:
             One row per person, in input order: ``image`` (the path as given, or the image's position in
             ``images``), ``person`` (position among its image's boxes), ``x1, y1, x2, y2`` (the box used), one
@@ -307,6 +312,7 @@ class Predictor:
     @torch.inference_mode()
     def _forward(self, samples: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """Class probabilities (B, C) on the CPU for a list of uint8 samples."""
+        self.model.eval()  # again: a trainer run on the same model in between leaves it in training mode
         return self.model.predict_step(self._batch(samples), 0)["probabilities"].float().cpu()
 
     def _frame(self, rows: list[dict[str, Any]], probabilities: torch.Tensor) -> pd.DataFrame:
