@@ -113,7 +113,12 @@ class Predictor:
         except Exception as error:  # jsonargparse reports a bad class path or argument in many exception types
             raise CheckpointError(f"{where}: cannot rebuild the model from its hyper_parameters: {error}") from error
         model.on_load_checkpoint(checkpoint)  # sizes the variable-length buffers, as Lightning does before loading
-        model.load_state_dict(checkpoint["state_dict"])
+        try:
+            model.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as error:  # missing, unexpected or mis-shaped weights
+            raise CheckpointError(
+                f"{where}: its weights do not fit the model its hyper_parameters build: {error}"
+            ) from error
         return cls(model, inputs, device)
 
     def _decision_thresholds(self) -> np.ndarray:
@@ -150,7 +155,8 @@ class Predictor:
         A file is decoded as the datamodules decode their files: a JPEG at reduced size where the model was trained
         with ``reduced_decode`` (``ccim_lightning.datamodules.decode``). A PIL image or an array is already
         decoded, so the probabilities of a JPEG given that way can differ from its file's by what reduced
-        decoding changes (about 1-2 grey levels); for other formats all three give the same probabilities.
+        decoding changes (about 1-2 grey levels); for other formats all three give the same probabilities. As in the
+        datamodules, one reduction serves all the persons of a file given together (the smallest they allow).
 
         Returns:
             One row per person, in input order: ``image`` (the path as given, or the image's position in
