@@ -21,7 +21,7 @@ LAYERS = {
     **dict.fromkeys(
         (
             f"ccim_lightning.{name}"
-            for name in ("head", "hosts", "losses", "weights", "checkpoints", "compat", "logs", "sample_index")
+            for name in ("head", "hosts", "losses", "weights", "checkpoints", "compat", "logs", "sample_index", "thresholds")
         ),
         1,
     ),
@@ -33,8 +33,8 @@ LAYERS = {
     "ccim_lightning.analysis": 5,
     "ccim_lightning.inference": 5,
     "ccim_lightning.commands": 6,
-    # The package's index re-exports the model side (module, layer 4); importing it is importing that.
-    "ccim_lightning": 4,
+    # The package's index re-exports the model side (module, layer 4) and the Predictor (layer 5); importing it is importing that.
+    "ccim_lightning": 5,
 }
 MAX_LINES = 600
 
