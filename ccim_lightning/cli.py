@@ -47,6 +47,7 @@ SUBCOMMANDS = {
     "predict": "write per-sample predictions",
     "build-dictionary": "build and save the confounder dictionary alone (e.g. once before a cluster job)",
     "bias-report": "how much a dataset's context predicts its emotions (tables, plots, summary)",
+    "predict-files": "predict the persons of a folder of images or a video (boxes from a CSV or a detector)",
 }
 
 
@@ -308,6 +309,10 @@ def _run(args: list[str] | None) -> None:
         from ccim_lightning.analysis.command import main as bias_report_main
 
         bias_report_main(argv[1:])
+    elif argv[0] == "predict-files":
+        from ccim_lightning.commands.predict_files import main as predict_files_main
+
+        predict_files_main(argv[1:])
     elif argv[0] in SUBCOMMANDS:
         build_cli(args)  # None: LightningCLI reads sys.argv itself
     else:

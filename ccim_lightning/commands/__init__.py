@@ -1,0 +1,1 @@
+"""The `ccim` entry point's subcommands, one module per subcommand family."""
