@@ -24,6 +24,8 @@ LAYERS = {
     "ccim_lightning.callbacks": 3,
     "ccim_lightning.cli": 4,
     "ccim_lightning.analysis": 4,
+    "ccim_lightning.inference": 4,
+    "ccim_lightning.commands": 5,
 }
 MAX_LINES = 600
 
