@@ -37,6 +37,7 @@ from ccim_lightning.datamodules.dataset import (
     normalize_batch,
 )
 from ccim_lightning.datamodules.decode import DECODE_RULE
+from ccim_lightning.datamodules.inputs import InputSettings, UnsupportedInputsError
 from ccim_lightning.datamodules.transforms import ContextTransform
 
 log = logging.getLogger(__name__)
@@ -377,6 +378,35 @@ class PersonDataModule(L.LightningDataModule):
         if not (self.reduced_decode and callable(getattr(transform, "decode_reductions", None))):
             return "full"
         return {"rule": DECODE_RULE, "subject_size": list(getattr(transform, "subject_size", ()))}
+
+    def input_settings(self) -> InputSettings:
+        """The test split's input settings, stored in checkpoints for ``ccim_lightning.inference.Predictor``.
+
+        Raises:
+            UnsupportedInputsError: The evaluation transform was replaced by one that is not a ``ContextTransform``
+                (its pixels cannot be rebuilt from settings).
+        """
+        transform = self.eval_transform
+        if not isinstance(transform, ContextTransform):
+            raise UnsupportedInputsError(
+                f"{type(self).__name__} was trained with eval_transform={transform!r}, not a ContextTransform, so "
+                "its evaluation inputs cannot be rebuilt from a checkpoint; preprocess new images with that "
+                "transform yourself and call the model"
+            )
+        return InputSettings(
+            datamodule=type(self).__name__,
+            context_size=transform.context_size,
+            subject_size=transform.subject_size,
+            mean=transform.mean,
+            std=transform.std,
+            reducing_gap=transform.reducing_gap,
+            mask_subject=True,  # setup() masks the val/test splits
+            mask_fill=MASK_FILL,
+            reduced_decode=self.reduced_decode,
+            decoder=DECODER,
+            decode_rule=DECODE_RULE if self.reduced_decode else "full",
+            pixel_source=self.pixel_source(),
+        )
 
     def pixel_source(self) -> str:
         """How pixels are obtained (default: image files decoded by :data:`~.dataset.DECODER`)."""

@@ -41,6 +41,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ccim_lightning.datamodules._drawing import EXPRESSIONS, SKIN_DARK, SKIN_LIGHT, choice, composite_person, hsv_to_rgb
 from ccim_lightning.datamodules.base import train_drop_last
+from ccim_lightning.datamodules.dataset import DECODER
+from ccim_lightning.datamodules.inputs import InputSettings
 
 log = logging.getLogger(__name__)
 
@@ -565,6 +567,27 @@ class SyntheticContextDataModule(L.LightningDataModule):
             "std": list(IMAGENET_DEFAULT_STD),
             "mask_fill": 0.0,
         }
+
+    def input_settings(self) -> InputSettings:
+        """For photos (``inference.Predictor``): ``ContextTransform`` at the rendered sizes, decoded whole.
+
+        The samples here are rendered, not resized: a photo's subject is its box resized, not a rendering.
+        """
+        size = (self.settings.image_size, self.settings.image_size)
+        return InputSettings(
+            datamodule=type(self).__name__,
+            context_size=size,
+            subject_size=(self.settings.subject_size, self.settings.subject_size),
+            mean=tuple(IMAGENET_DEFAULT_MEAN),
+            std=tuple(IMAGENET_DEFAULT_STD),
+            reducing_gap=None,
+            mask_subject=True,
+            mask_fill=0.0,
+            reduced_decode=False,
+            decoder=DECODER,
+            decode_rule="full",
+            pixel_source=f"synthetic-v{GENERATOR_VERSION}",
+        )
 
     def dictionary_dataloader(self, batch_size: int | None = None, mask_subject: bool = True) -> DataLoader:
         """A non-shuffled loader over ``dictionary_dataset(mask_subject)``; wrap the dataset yourself for a sampler.

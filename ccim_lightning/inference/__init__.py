@@ -1,1 +1,1 @@
-"""Inference: a checkpoint's predictions for images and person boxes, and optional person detection."""
+"""Trained models applied to new photos: ``predictor.Predictor`` (checkpoint -> probabilities for images + boxes)."""
