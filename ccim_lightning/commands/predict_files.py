@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ccim_lightning.datamodules.common import load_rgb
+from ccim_lightning.datamodules.common import clip_boxes, load_rgb
 from ccim_lightning.inference.detection import DETECTORS, Box, MissingOpenCVError, make_detector
-from ccim_lightning.inference.predictor import Predictor
+from ccim_lightning.inference.predictor import BoxError, Predictor
 from ccim_lightning.inference.video import VIDEO_SUFFIXES, VideoFrames, is_video
 
 __all__ = [
@@ -109,9 +109,17 @@ def read_boxes_table(path: Path, key: str) -> dict[str | int, list[tuple[int, Bo
 
 
 def _check_box_inside(box: Box, image: np.ndarray, where: str) -> None:
+    """A box needs at least one pixel of width and height inside its image (the datamodules' ``clip_boxes`` rule).
+
+    The predictor clips boxes that reach outside the image and refuses the others; checked here to name the line.
+    """
     height, width = image.shape[:2]
-    if box[0] >= width or box[1] >= height or box[2] <= 0 or box[3] <= 0:
-        raise PredictFilesError(f"{where}: box {box} lies outside the {width}x{height} image")
+    _, localised = clip_boxes(np.asarray([box], dtype=np.float64), np.asarray([[width, height]]))
+    if not localised[0]:
+        raise PredictFilesError(
+            f"{where}: box {box} has less than one pixel inside the {width}x{height} image; check that it belongs to "
+            "this image and is in its pixels"
+        )
 
 
 @dataclass
@@ -281,6 +289,8 @@ def predict_files(
         _check_table_keys(table, boxes_path, known, input_path, stride, frames.reported_frames if frames else 0)
     detect = make_detector(detector)  # type: ignore[arg-type]
     model = predictor if predictor is not None else Predictor.from_checkpoint(ckpt_path, device=device)
+    if key_column in model.class_names:
+        raise PredictFilesError(f"the model has a class named {key_column!r}, the table's first column; rename it")
 
     out_path = Path(out) if out is not None else default_output_path(ckpt_path, input_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,8 +312,10 @@ def predict_files(
                 bar.advance(task, len(batch))
         if table is not None and frames is not None:
             _check_frames_read(table, boxes_path, frames.frames_read)
-        if header:  # nothing predicted: still a valid (empty) table with the key column
-            out_path.write_text(f"{key_column},person,{','.join(BOX_COLUMNS)}\n")
+        if header:  # nothing predicted: still a table with the columns a non-empty one has
+            decision = "prediction" if model.task == "multiclass" else "labels"
+            columns = [key_column, "person", *BOX_COLUMNS, *model.class_names, decision]
+            out_path.write_text(",".join(columns) + "\n")
     except BaseException:
         out_path.unlink(missing_ok=True)  # a partial table would pass for a complete one
         raise
@@ -419,5 +431,5 @@ def main(argv: Sequence[str] | None = None) -> None:
             device=args.device,
             progress=not args.no_progress,
         )
-    except (PredictFilesError, MissingOpenCVError, FileExistsError, FileNotFoundError) as error:
+    except (PredictFilesError, BoxError, MissingOpenCVError, FileExistsError, FileNotFoundError) as error:
         raise SystemExit(f"{PROG}: error: {error}") from error

@@ -79,7 +79,9 @@ def test_folder_with_boxes_csv_gives_one_row_per_person_equal_to_the_predictor(t
     write_photo(folder / "sub" / "c.png", 3)  # a sub-folder is not read without --recursive
     (folder / "notes.txt").write_text("not an image")
     boxes = tmp_path / "boxes.csv"
-    boxes.write_text("file,x1,y1,x2,y2\nb.JPG,0,0,20,30\na.png,4,5,30,35\na.png,10,2,47,39\n")
+    boxes.write_text(
+        "file,x1,y1,x2,y2\nb.JPG,0,0,20,30\na.png,4,5,30,35\na.png,10,2,60,39\n"
+    )  # the last box reaches outside
 
     out, report = predict_files(checkpoint, folder, boxes=boxes, progress=False, batch_size=2, predictor=predictor)
 
@@ -87,8 +89,12 @@ def test_folder_with_boxes_csv_gives_one_row_per_person_equal_to_the_predictor(t
     frame = pd.read_csv(out)
     assert list(frame.columns)[:6] == ["file", *KEY_AND_BOX]
     assert frame["file"].tolist() == ["a.png", "a.png", "b.JPG"]  # sorted files, persons in the table's order
-    assert frame[["x1", "y1", "x2", "y2"]].to_numpy().tolist() == [[4, 5, 30, 35], [10, 2, 47, 39], [0, 0, 20, 30]]
-    expected = predictor.predict([rgb(a), rgb(b)], [[(4, 5, 30, 35), (10, 2, 47, 39)], [(0, 0, 20, 30)]])
+    assert frame[["x1", "y1", "x2", "y2"]].to_numpy().tolist() == [
+        [4, 5, 30, 35],
+        [10, 2, 48, 39],
+        [0, 0, 20, 30],
+    ]  # clipped
+    expected = predictor.predict([rgb(a), rgb(b)], [[(4, 5, 30, 35), (10, 2, 60, 39)], [(0, 0, 20, 30)]])
     np.testing.assert_allclose(probabilities(frame), probabilities(expected), rtol=0, atol=1e-6)
     np.testing.assert_allclose(probabilities(frame).sum(axis=1), 1.0, atol=1e-5)
     assert frame["prediction"].tolist() == [CLASSES[i] for i in probabilities(frame).argmax(axis=1)]
@@ -152,9 +158,11 @@ def test_a_box_outside_its_image_is_an_error_and_leaves_no_partial_file(tmp_path
     write_photo(folder / "a.png", 1)
     write_photo(folder / "b.png", 2)
     boxes = tmp_path / "boxes.csv"
-    boxes.write_text("file,x1,y1,x2,y2\na.png,1,1,20,20\nb.png,60,1,80,20\n")
+    boxes.write_text("file,x1,y1,x2,y2\na.png,1,1,20,20\nb.png,47.5,1,80,20\n")
     out = tmp_path / "p.csv"
-    with pytest.raises(PredictFilesError, match=r"line 3: box \(60.0, 1.0, 80.0, 20.0\) lies outside the 48x40 image"):
+    with pytest.raises(
+        PredictFilesError, match=r"line 3: box \(47.5, 1.0, 80.0, 20.0\) has less than one pixel inside"
+    ):
         predict_files(checkpoint, folder, boxes=boxes, out=out, batch_size=1, progress=False, predictor=predictor)
     assert not out.exists()
 
@@ -276,5 +284,6 @@ def test_no_person_found_is_counted_not_a_crash(tmp_path, checkpoint, predictor,
     with caplog.at_level(logging.INFO, logger="ccim_lightning"):
         out, report = predict_files(checkpoint, video, detector="faces", progress=False, predictor=predictor)
     assert report.without_person == ["0", "1", "2", "3", "4"] and report.persons == 0
-    assert pd.read_csv(out).empty and list(pd.read_csv(out).columns)[:2] == ["frame", "person"]
+    empty = pd.read_csv(out)
+    assert empty.empty and list(empty.columns) == ["frame", *KEY_AND_BOX, *CLASSES, "prediction"]
     assert "skipped 0 unreadable frame(s), 5 frame(s) without a person (0, 1, 2, 3, 4)" in caplog.text
