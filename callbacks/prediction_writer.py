@@ -40,6 +40,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
+from ccim_lightning.thresholds import DEFAULT_THRESHOLD
+
 __all__ = ["PredictionWriter", "dataset_file_stem", "default_predictions_path", "predictions_frame"]
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ def predictions_frame(
     probabilities: np.ndarray | torch.Tensor,
     class_names: Sequence[str],
     task: str = "multiclass",
-    threshold: float = 0.5,
+    threshold: float | Sequence[float] | np.ndarray = 0.5,
     sample_table: pd.DataFrame | None = None,
     target: np.ndarray | torch.Tensor | None = None,
 ) -> pd.DataFrame:
@@ -76,7 +78,7 @@ def predictions_frame(
         class_names: The C class names: the probability columns' names.
         task: ``"multiclass"`` (the prediction is the arg-max class) or ``"multilabel"`` (every class with a
             probability of at least ``threshold``, joined by ``"|"``).
-        threshold: Decision threshold of multilabel predictions.
+        threshold: Decision threshold of multilabel predictions: one for every class, or one per class (C,).
         sample_table: Identity columns, one row per sample of the dataset in index order (see the module
             docstring); None for ``index`` alone.
         target: The ground truth, row ``i`` for sample ``index[i]``: (M,) class indices (multiclass) or (M, C)
@@ -99,6 +101,9 @@ def predictions_frame(
         raise ValueError(f"{len(class_names)} class names for {probabilities.shape[1]} probability columns")
     if task not in ("multiclass", "multilabel"):
         raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+    threshold = np.asarray(threshold, dtype=np.float64)
+    if threshold.ndim > 1 or (threshold.ndim == 1 and threshold.shape != (len(class_names),)):
+        raise ValueError(f"threshold must be one number or one per class ({len(class_names)}), got {threshold.shape}")
 
     if target is not None:
         target = torch.as_tensor(target).cpu().numpy()
@@ -243,7 +248,8 @@ class PredictionWriter(BasePredictionWriter):
         path: The CSV file; default :func:`default_predictions_path` (inside the run's folder). Parent folders
             are created.
         threshold: Decision threshold of multilabel predictions (a class is predicted when its probability is at
-            least this).
+            least this). Default: the model's per-class ``decision_thresholds`` (chosen on the validation split
+            during fitting, ``ccim_lightning.thresholds``), and 0.5 for a class (or a model) without one.
         overwrite: Replace an existing file. Without it, a prediction run whose file exists stops before
             predicting, with an error naming the file.
 
@@ -251,9 +257,9 @@ class PredictionWriter(BasePredictionWriter):
         written: The files written by the last prediction run (filled on rank 0 only).
     """
 
-    def __init__(self, path: str | None = None, threshold: float = 0.5, overwrite: bool = False) -> None:
+    def __init__(self, path: str | None = None, threshold: float | None = None, overwrite: bool = False) -> None:
         super().__init__(write_interval="batch_and_epoch")
-        if not 0.0 <= threshold <= 1.0:
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         self.path = Path(path) if path else None
         self.threshold = threshold
@@ -321,7 +327,7 @@ class PredictionWriter(BasePredictionWriter):
                 probabilities,
                 self._class_names(pl_module, probabilities.shape[1]),
                 task=getattr(pl_module, "task", "multiclass"),
-                threshold=self.threshold,
+                threshold=self._threshold(pl_module, probabilities.shape[1]),
                 sample_table=table,
                 target=target,
             )
@@ -342,6 +348,16 @@ class PredictionWriter(BasePredictionWriter):
                 )
         self._parts = {}
         trainer.strategy.barrier("PredictionWriter")
+
+    def _threshold(self, pl_module: L.LightningModule, num_classes: int) -> float | np.ndarray:
+        """The writer's threshold, else the model's per-class ``decision_thresholds`` (0.5 where not chosen)."""
+        if self.threshold is not None:
+            return self.threshold
+        chosen = getattr(pl_module, "decision_thresholds", None)
+        if not isinstance(chosen, torch.Tensor) or chosen.shape != (num_classes,):
+            return DEFAULT_THRESHOLD
+        chosen = chosen.detach().double().cpu().numpy()
+        return np.where(np.isnan(chosen), DEFAULT_THRESHOLD, chosen)
 
     def _merged(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loader_idx: int

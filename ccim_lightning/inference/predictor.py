@@ -158,6 +158,44 @@ class Predictor:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        rows: list[dict[str, Any]] = []
+        probabilities: list[torch.Tensor] = []
+        pending: list[dict[str, Any]] = []
+        for row, sample in self._persons(images, boxes):
+            rows.append(row)
+            pending.append(sample)
+            if len(pending) == batch_size:
+                probabilities.append(self._forward(pending))
+                pending = []
+        if pending:
+            probabilities.append(self._forward(pending))
+        return self._frame(rows, torch.cat(probabilities) if probabilities else torch.zeros(0, len(self.class_names)))
+
+    def preprocess(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        boxes: Sequence[Box] | Sequence[Sequence[Box] | None] | None = None,
+    ) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+        """What the model sees for these persons: their rows and one batch of the float batch schema.
+
+        Arguments as :meth:`predict`. Returns the identity columns of :meth:`predict`'s table and the batch
+        (``subject``, ``context`` with the subject masked, ``box``, ``index``) on the predictor's device.
+        """
+        rows, samples = [], []
+        for row, sample in self._persons(images, boxes):
+            rows.append(row)
+            samples.append(sample)
+        if not samples:
+            raise ValueError("no person to preprocess (no image, or only empty box lists)")
+        return pd.DataFrame(rows, columns=list(IDENTITY_COLUMNS)), self._batch(samples)
+
+    # --- preprocessing: the datamodules' evaluation path -----------------------------------------------------------
+    def _persons(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        boxes: Sequence[Box] | Sequence[Sequence[Box] | None] | None,
+    ) -> Iterator[tuple[dict, dict]]:
+        """(table row, uint8 sample) of every person, image by image (one image decoded at a time)."""
         single = isinstance(images, (str, os.PathLike, Image.Image, np.ndarray))
         image_list = [images] if single else list(images)
         if boxes is None:
@@ -172,21 +210,9 @@ class Predictor:
                     "None) per image"
                 )
         transform = self.inputs.eval_transform()  # fresh per call: its context cache never outlives the call
-        rows: list[dict[str, Any]] = []
-        probabilities: list[torch.Tensor] = []
-        pending: list[dict[str, Any]] = []
         for position, (image, image_boxes) in enumerate(zip(image_list, box_lists)):
-            for row, sample in self._samples(transform, position, image, image_boxes):
-                rows.append(row)
-                pending.append(sample)
-                if len(pending) == batch_size:
-                    probabilities.append(self._forward(pending))
-                    pending = []
-        if pending:
-            probabilities.append(self._forward(pending))
-        return self._frame(rows, torch.cat(probabilities) if probabilities else torch.zeros(0, len(self.class_names)))
+            yield from self._samples(transform, position, image, image_boxes)
 
-    # --- preprocessing: the datamodules' evaluation path -----------------------------------------------------------
     def _samples(
         self, transform: ContextTransform, position: int, image: ImageInput, boxes: Sequence[Box] | None
     ) -> Iterator[tuple[dict, dict]]:
@@ -275,13 +301,16 @@ class Predictor:
         return tuple(float(v) for v in clipped[0])
 
     # --- the model -------------------------------------------------------------------------------------------------
+    def _batch(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """uint8 samples as one float batch on the device: normalised and masked by the datamodules' code."""
+        batch = {key: torch.stack([s[key] for s in samples]).to(self.device) for key in samples[0]}
+        batch["index"] = torch.arange(len(samples), device=self.device)
+        return normalize_batch(batch, self.inputs.mean, self.inputs.std, self.inputs.mask_fill)
+
     @torch.inference_mode()
     def _forward(self, samples: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """Class probabilities (B, C) on the CPU for a list of uint8 samples."""
-        batch = {key: torch.stack([s[key] for s in samples]).to(self.device) for key in samples[0]}
-        batch["index"] = torch.arange(len(samples), device=self.device)
-        batch = normalize_batch(batch, self.inputs.mean, self.inputs.std, self.inputs.mask_fill)
-        return self.model.predict_step(batch, 0)["probabilities"].float().cpu()
+        return self.model.predict_step(self._batch(samples), 0)["probabilities"].float().cpu()
 
     def _frame(self, rows: list[dict[str, Any]], probabilities: torch.Tensor) -> pd.DataFrame:
         frame = pd.DataFrame(rows, columns=list(IDENTITY_COLUMNS))
