@@ -161,14 +161,14 @@ def _folder_items(folder: Path, names: Sequence[str]) -> Iterator[tuple[str, np.
         try:
             yield name, np.asarray(load_rgb(folder / name))
         except (OSError, ValueError, Image.DecompressionBombError) as error:  # a bomb is not an OSError
-            log.warning("%s: %s is skipped, it cannot be read as an image (%s)", PROG, folder / name, error)
+            log.warning("%s is skipped, it cannot be read as an image (%s)", folder / name, error)
             yield name, None
 
 
 def _video_items(frames: VideoFrames) -> Iterator[tuple[int, np.ndarray | None]]:
     for number, frame in frames:
         if frame is None:
-            log.warning("%s: frame %d of %s is skipped, it cannot be decoded", PROG, number, frames.path)
+            log.warning("frame %d of %s is skipped, it cannot be decoded", number, frames.path)
         yield number, frame
 
 
@@ -287,22 +287,24 @@ def predict_files(
     table = read_boxes_table(boxes_path, key_column) if boxes_path is not None else None
     if table is not None:
         _check_table_keys(table, boxes_path, known, input_path, stride, frames.reported_frames if frames else 0)
+    out_path = Path(out) if out is not None else default_output_path(ckpt_path, input_path)
+    _refuse_existing(out_path)  # before the slow part; opening with "x" below closes the race
     detect = make_detector(detector)  # type: ignore[arg-type]
     model = predictor if predictor is not None else Predictor.from_checkpoint(ckpt_path, device=device)
     if key_column in model.class_names:
         raise PredictFilesError(f"the model has a class named {key_column!r}, the table's first column; rename it")
 
-    out_path = Path(out) if out is not None else default_output_path(ckpt_path, input_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     report = SkipReport(kind)
     try:
         handle = out_path.open("x", newline="")  # "x": an existing file is an error, never replaced
-    except FileExistsError as error:
-        raise FileExistsError(f"--out {out_path} already exists and is not overwritten; name another file") from error
+    except FileExistsError:
+        _refuse_existing(out_path)
+        raise
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
         with handle, Progress(*columns, disable=not progress, transient=False) as bar:
-            task = bar.add_task(f"{PROG}: {input_path.name}", total=total)
+            task = bar.add_task(f"{PROG}: {input_path.resolve().name}", total=total)
             header = True
             for batch in _batches(_with_boxes(items, table, detect, boxes_path), batch_size):
                 predicted = _predict_batch(model, batch, report, batch_size)
@@ -321,6 +323,11 @@ def predict_files(
         raise
     log.info(report.line(out_path))
     return out_path, report
+
+
+def _refuse_existing(out_path: Path) -> None:
+    if out_path.exists():
+        raise FileExistsError(f"--out {out_path} already exists and is not overwritten; name another file")
 
 
 def _batches(items: Iterable[_Item], batch_size: int) -> Iterator[list[_Item]]:
