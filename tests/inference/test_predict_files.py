@@ -1,6 +1,7 @@
 """``ccim predict-files``: a folder of images or a video in, one CSV row per person out, skips counted."""
 
 import logging
+import sys
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,7 @@ from ccim_lightning.commands.predict_files import (
     read_boxes_table,
 )
 from ccim_lightning.datamodules.synthetic import EMOTIONS
+from ccim_lightning.inference.detection import MissingOpenCVError
 from ccim_lightning.inference.predictor import Predictor
 
 from ..callbacks.test_prediction_writer import SYNTHETIC, TINY, callbacks_arg
@@ -184,6 +186,24 @@ def test_bad_boxes_tables_are_errors_naming_the_line(tmp_path, text, key, match)
     path.write_text(text)
     with pytest.raises(PredictFilesError, match=match):
         read_boxes_table(path, key)
+
+
+def test_inputs_that_are_neither_a_folder_nor_a_video_and_video_without_opencv(tmp_path, monkeypatch):
+    weights = tmp_path / "any.ckpt"  # these checks come before the checkpoint is read
+    weights.write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(PredictFilesError, match=r"--input .*notes.txt: neither a folder nor a video \(.avi"):
+        predict_files(weights, tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match="--input .*gone.avi does not exist"):
+        predict_files(weights, tmp_path / "gone.avi")
+    with pytest.raises(PredictFilesError, match="give either --boxes or --detector"):
+        predict_files(weights, tmp_path, boxes=tmp_path / "b.csv", detector="bodies")
+    write_video(tmp_path / "v.avi", COLOURS[:2])
+    monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` now raises ImportError
+    with pytest.raises(
+        MissingOpenCVError, match=r"reading a video needs OpenCV.*pip install 'ccim-lightning\[detect\]'"
+    ):
+        predict_files(weights, tmp_path / "v.avi")
 
 
 # --- the output file -----------------------------------------------------------------------------------------------
