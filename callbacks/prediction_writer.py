@@ -350,14 +350,13 @@ class PredictionWriter(BasePredictionWriter):
         trainer.strategy.barrier("PredictionWriter")
 
     def _threshold(self, pl_module: L.LightningModule, num_classes: int) -> float | np.ndarray:
-        """The writer's threshold, else the model's per-class ``decision_thresholds`` (0.5 where not chosen)."""
+        """The writer's threshold, else the model's per-class ``decision_thresholds`` (0.5 until chosen), else 0.5."""
         if self.threshold is not None:
             return self.threshold
         chosen = getattr(pl_module, "decision_thresholds", None)
         if not isinstance(chosen, torch.Tensor) or chosen.shape != (num_classes,):
             return DEFAULT_THRESHOLD
-        chosen = chosen.detach().double().cpu().numpy()
-        return np.where(np.isnan(chosen), DEFAULT_THRESHOLD, chosen)
+        return chosen.detach().double().cpu().numpy()
 
     def _merged(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loader_idx: int

@@ -25,7 +25,7 @@ from ccim_lightning.datamodules.inputs import INPUT_SETTINGS_KEY, settings_entry
 from ccim_lightning.debias.base import DebiasMethod
 from ccim_lightning.dictionary.store import ConfounderDictionary
 from ccim_lightning.head import HEAD_OPTIONS, ContextualCausalIntervention
-from ccim_lightning.thresholds import best_f1_thresholds
+from ccim_lightning.thresholds import DEFAULT_THRESHOLD, best_f1_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,10 @@ class CCIMLightningModule(L.LightningModule):
         # methods. Its length is the training split's, known only after the build: resized in on_load_checkpoint.
         self.register_buffer("train_clusters", torch.zeros(0, dtype=torch.long))
         # Multilabel decision thresholds, per class, chosen for the best F1 on the validation probabilities at each
-        # validation epoch end (``ccim_lightning.thresholds``); NaN until chosen (and always for multiclass).
-        self.register_buffer("decision_thresholds", torch.full((num_classes,), float("nan")))
+        # validation epoch end (``ccim_lightning.thresholds``); 0.5 with ``thresholds_chosen`` False until then (and
+        # always for multiclass).
+        self.register_buffer("decision_thresholds", torch.full((num_classes,), DEFAULT_THRESHOLD))
+        self.register_buffer("thresholds_chosen", torch.tensor(False))
         self.threshold_curve = MultilabelPrecisionRecallCurve(num_classes) if task == "multilabel" else None
         self.continuous_loss = continuous_loss
         self.continuous_weight = continuous_weight
@@ -246,7 +248,8 @@ class CCIMLightningModule(L.LightningModule):
         if saved is not None:
             self.train_clusters = torch.zeros_like(saved, device=self.train_clusters.device)
         if "state_dict" in checkpoint and "decision_thresholds" not in state:  # saved before thresholds existed
-            state["decision_thresholds"] = torch.full_like(self.decision_thresholds, float("nan"), device="cpu")
+            state["decision_thresholds"] = torch.full_like(self.decision_thresholds, DEFAULT_THRESHOLD, device="cpu")
+            state["thresholds_chosen"] = torch.tensor(False)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -429,6 +432,7 @@ class CCIMLightningModule(L.LightningModule):
                 precision, recall, thresholds = curve.compute()  # synchronised over the ranks by torchmetrics
             chosen = best_f1_thresholds(precision, recall, thresholds)
             self.decision_thresholds.copy_(chosen.to(self.decision_thresholds.device))
+            self.thresholds_chosen.fill_(True)
         curve.reset()
 
     def on_test_epoch_end(self) -> None:

@@ -7,7 +7,9 @@ The rule (:func:`best_f1_thresholds`), per class ``c``:
   ``R(s)`` over the validation samples (torchmetrics' ``MultilabelPrecisionRecallCurve`` with ``thresholds=None``,
   the same values as scikit-learn's ``precision_recall_curve``).
 - ``F1(s) = 2 P(s) R(s) / (P(s) + R(s))`` (0 where both are 0). The threshold is the candidate with the largest
-  F1; among tied candidates, the largest one (the fewest positive predictions).
+  F1; among tied candidates, the largest one (the fewest positive predictions). The curve's precision and recall
+  are float32, so F1 values within :data:`TIE_TOLERANCE` of the best count as tied (two count ratios that are
+  equal can differ in their last float32 bits).
 - A class without a positive validation sample has no F1 to maximise: its threshold is ``default`` (0.5).
 
 Nothing here needs a library beyond torchmetrics' curve: the arg-max over a curve is the whole rule.
@@ -21,6 +23,8 @@ import torch
 
 DEFAULT_THRESHOLD = 0.5
 """The threshold of a class without a positive validation sample, and of a model without chosen thresholds."""
+TIE_TOLERANCE = 1e-6
+"""F1 values this close to the best are ties (see the module docstring)."""
 
 
 def best_f1_thresholds(
@@ -49,6 +53,6 @@ def best_f1_thresholds(
         p, r = p[: t.numel()].double(), r[: t.numel()].double()
         total = p + r
         f1 = torch.where(total > 0, 2 * p * r / total.clamp_min(1e-300), torch.zeros_like(total))
-        best = torch.nonzero(f1 == f1.max()).flatten()
+        best = torch.nonzero(f1 >= f1.max() - TIE_TOLERANCE).flatten()
         chosen[c] = float(t[best].max())  # ties: the largest threshold
     return chosen

@@ -116,17 +116,14 @@ class Predictor:
         return cls(model, inputs, device)
 
     def _decision_thresholds(self) -> np.ndarray:
-        thresholds = self.model.decision_thresholds.detach().cpu().double().numpy().copy()
-        missing = np.isnan(thresholds)
-        if missing.any():
+        if not bool(self.model.thresholds_chosen):
             log.warning(
-                "The model has no chosen decision threshold for %s (fitted before thresholds were chosen on the "
-                "validation split, or without validation): those classes use %s",
-                "any class" if missing.all() else ", ".join(np.asarray(self.class_names)[missing]),
+                "The model has no decision thresholds chosen on a validation split (fitted before ccim-lightning "
+                "chose them, or without validation): every class uses %s",
                 DEFAULT_THRESHOLD,
             )
-            thresholds[missing] = DEFAULT_THRESHOLD
-        return thresholds
+            return np.full(len(self.class_names), DEFAULT_THRESHOLD)
+        return self.model.decision_thresholds.detach().cpu().double().numpy().copy()
 
     def predict(
         self,
