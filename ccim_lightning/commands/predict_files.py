@@ -267,6 +267,8 @@ def predict_files(
         raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
 
     if input_path.is_dir():
+        if stride != 1:
+            raise PredictFilesError(f"--stride {stride} is for videos; {input_path} is a folder, every image is read")
         key_column, kind = "file", "image"
         names = list_images(input_path, recursive=recursive)
         total: int | None = len(names)

@@ -198,6 +198,8 @@ def test_inputs_that_are_neither_a_folder_nor_a_video_and_video_without_opencv(t
         predict_files(weights, tmp_path / "gone.avi")
     with pytest.raises(PredictFilesError, match="give either --boxes or --detector"):
         predict_files(weights, tmp_path, boxes=tmp_path / "b.csv", detector="bodies")
+    with pytest.raises(PredictFilesError, match="--stride 2 is for videos; .* is a folder"):
+        predict_files(weights, tmp_path, stride=2)
     write_video(tmp_path / "v.avi", COLOURS[:2])
     monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` now raises ImportError
     with pytest.raises(
