@@ -31,6 +31,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 from typing_extensions import override
 
+from ccim_lightning.types import INDEX
+
 __all__ = ["FiniteLossGuard", "NonFiniteTrainingError"]
 
 _LISTED = 16
@@ -51,7 +53,7 @@ class FiniteLossGuard(Callback):
         index_key: Batch key of the samples' positions in their split, listed in the message.
     """
 
-    def __init__(self, check_gradients: bool = True, check_parameters: bool = True, index_key: str = "index") -> None:
+    def __init__(self, check_gradients: bool = True, check_parameters: bool = True, index_key: str = INDEX) -> None:
         super().__init__()
         self.check_gradients = check_gradients
         self.check_parameters = check_parameters

@@ -38,9 +38,20 @@ import numpy as np
 import pandas as pd
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ccim_lightning.thresholds import DEFAULT_THRESHOLD
+from ccim_lightning.types import (
+    INDEX,
+    PROBABILITIES,
+    TARGET,
+    ClassifierModel,
+    TabulatedDataset,
+    check_task,
+    missing_members,
+)
 
 __all__ = ["PredictionWriter", "dataset_file_stem", "default_predictions_path", "predictions_frame"]
 
@@ -49,7 +60,7 @@ log = logging.getLogger(__name__)
 #: Name of the CSV column with the predicted label(s).
 PREDICTION_COLUMN = "prediction"
 #: Name of the CSV column with the true label(s).
-TARGET_COLUMN = "target"
+TARGET_COLUMN = TARGET
 #: Name of the CSV column with a multiclass sample's true class index.
 TARGET_INDEX_COLUMN = "target_index"
 #: Prefix of a multilabel model's per-class 0/1 ground-truth columns.
@@ -99,8 +110,7 @@ def predictions_frame(
     class_names = [str(name) for name in class_names]
     if len(class_names) != probabilities.shape[1]:
         raise ValueError(f"{len(class_names)} class names for {probabilities.shape[1]} probability columns")
-    if task not in ("multiclass", "multilabel"):
-        raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+    check_task(task, where="predictions_frame")
     threshold = np.asarray(threshold, dtype=np.float64)
     if threshold.ndim > 1 or (threshold.ndim == 1 and threshold.shape != (len(class_names),)):
         raise ValueError(f"threshold must be one number or one per class ({len(class_names)}), got {threshold.shape}")
@@ -171,16 +181,16 @@ def _truth_columns(target: np.ndarray, index: np.ndarray, names: np.ndarray, tas
 
 def _identity_columns(index: np.ndarray, sample_table: pd.DataFrame | None) -> pd.DataFrame:
     """``index`` plus the sample table's rows at those indices."""
-    ids = pd.DataFrame({"index": index})
+    ids = pd.DataFrame({INDEX: index})
     if sample_table is None:
         return ids
     table = sample_table.reset_index(drop=True)
-    if "index" in table.columns:
-        if not np.array_equal(table["index"].to_numpy(), np.arange(len(table))):
+    if INDEX in table.columns:
+        if not np.array_equal(table[INDEX].to_numpy(), np.arange(len(table))):
             raise ValueError(
                 "sample_table() must list the samples in index order: its `index` column is not 0 .. len - 1"
             )
-        table = table.drop(columns="index")
+        table = table.drop(columns=INDEX)
     if len(index) and (index.min() < 0 or index.max() >= len(table)):
         raise ValueError(
             f"Predicted sample indices span {index.min()} .. {index.max()} but sample_table() has {len(table)} rows: "
@@ -239,8 +249,9 @@ class PredictionWriter(BasePredictionWriter):
 
     Expects ``predict_step`` to return ``{"index": (B,), "probabilities": (B, C)}`` (as
     :class:`~ccim_lightning.CCIMLightningModule` does); the ground truth is the batch's ``target``. The class
-    names and the task come from the module's ``class_names`` and ``task`` attributes (default ``class_0`` ...
-    and multiclass).
+    names and the task come from the module's ``task``, ``num_classes`` and ``class_names`` attributes (a
+    :class:`~ccim_lightning.types.ClassifierModel`); a module without them gets ``class_0`` ... and multiclass, with
+    a warning naming what it lacks.
 
     With several prediction dataloaders, loader ``i`` goes to ``<stem>_<i><suffix>``.
 
@@ -270,6 +281,12 @@ class PredictionWriter(BasePredictionWriter):
 
     @override
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not isinstance(pl_module, ClassifierModel):
+            rank_zero_warn(
+                f"PredictionWriter: {type(pl_module).__name__} lacks {missing_members(pl_module, ClassifierModel)}; "
+                "the CSV uses the defaults (task 'multiclass', columns class_0, class_1, ...). Give the module "
+                "task, num_classes and class_names (as CCIMLightningModule has) to name them."
+            )
         # Decided before predicting, so a refused file costs nothing; every rank takes part (log_dir, broadcast).
         base = self.path if self.path is not None else default_predictions_path(trainer)
         num_loaders = len(_as_list(trainer.predict_dataloaders))
@@ -298,18 +315,18 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        if not isinstance(prediction, Mapping) or "probabilities" not in prediction:
+        if not isinstance(prediction, Mapping) or PROBABILITIES not in prediction:
             raise TypeError(
                 f"PredictionWriter needs predict_step to return a dict with 'probabilities' (B, C) and 'index' (B,), "
                 f"got {type(prediction).__name__}"
             )
-        index = prediction["index"] if "index" in prediction else batch["index"]
-        target = batch.get("target") if isinstance(batch, Mapping) else None
+        index = prediction[INDEX] if INDEX in prediction else batch[INDEX]
+        target = batch.get(TARGET) if isinstance(batch, Mapping) else None
         if target is not None:  # class indices stay integers, multi-hot rows float (checked when the table is made)
             target = target.detach().cpu()
             target = target.long() if target.ndim == 1 and not target.is_floating_point() else target.float()
         self._parts.setdefault(dataloader_idx, []).append(
-            (index.detach().long().reshape(-1).cpu(), prediction["probabilities"].detach().float().cpu(), target)
+            (index.detach().long().reshape(-1).cpu(), prediction[PROBABILITIES].detach().float().cpu(), target)
         )
 
     @override
@@ -326,7 +343,7 @@ class PredictionWriter(BasePredictionWriter):
                 index,
                 probabilities,
                 self._class_names(pl_module, probabilities.shape[1]),
-                task=getattr(pl_module, "task", "multiclass"),
+                task=pl_module.task if isinstance(pl_module, ClassifierModel) else "multiclass",
                 threshold=self._threshold(pl_module, probabilities.shape[1]),
                 sample_table=table,
                 target=target,
@@ -365,7 +382,10 @@ class PredictionWriter(BasePredictionWriter):
         parts = self._parts.get(loader_idx, [])
         kinds = {_target_kind(t) for _, _, t in parts}
         kind = _NO_ROWS if not parts else (kinds.pop() if len(kinds) == 1 else _MIXED)
-        num_classes = parts[0][1].shape[1] if parts else int(getattr(pl_module, "num_classes", 0))
+        if parts:
+            num_classes = parts[0][1].shape[1]
+        else:  # this rank predicted nothing: the module's width, agreed with the other ranks below
+            num_classes = pl_module.num_classes if isinstance(pl_module, ClassifierModel) else 0
         index = torch.cat([i for i, _, _ in parts]) if parts else torch.zeros(0, dtype=torch.long)
         probabilities = torch.cat([p for _, p, _ in parts]) if parts else torch.zeros(0, num_classes)
         target = torch.cat([t for _, _, t in parts]) if kind in (_CLASS_INDEX, _MULTI_HOT) else None
@@ -411,18 +431,16 @@ class PredictionWriter(BasePredictionWriter):
 
     @staticmethod
     def _class_names(pl_module: L.LightningModule, num_classes: int) -> list[str]:
-        names = getattr(pl_module, "class_names", None)
-        if names is not None and len(names) == num_classes:
-            return list(names)
+        if isinstance(pl_module, ClassifierModel) and len(pl_module.class_names) == num_classes:
+            return list(pl_module.class_names)
         return [f"class_{i}" for i in range(num_classes)]
 
     @staticmethod
     def _sample_table(loader: Any) -> pd.DataFrame | None:
-        dataset = getattr(loader, "dataset", None)
-        method = getattr(dataset, "sample_table", None)
-        if not callable(method):
+        dataset = loader.dataset if isinstance(loader, DataLoader) else None
+        if not isinstance(dataset, TabulatedDataset):  # the table is optional: without it the CSV has `index` alone
             return None
-        table = method()
+        table = dataset.sample_table()
         if not isinstance(table, pd.DataFrame):
             raise TypeError(
                 f"{type(dataset).__name__}.sample_table() returned {type(table).__name__}, not a pandas DataFrame"

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ccim_lightning.types import CONTEXT, SUBJECT, Batch
 from ccim_lightning.weights import load_pretrained_weights
 
 __all__ = [
@@ -101,6 +102,7 @@ def encoder_dim(encoder: nn.Module) -> int:
     timm's ``num_features`` is the width of ``forward_features``; models with a pre-logits head (MobileNetV3's 1x1
     conv, for instance) output ``head_hidden_size`` channels instead, so that is read first.
     """
+    # getattr: timm defines head_hidden_size on some models only, and the encoder may be any module
     width = getattr(encoder, "head_hidden_size", None) or getattr(encoder, "num_features", None)
     if not width:
         raise ValueError(
@@ -145,10 +147,10 @@ class TwoStreamHost(nn.Module):
         self.fusion = _fusion_block(joint_dim, feature_dim)
         self.feature_dim = feature_dim
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: Batch) -> torch.Tensor:
         """Maps a batch to the fused feature ``h`` of shape (B, feature_dim)."""
-        subject = self.subject_encoder(batch["subject"])
-        context = self.context_encoder(batch["context"])
+        subject = self.subject_encoder(batch[SUBJECT])
+        context = self.context_encoder(batch[CONTEXT])
         return self.fusion(torch.cat([subject, context], dim=1))
 
 
@@ -297,12 +299,12 @@ class CAERNet(nn.Module):
             )
         return maps
 
-    def attention_map(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def attention_map(self, batch: Batch) -> torch.Tensor:
         """The context attention map (B, h, w) for a batch (for inspection); each map sums to one."""
-        return self.context_attention.attention(self.context_maps(batch["context"]))
+        return self.context_attention.attention(self.context_maps(batch[CONTEXT]))
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: Batch) -> torch.Tensor:
         """Maps a batch to the fused feature ``h`` of shape (B, feature_dim)."""
-        face = self.subject_encoder(batch["subject"])
-        context = self.context_attention(self.context_maps(batch["context"]))
+        face = self.subject_encoder(batch[SUBJECT])
+        context = self.context_attention(self.context_maps(batch[CONTEXT]))
         return self.fusion([face, context])

@@ -26,10 +26,22 @@ from ccim_lightning.debias.base import DebiasMethod
 from ccim_lightning.dictionary.store import ConfounderDictionary
 from ccim_lightning.head import HEAD_OPTIONS, ContextualCausalIntervention
 from ccim_lightning.thresholds import DEFAULT_THRESHOLD, best_f1_thresholds
+from ccim_lightning.types import (
+    CONTEXT,
+    INDEX,
+    PROBABILITIES,
+    SUBJECT,
+    TARGET,
+    VAD,
+    Batch,
+    FeatureBackbone,
+    NamedTestSets,
+    ReducibleLoss,
+    Task,
+    check_task,
+)
 
 log = logging.getLogger(__name__)
-
-Task = Literal["multiclass", "multilabel"]
 
 
 class TorchModule(Protocol):
@@ -110,7 +122,7 @@ class CCIMLightningModule(L.LightningModule):
         class_names: Sequence[str] | None = None,
         continuous_loss: TorchModule | None = None,
         continuous_weight: float = 1.0,
-        continuous_key: str = "vad",
+        continuous_key: str = VAD,
         continuous_dim: int = 3,
     ) -> None:
         arguments = dict(locals())  # before any other local: the head's options are passed through by name
@@ -119,15 +131,14 @@ class CCIMLightningModule(L.LightningModule):
         # into every checkpoint; pass them again to ``load_from_checkpoint``. From the CLI they are configs.
         python_only = ["backbone", "loss", "debias", "continuous_loss", "optimizer", "lr_scheduler"]
         self.save_hyperparameters(ignore=None if instantiated_by_cli() else python_only)
-        if task not in ("multiclass", "multilabel"):
-            raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+        task = check_task(task, where=f"{type(self).__name__}(task=...)")
         if feature_dim is None:
-            feature_dim = getattr(backbone, "feature_dim", None)
-            if feature_dim is None:
+            if not isinstance(backbone, FeatureBackbone):
                 raise ValueError(
                     f"feature_dim was not given and the backbone {type(backbone).__name__} has no `feature_dim` "
                     "attribute: pass feature_dim= (the width of the feature the backbone returns)"
                 )
+            feature_dim = backbone.feature_dim
         self.backbone = backbone
         head_options = {name: arguments[name] for name in HEAD_OPTIONS}
         self.head = ContextualCausalIntervention(feature_dim=feature_dim, num_classes=num_classes, **head_options)
@@ -142,7 +153,7 @@ class CCIMLightningModule(L.LightningModule):
         self.debias = debias
         self._elementwise = None
         if debias is not None:
-            if not hasattr(loss, "reduction"):
+            if not isinstance(loss, ReducibleLoss):
                 raise ValueError(
                     f"debias={type(debias).__name__} weights per-sample losses, but the loss {type(loss).__name__} "
                     "has no `reduction` attribute to turn off: give it one (reduction='none' -> per-element loss)."
@@ -170,27 +181,28 @@ class CCIMLightningModule(L.LightningModule):
         self.metrics = nn.ModuleDict()
 
     # --- subclass points -------------------------------------------------------------------------------------------
-    def extract_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def extract_features(self, batch: Batch) -> torch.Tensor:
         """Returns the host's fused feature ``h`` (B, d_h) for a batch."""
         return self.backbone(batch)
 
-    def compute_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def compute_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Returns the training loss for a batch's logits."""
-        return self.loss(logits, self._loss_target(batch["target"]))
+        return self.loss(logits, self._loss_target(batch[TARGET]))
 
     def predict_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Maps logits to class probabilities (softmax for multiclass, sigmoid for multilabel)."""
         return logits.softmax(dim=-1) if self.task == "multiclass" else logits.sigmoid()
 
     # --- forward and steps -----------------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    @override
+    def forward(self, batch: Batch) -> torch.Tensor:
         """Returns the logits (B, num_classes) to predict from (after the debiasing method's inference rule)."""
         logits, _ = self._outputs(batch)
         return self.debias.inference_logits(logits, batch) if self.debias is not None else logits
 
-    def _outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _outputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The head's logits, and the continuous predictions when a ``continuous_loss`` is set (else None)."""
-        for key in ("context", "subject"):
+        for key in (CONTEXT, SUBJECT):
             if key in batch and batch[key].dtype == torch.uint8:
                 raise TypeError(
                     f'batch["{key}"] is uint8: the datamodule hands raw pixels to the device and normalises them in '
@@ -259,7 +271,7 @@ class CCIMLightningModule(L.LightningModule):
         if entry is not None:
             checkpoint[INPUT_SETTINGS_KEY] = entry
 
-    def _batch_clusters(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def _batch_clusters(self, batch: Batch) -> torch.Tensor | None:
         if self.debias is None or not self.debias.needs_clusters:
             return None
         if self.train_clusters.numel() == 0:
@@ -267,7 +279,7 @@ class CCIMLightningModule(L.LightningModule):
                 f"debias={type(self.debias).__name__} needs each training sample's dictionary cluster, but none is "
                 "known: add ConfounderDictionaryCallback (the ccim CLI always does) or call set_dictionary()."
             )
-        index = batch["index"]
+        index = batch[INDEX]
         if int(index.max()) >= self.train_clusters.numel():
             raise IndexError(
                 f"Batch sample index {int(index.max())} is beyond the {self.train_clusters.numel()} training samples "
@@ -279,26 +291,30 @@ class CCIMLightningModule(L.LightningModule):
             raise ValueError(f"Training samples {missing} have no dictionary cluster (skipped during the build).")
         return clusters
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    @override
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    @override
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._shared_step(batch, "val")
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+    @override
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._shared_step(batch, self._test_set_name(dataloader_idx))
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
+    @override
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Returns ``{"index": (B,), "probabilities": (B, C)}`` so predictions can be matched to samples."""
         logits, continuous = self._outputs(batch)
         if self.debias is not None:
             logits = self.debias.inference_logits(logits, batch)
-        outputs = {"index": batch["index"], "probabilities": self.predict_probabilities(logits.float())}
+        outputs = {INDEX: batch[INDEX], PROBABILITIES: self.predict_probabilities(logits.float())}
         if continuous is not None:
             outputs[self.continuous_key] = continuous.float()
         return outputs
 
-    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def _shared_step(self, batch: Batch, stage: str) -> torch.Tensor:
         logits, continuous = self._outputs(batch)
         batch_size = logits.shape[0]
         on_step = stage == "train"
@@ -326,7 +342,7 @@ class CCIMLightningModule(L.LightningModule):
             sync_dist=True,  # one scalar all-reduce per step: noise next to DDP's gradient all-reduce
         )
         scores = logits.detach().float()
-        target = batch["target"].long() if self.task == "multilabel" else batch["target"]
+        target = batch[TARGET].long() if self.task == "multilabel" else batch[TARGET]
         metrics = self._metrics(stage)
         metrics.update(scores, target)
         # Logged as Metric objects: Lightning computes them at epoch end (torchmetrics syncs the ranks), per test set.
@@ -386,7 +402,8 @@ class CCIMLightningModule(L.LightningModule):
     def _test_set_names(self) -> list[str]:
         loaders = self.trainer.test_dataloaders
         num_loaders = len(loaders) if isinstance(loaders, (list, tuple)) else 1
-        names = getattr(self.trainer.datamodule, "test_set_names", None)
+        datamodule = self.trainer.datamodule
+        names = datamodule.test_set_names if isinstance(datamodule, NamedTestSets) else None
         if names and len(names) == num_loaders:
             return [f"test_{name}" for name in names]
         return ["test"] if num_loaders == 1 else [f"test_{i}" for i in range(num_loaders)]
@@ -405,18 +422,22 @@ class CCIMLightningModule(L.LightningModule):
                 self.log(name, value, add_dataloader_idx=False)
             metric.reset()
 
+    @override
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self._create_metrics(["train", "val"])
         elif stage == "validate":
             self._create_metrics(["val"])
 
+    @override
     def on_test_start(self) -> None:
         self._create_metrics(self._test_set_names())
 
+    @override
     def on_train_epoch_end(self) -> None:
         self._log_per_class(["train"])
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._log_per_class(["val"])
         self._choose_thresholds()
@@ -435,10 +456,12 @@ class CCIMLightningModule(L.LightningModule):
             self.thresholds_chosen.fill_(True)
         curve.reset()
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._log_per_class(self._test_set_names())
 
     # --- optimisation ----------------------------------------------------------------------------------------------
+    @override
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         if self.lr_scheduler_factory is None:

@@ -178,6 +178,7 @@ def load_pretrained_weights(
             len(unexpected),
         )
 
+    # getattr: torch sets `_metadata` on the state dicts it makes; a dict built by hand has none
     to_load = _with_metadata(
         {k: v for k, v in file_keys.items() if k in model_state}, getattr(state_dict, "_metadata", None)
     )
@@ -298,7 +299,7 @@ def _strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> tuple[
     """Remove ``prefix`` from every key that starts with it; the ``_metadata`` attribute is kept, renamed likewise."""
     stripped = any(k.startswith(prefix) for k in state_dict)
     out = OrderedDict((k.removeprefix(prefix), v) for k, v in state_dict.items())
-    metadata = getattr(state_dict, "_metadata", None)
+    metadata = getattr(state_dict, "_metadata", None)  # only on state dicts torch made (see load_pretrained_weights)
     if metadata is not None:
         out._metadata = OrderedDict(  # type: ignore[attr-defined]
             ("" if name == prefix[:-1] else name.removeprefix(prefix), value) for name, value in metadata.items()
@@ -316,6 +317,7 @@ def _with_metadata(state_dict: Mapping[str, torch.Tensor], metadata: Mapping | N
 
 def _classifier_names(model: nn.Module) -> tuple[str, ...]:
     """Names of the model's classifier module(s), as prefixes of their state dict keys."""
+    # getattr: timm models carry pretrained_cfg (default_cfg before timm 0.9) and get_classifier; other modules not
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     named = cfg.get("classifier") if isinstance(cfg, Mapping) else None
     if isinstance(named, str):

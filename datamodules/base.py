@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerStatus
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 from ccim_lightning.datamodules.common import (
     BadSamples,
@@ -39,6 +40,7 @@ from ccim_lightning.datamodules.dataset import (
 from ccim_lightning.datamodules.decode import DECODE_RULE
 from ccim_lightning.datamodules.inputs import InputSettings, UnsupportedInputsError
 from ccim_lightning.datamodules.transforms import ContextTransform
+from ccim_lightning.types import DescribedTransform, NormalizingTransform, ReducingTransform
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +59,9 @@ def train_drop_last(size: int, batch_size: int, world_size: int = 1) -> bool:
 
 def transform_signature(transform: Callable) -> dict[str, Any]:
     """``transform.signature()`` when it has one, else its type and ``repr`` (all that can be seen of it)."""
-    signature = getattr(transform, "signature", None)
-    if callable(signature):
-        return dict(signature())
-    # a function names itself; an instance of a class is named by its class
+    if isinstance(transform, DescribedTransform):
+        return dict(transform.signature())
+    # a function names itself; an instance of a class is named by its class (optional attributes: getattr)
     name = getattr(transform, "__qualname__", None) or type(transform).__qualname__
     module = getattr(transform, "__module__", None) or type(transform).__module__
     return {"transform": f"{module}.{name}", "repr": repr(transform)}
@@ -238,10 +239,12 @@ class PersonDataModule(L.LightningDataModule):
                 self._failures_reported[split] = failed
         return counts
 
+    @override
     def teardown(self, stage: str) -> None:
         """Reports decode-time skips at the end of each fit/validate/test/predict run."""
         self.report_decode_failures()
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         """Reads and checks the splits the stage needs (``fit``: train and val; ``test``/``predict``: test)."""
         if stage in (None, "fit") and self.train_dataset is None:
@@ -255,8 +258,10 @@ class PersonDataModule(L.LightningDataModule):
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         """(mean, std) of the evaluation transform, what :meth:`normalize_batch` applies (None: not known)."""
-        mean, std = getattr(self.eval_transform, "mean", None), getattr(self.eval_transform, "std", None)
-        return None if mean is None or std is None else (tuple(mean), tuple(std))
+        transform = self.eval_transform
+        if not isinstance(transform, NormalizingTransform) or transform.mean is None or transform.std is None:
+            return None
+        return tuple(transform.mean), tuple(transform.std)
 
     def normalize_batch(self, batch: Any) -> Any:
         """A uint8 batch (``output="uint8"`` samples) as the float batch schema, on its device; others unchanged.
@@ -269,6 +274,7 @@ class PersonDataModule(L.LightningDataModule):
             return batch
         return normalize_batch(batch, *normalization)
 
+    @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Lightning hook: normalises and masks uint8 batches on the device (see ``device_normalize``)."""
         return self.normalize_batch(batch)
@@ -278,14 +284,14 @@ class PersonDataModule(L.LightningDataModule):
         if not (self.device_normalize and isinstance(dataset, PersonImageDataset)):
             return False
         transform = dataset.transform
-        if not callable(getattr(transform, "decode_reductions", None)):  # not a ContextTransform-style transform
+        if not isinstance(transform, ReducingTransform):  # cannot give uint8 pixels
             return False
-        if (tuple(getattr(transform, "mean", ())), tuple(getattr(transform, "std", ()))) != self.normalization:
+        if (tuple(transform.mean), tuple(transform.std)) != self.normalization:
             return False
         # only while the trainer runs with this datamodule, i.e. when Lightning itself asks for the loader: a loader
         # taken by hand later (e.g. passed as ``dataloaders=``) would not see this datamodule's hook
         trainer = self.trainer
-        if trainer is None or getattr(trainer, "datamodule", None) is not self:
+        if trainer is None or trainer.datamodule is not self:
             return False
         return trainer.state.status == TrainerStatus.RUNNING
 
@@ -331,16 +337,20 @@ class PersonDataModule(L.LightningDataModule):
             self._drop_last_logged = True
         return drop
 
+    @override
     def train_dataloader(self) -> DataLoader:
         size = len(self.train_dataset) if self.train_dataset is not None else 0
         return self._loader(self.train_dataset, shuffle=True, drop_last=self._train_drop_last(size))
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_dataset)
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         """The test split."""
         return self._loader(self.test_dataset)
@@ -375,9 +385,9 @@ class PersonDataModule(L.LightningDataModule):
     def decode_signature(self) -> dict[str, Any] | str:
         """How the dictionary's images are decoded: ``"full"``, or the reduction rule and the sizes that set it."""
         transform = self.eval_transform
-        if not (self.reduced_decode and callable(getattr(transform, "decode_reductions", None))):
+        if not (self.reduced_decode and isinstance(transform, ReducingTransform)):
             return "full"
-        return {"rule": DECODE_RULE, "subject_size": list(getattr(transform, "subject_size", ()))}
+        return {"rule": DECODE_RULE, "subject_size": list(transform.subject_size)}
 
     def input_settings(self) -> InputSettings:
         """The test split's input settings, stored in checkpoints for ``ccim_lightning.inference.Predictor``.

@@ -480,21 +480,3 @@ def stratified_holdout(
     val_mask = np.zeros(len(groups), dtype=bool)
     val_mask[val] = True
     return np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
-
-
-_MOVED = {
-    "PersonDataModule": "base",
-    "ContextTransform": "transforms",
-    "PersonImageDataset": "dataset",
-    "collate_skipping_none": "dataset",
-    "sample_dict": "dataset",
-}
-
-
-def __getattr__(name: str) -> Any:
-    """The names that moved out of this module in the ``base``/``dataset``/``transforms`` split, for old imports."""
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f"ccim_lightning.datamodules.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,6 +46,7 @@ from ccim_lightning.datamodules.common import (
     load_rgb,
 )
 from ccim_lightning.datamodules.decode import decode_reduced, image_reductions
+from ccim_lightning.types import BOX, CONTEXT, INDEX, MASK_BOX, SUBJECT, TARGET, ReducingTransform
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +69,18 @@ def collate_skipping_none(samples: list[dict | None]) -> dict[str, torch.Tensor]
 
 def sample_dict(output: dict[str, Any], table: PersonTable, index: int, mask_subject: bool) -> dict[str, torch.Tensor]:
     """Assembles one sample of the batch schema from a transform output (masking the context if asked)."""
-    context = output["context"]
-    mask_box = output["mask_box"]
+    context = output[CONTEXT]
+    mask_box = output[MASK_BOX]
     if mask_subject and mask_box is not None:
         x1, y1, x2, y2 = mask_box
         context.numpy()[:, y1:y2, x1:x2] = MASK_FILL  # numpy: see ContextTransform._to_tensor
     target = table.targets[index]
     sample = {
-        "subject": output["subject"],
-        "context": context,
-        "target": torch.tensor(target, dtype=torch.float32 if target.ndim else torch.int64),
-        "index": torch.tensor(index, dtype=torch.int64),
-        "box": torch.tensor(output["box"], dtype=torch.float32),
+        SUBJECT: output[SUBJECT],
+        CONTEXT: context,
+        TARGET: torch.tensor(target, dtype=torch.float32 if target.ndim else torch.int64),
+        INDEX: torch.tensor(index, dtype=torch.int64),
+        BOX: torch.tensor(output[BOX], dtype=torch.float32),
     }
     for key, values in table.extras.items():
         sample[key] = torch.from_numpy(values[index].copy())
@@ -90,9 +91,9 @@ def uint8_sample_dict(
     output: dict[str, Any], table: PersonTable, index: int, mask_subject: bool
 ) -> dict[str, torch.Tensor]:
     """The ``output="uint8"`` sample: uint8 (H, W, 3) pixels and ``mask_box`` for :func:`normalize_batch`."""
-    mask_box = output["mask_box"] if mask_subject and output["mask_box"] is not None else (0, 0, 0, 0)
+    mask_box = output[MASK_BOX] if mask_subject and output[MASK_BOX] is not None else (0, 0, 0, 0)
     sample = sample_dict(output, table, index, mask_subject=False)
-    sample["mask_box"] = torch.tensor(mask_box, dtype=torch.int64)
+    sample[MASK_BOX] = torch.tensor(mask_box, dtype=torch.int64)
     return sample
 
 
@@ -110,23 +111,23 @@ def normalize_batch(batch: Any, mean: Sequence[float], std: Sequence[float], fil
         std: Per-channel standard deviation on the [0, 1] scale.
         fill: Masking value, after normalisation.
     """
-    if not isinstance(batch, dict) or not isinstance(batch.get("context"), torch.Tensor):
+    if not isinstance(batch, dict) or not isinstance(batch.get(CONTEXT), torch.Tensor):
         return batch
-    if batch["context"].dtype != torch.uint8:
+    if batch[CONTEXT].dtype != torch.uint8:
         return batch
     out = dict(batch)
-    device = out["context"].device
+    device = out[CONTEXT].device
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=device)[:, None, None]
     bias = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=device)[:, None, None]
-    for key in ("subject", "context"):
+    for key in (SUBJECT, CONTEXT):
         pixels = out.get(key)
         if isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8:
             if pixels.ndim != 4 or pixels.shape[-1] != 3:
                 raise ValueError(f"normalize_batch: {key} is {tuple(pixels.shape)} uint8, expected (B, H, W, 3)")
             out[key] = pixels.permute(0, 3, 1, 2).contiguous().float().mul_(scale).add_(bias)
-    mask_box = out.pop("mask_box", None)
+    mask_box = out.pop(MASK_BOX, None)
     if mask_box is not None:
-        mask_boxes(out["context"], mask_box, fill)
+        mask_boxes(out[CONTEXT], mask_box, fill)
     return out
 
 
@@ -257,12 +258,12 @@ class PersonImageDataset(Dataset):
         self.output = output
         self.reduced_decode = reduced_decode
         self.reductions = np.ones(len(table), dtype=np.int64)
-        reductions = getattr(transform, "decode_reductions", None)
-        self._extended = callable(reductions)  # the transform takes reduction=, full_size=, uint8=, reduce_context=
+        self._extended = isinstance(transform, ReducingTransform)  # takes reduction=, full_size=, uint8=, ...
         if output == "uint8" and not self._extended:
             raise ValueError(f"output='uint8' needs a ContextTransform-style transform, got {transform!r}")
         if reduced_decode and self._extended:
-            self.reductions = image_reductions(table.paths, reductions(table.sizes, table.boxes, table.localised))
+            reductions = transform.decode_reductions(table.sizes, table.boxes, table.localised)
+            self.reductions = image_reductions(table.paths, reductions)
         self._last: tuple[tuple[str, int], Any, int] | None = None  # (path, reduction), image, applied reduction
 
     def __getstate__(self) -> dict:

@@ -49,6 +49,7 @@ from ccim_lightning.datamodules.common import (
     scan_images,
 )
 from ccim_lightning.datamodules.dataset import collate_skipping_none, file_stamp, sample_dict
+from ccim_lightning.types import BOX, VAD
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class _PersonRows:
 
     def table(self) -> PersonTable:
         return make_table(
-            self.paths, self.boxes, self.targets, self.sources, {"vad": self.vads}, self.rows, multilabel=True,
+            self.paths, self.boxes, self.targets, self.sources, {VAD: self.vads}, self.rows, multilabel=True,
             num_classes=len(CATEGORIES),
         )  # fmt: skip
 
@@ -390,8 +391,8 @@ class EmoticArrayDataset(Dataset):
             x1, y1, x2, y2 = table.boxes[index]
             box = (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
         output = self.transform(image, box, subject=body)
-        x1, y1, x2, y2 = output["box"]
-        output["box"] = (x1 / sx, y1 / sy, x2 / sx, y2 / sy)
+        x1, y1, x2, y2 = output[BOX]
+        output[BOX] = (x1 / sx, y1 / sy, x2 / sx, y2 / sy)
         return sample_dict(output, table, index, self.mask_subject)
 
 

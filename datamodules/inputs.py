@@ -14,6 +14,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol, runtime_checkable
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from ccim_lightning.datamodules.dataset import DECODER, MASK_FILL
 from ccim_lightning.datamodules.transforms import ContextTransform
 
 INPUT_SETTINGS_KEY = "ccim_input_settings"
@@ -99,6 +102,29 @@ class InputSettings:
             self.context_size, self.subject_size, flip=False, mean=self.mean, std=self.std,
             reducing_gap=self.reducing_gap,
         )  # fmt: skip
+
+
+def rendered_input_settings(datamodule: str, image_size: int, subject_size: int, pixel_source: str) -> InputSettings:
+    """The settings of a datamodule that renders square ImageNet-normalised samples (``SyntheticContextDataModule``).
+
+    Its samples are rendered at the output sizes, not decoded and resized: a photo goes through ``ContextTransform``
+    at those sizes (its subject is its box resized, where the renderer draws the subject at that size), is decoded
+    whole, and is masked with the same fill over the same (outward-rounded) box.
+    """
+    return InputSettings(
+        datamodule=datamodule,
+        context_size=(image_size, image_size),
+        subject_size=(subject_size, subject_size),
+        mean=tuple(IMAGENET_DEFAULT_MEAN),
+        std=tuple(IMAGENET_DEFAULT_STD),
+        reducing_gap=None,
+        mask_subject=True,
+        mask_fill=MASK_FILL,
+        reduced_decode=False,
+        decoder=DECODER,
+        decode_rule="full",
+        pixel_source=pixel_source,
+    )
 
 
 @runtime_checkable

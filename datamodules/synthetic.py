@@ -38,11 +38,12 @@ import pandas as pd
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 from ccim_lightning.datamodules._drawing import EXPRESSIONS, SKIN_DARK, SKIN_LIGHT, choice, composite_person, hsv_to_rgb
 from ccim_lightning.datamodules.base import train_drop_last
-from ccim_lightning.datamodules.dataset import DECODER
-from ccim_lightning.datamodules.inputs import InputSettings
+from ccim_lightning.datamodules.inputs import InputSettings, rendered_input_settings
+from ccim_lightning.types import BOX, CONTEXT, INDEX, SCENE, SUBJECT, TARGET
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class SyntheticContextDataset(Dataset):
         The identity columns of the predictions CSV (``ccim_lightning.callbacks.PredictionWriter``). Nothing is
         rendered (see ``labels``).
         """
-        return pd.DataFrame({"index": np.arange(self.size), "split": self.split, "scene": self.labels()[1]})
+        return pd.DataFrame({INDEX: np.arange(self.size), "split": self.split, SCENE: self.labels()[1]})
 
     def labels(self, indices: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Targets and scene types of ``indices`` (default: all samples), without rendering anything.
@@ -227,12 +228,12 @@ class SyntheticContextDataset(Dataset):
                 self.settings.image_size - boxes[flipped, 0],
             )
         batch = {
-            "subject": torch.from_numpy(subject),
-            "context": torch.from_numpy(context),
-            "target": torch.from_numpy(targets),
-            "index": torch.tensor(indices, dtype=torch.int64),
-            "box": torch.from_numpy(boxes.astype(np.float32)),
-            "scene": torch.from_numpy(scenes),
+            SUBJECT: torch.from_numpy(subject),
+            CONTEXT: torch.from_numpy(context),
+            TARGET: torch.from_numpy(targets),
+            INDEX: torch.tensor(indices, dtype=torch.int64),
+            BOX: torch.from_numpy(boxes.astype(np.float32)),
+            SCENE: torch.from_numpy(scenes),
         }
         return [{key: value[i] for key, value in batch.items()} for i in range(len(indices))]
 
@@ -503,6 +504,7 @@ class SyntheticContextDataModule(L.LightningDataModule):
         size = {"train": hp.train_size, "val": hp.val_size}.get(split, hp.test_size)
         return SyntheticContextDataset(split, size, self.settings, flip=flip, mask_subject=mask_subject)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         """Creates all four splits (cheap: samples are rendered when indexed)."""
         if self.train_dataset is None:
@@ -525,6 +527,7 @@ class SyntheticContextDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
         """Shuffled; drops the last batch only when it would hold one sample (BatchNorm cannot train on it)."""
         world_size = self.trainer.world_size if self.trainer is not None else 1
@@ -538,13 +541,16 @@ class SyntheticContextDataModule(L.LightningDataModule):
             self._drop_last_logged = True
         return self._loader(self.train_dataset, shuffle=True, drop_last=drop)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset)
 
+    @override
     def test_dataloader(self) -> list[DataLoader]:
         """The biased and the unbiased test sets, in the order of ``test_set_names``."""
         return [self._loader(self.test_dataset), self._loader(self.test_unbiased_dataset)]
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         """The unbiased test set."""
         return self._loader(self.test_unbiased_dataset)
@@ -569,25 +575,9 @@ class SyntheticContextDataModule(L.LightningDataModule):
         }
 
     def input_settings(self) -> InputSettings:
-        """For photos (``inference.Predictor``): ``ContextTransform`` at the rendered sizes, decoded whole.
-
-        The samples here are rendered, not resized: a photo's subject is its box resized, not a rendering.
-        """
-        size = (self.settings.image_size, self.settings.image_size)
-        return InputSettings(
-            datamodule=type(self).__name__,
-            context_size=size,
-            subject_size=(self.settings.subject_size, self.settings.subject_size),
-            mean=tuple(IMAGENET_DEFAULT_MEAN),
-            std=tuple(IMAGENET_DEFAULT_STD),
-            reducing_gap=None,
-            mask_subject=True,
-            mask_fill=0.0,
-            reduced_decode=False,
-            decoder=DECODER,
-            decode_rule="full",
-            pixel_source=f"synthetic-v{GENERATOR_VERSION}",
-        )
+        """For photos (``inference.Predictor``): see ``inputs.rendered_input_settings``."""
+        size, subject = self.settings.image_size, self.settings.subject_size
+        return rendered_input_settings(type(self).__name__, size, subject, f"synthetic-v{GENERATOR_VERSION}")
 
     def dictionary_dataloader(self, batch_size: int | None = None, mask_subject: bool = True) -> DataLoader:
         """A non-shuffled loader over ``dictionary_dataset(mask_subject)``; wrap the dataset yourself for a sampler.

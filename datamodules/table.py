@@ -23,7 +23,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ccim_lightning.datamodules.base import PersonDataModule
 from ccim_lightning.datamodules.common import (
@@ -38,13 +38,12 @@ from ccim_lightning.datamodules.common import (
     scan_images,
     stratified_holdout,
 )
+from ccim_lightning.types import Task, check_task
 
 log = logging.getLogger(__name__)
 
 COLUMNS: tuple[str, ...] = ("image", "x1", "y1", "x2", "y2", "label", "split")
 """Required columns of a person table."""
-
-Task = Literal["multiclass", "multilabel"]
 
 
 def _parse_row(row: dict, class_names: Sequence[str], lookup: dict[str, int], task: Task) -> tuple:
@@ -160,8 +159,7 @@ class TableDataModule(PersonDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(root, **kwargs)
-        if task not in ("multiclass", "multilabel"):
-            raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+        task = check_task(task, where=f"{type(self).__name__}(task=...)")
         if len(class_names) < 2 or len({name.casefold() for name in class_names}) != len(class_names):
             raise ValueError(f"class_names must hold at least two distinct names, got {class_names}")
         if not 0.0 < val_fraction < 1.0:

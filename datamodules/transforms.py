@@ -13,6 +13,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ccim_lightning.datamodules.decode import context_reduction, person_reductions
+from ccim_lightning.types import BOX, CONTEXT, MASK_BOX, SUBJECT
 
 
 def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -186,8 +187,8 @@ class ContextTransform:
                 mask_box = (context_w - mask_box[2], mask_box[1], context_w - mask_box[0], mask_box[3])
         convert = _to_uint8 if uint8 else self._to_tensor
         return {
-            "subject": convert(subject),
-            "context": convert(context),
-            "box": out_box,
-            "mask_box": mask_box,
+            SUBJECT: convert(subject),
+            CONTEXT: convert(context),
+            BOX: out_box,
+            MASK_BOX: mask_box,
         }

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 def require_bound(method: DebiasMethod) -> None:
     """Raises if ``bind`` has not been called (the method has no parameters or buffers yet)."""
-    if not hasattr(method, "num_clusters"):
+    if not hasattr(method, "num_clusters"):  # bind() sets it: its absence is the unbound state
         raise RuntimeError(
             f"{type(method).__name__} is not bound: call bind(num_classes=, task=, num_clusters=) first "
             "(CCIMLightningModule(debias=...) does this in its __init__)."
@@ -33,11 +33,6 @@ def require_fitted(method: DebiasMethod) -> None:
             "and no checkpoint restored them. Build the confounder dictionary before training "
             "(ConfounderDictionaryCallback), which hands every training sample's cluster to the method."
         )
-
-
-def check_task(task: str) -> None:
-    if task not in ("multiclass", "multilabel"):
-        raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
 
 
 def check_clusters(clusters: torch.Tensor, num_clusters: int, name: str = "clusters") -> torch.Tensor:

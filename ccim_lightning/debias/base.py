@@ -15,16 +15,15 @@ module calls, in this order:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ccim_lightning.debias._inputs import check_clusters, check_elementwise, check_targets, check_task, require_bound
+from ccim_lightning.debias._inputs import check_clusters, check_elementwise, check_targets, require_bound
+from ccim_lightning.types import TARGET, Batch, Task, check_task
 
-Task = Literal["multiclass", "multilabel"]
 Tensor = torch.Tensor
-Batch = dict[str, Tensor]
 #: ``elementwise_loss(logits, target)``: (B,) for multiclass, (B, C) for multilabel; no reduction.
 ElementwiseLoss = Callable[[Tensor, Tensor], Tensor]
 #: ``loss_of(logits)``: the module's elementwise loss of some logits against the batch's (checked) targets.
@@ -53,7 +52,7 @@ class DebiasMethod(nn.Module):
             task: ``"multiclass"`` or ``"multilabel"``.
             num_clusters: ``N``, the number of dictionary clusters.
         """
-        check_task(task)
+        check_task(task, where=f"{type(self).__name__}.bind")
         self.num_classes = num_classes
         self.task = task
         self.num_clusters = num_clusters
@@ -87,7 +86,12 @@ class DebiasMethod(nn.Module):
                 raise ValueError(f"{type(self).__name__} needs each training sample's cluster, got clusters=None")
             clusters = check_clusters(clusters, self.num_clusters, "clusters of the batch")
         target = check_targets(
-            batch["target"], self.task, self.num_classes, batch_size, binary=self.binary_targets, name='batch["target"]'
+            batch[TARGET],
+            self.task,
+            self.num_classes,
+            batch_size,
+            binary=self.binary_targets,
+            name=f"batch[{TARGET!r}]",
         )
 
         def loss_of(scores: Tensor) -> Tensor:

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ccim_lightning.debias._inputs import require_bound
-from ccim_lightning.debias.base import Batch, DebiasMethod, LossOf, Task, Tensor, Terms
+from ccim_lightning.debias.base import DebiasMethod, LossOf, Tensor, Terms
 from ccim_lightning.hosts import build_encoder, encoder_dim
+from ccim_lightning.types import CONTEXT, Batch, Task
 
 KLDirection = Literal["counterfactual_factual", "factual_counterfactual"]
 
@@ -67,7 +68,7 @@ class CLEF(DebiasMethod):
         weights: str | None = None,
         e_star_init: float = 0.0,
         kl_direction: KLDirection = "counterfactual_factual",
-        context_key: str = "context",
+        context_key: str = CONTEXT,
     ) -> None:
         super().__init__()
         if kl_direction not in ("counterfactual_factual", "factual_counterfactual"):

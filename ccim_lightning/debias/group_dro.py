@@ -14,7 +14,8 @@ from ccim_lightning.debias._inputs import (
     cluster_label_counts,
     require_bound,
 )
-from ccim_lightning.debias.base import Batch, DebiasMethod, LossOf, Task, Tensor, Terms
+from ccim_lightning.debias.base import DebiasMethod, LossOf, Tensor, Terms
+from ccim_lightning.types import Batch, Task
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from ccim_lightning.debias._inputs import (
     require_bound,
     require_fitted,
 )
-from ccim_lightning.debias.base import Batch, DebiasMethod, LossOf, Task, Tensor, Terms
+from ccim_lightning.debias.base import DebiasMethod, LossOf, Tensor, Terms
+from ccim_lightning.types import Batch, Task
 
 
 class ProductOfExperts(DebiasMethod):

@@ -30,6 +30,7 @@ from ccim_lightning.datamodules.inputs import INPUT_SETTINGS_KEY, InputSettings
 from ccim_lightning.datamodules.transforms import ContextTransform
 from ccim_lightning.module import CCIMLightningModule
 from ccim_lightning.thresholds import DEFAULT_THRESHOLD
+from ccim_lightning.types import BOX, CONTEXT, INDEX, MASK_BOX, PROBABILITIES, SUBJECT
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,11 @@ class Predictor:
                 pixel inside, a reversed box or a non-finite coordinate is refused, naming the image and box.
             batch_size: Persons per forward pass.
 
+        A file is decoded as the datamodules decode their files: a JPEG at reduced size where the model was trained
+        with ``reduced_decode`` (``ccim_lightning.datamodules.decode``). A PIL image or an array is already
+        decoded, so the probabilities of a JPEG given that way can differ from its file's by what reduced
+        decoding changes (about 1-2 grey levels); for other formats all three give the same probabilities.
+
         Returns:
             One row per person, in input order: ``image`` (the path as given, or the image's position in
             ``images``), ``person`` (position among its image's boxes), ``x1, y1, x2, y2`` (the box used), one
@@ -229,16 +235,16 @@ class Predictor:
                 pixels, box, reduction=applied, full_size=size, uint8=True,
                 reduce_context=self.inputs.reduced_decode,
             )  # fmt: skip
-            mask_box = output["mask_box"] if self.inputs.mask_subject and output["mask_box"] is not None else None
+            mask_box = output[MASK_BOX] if self.inputs.mask_subject and output[MASK_BOX] is not None else None
             x1, y1, x2, y2 = (0.0, 0.0, float(width), float(height)) if box is None else box
             row = {"image": name, "person": person, "x1": x1, "y1": y1, "x2": x2, "y2": y2}
             yield (
                 row,
                 {
-                    "subject": output["subject"],
-                    "context": output["context"],
-                    "mask_box": torch.tensor(mask_box or (0, 0, 0, 0), dtype=torch.int64),
-                    "box": torch.tensor(output["box"], dtype=torch.float32),
+                    SUBJECT: output[SUBJECT],
+                    CONTEXT: output[CONTEXT],
+                    MASK_BOX: torch.tensor(mask_box or (0, 0, 0, 0), dtype=torch.int64),
+                    BOX: torch.tensor(output[BOX], dtype=torch.float32),
                 },
             )
 
@@ -301,13 +307,14 @@ class Predictor:
     def _batch(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """uint8 samples as one float batch on the device: normalised and masked by the datamodules' code."""
         batch = {key: torch.stack([s[key] for s in samples]).to(self.device) for key in samples[0]}
-        batch["index"] = torch.arange(len(samples), device=self.device)
+        batch[INDEX] = torch.arange(len(samples), device=self.device)
         return normalize_batch(batch, self.inputs.mean, self.inputs.std, self.inputs.mask_fill)
 
     @torch.inference_mode()
     def _forward(self, samples: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """Class probabilities (B, C) on the CPU for a list of uint8 samples."""
-        return self.model.predict_step(self._batch(samples), 0)["probabilities"].float().cpu()
+        self.model.eval()  # again: a trainer run on the same model in between leaves it in training mode
+        return self.model.predict_step(self._batch(samples), 0)[PROBABILITIES].float().cpu()
 
     def _frame(self, rows: list[dict[str, Any]], probabilities: torch.Tensor) -> pd.DataFrame:
         frame = pd.DataFrame(rows, columns=list(IDENTITY_COLUMNS))

@@ -308,6 +308,27 @@ def test_unlabelled_batches_give_no_ground_truth_and_mixed_ones_are_an_error(tmp
     assert not (tmp_path / "mixed.csv").exists()
 
 
+class BareModule(L.LightningModule):
+    """Predicts without saying what it classifies (no task, num_classes, class_names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 3)
+
+    def predict_step(self, batch, batch_idx):
+        scores = self.layer(torch.ones(len(batch["index"]), 1))
+        return {"index": batch["index"], "probabilities": scores.softmax(-1)}
+
+
+def test_a_module_that_does_not_say_what_it_classifies_gets_the_defaults_with_a_warning(tmp_path):
+    writer = PredictionWriter(path=str(tmp_path / "bare.csv"))
+    with pytest.warns(UserWarning, match=r"BareModule lacks \['class_names', 'num_classes', 'task'\]"):
+        quiet_trainer(tmp_path, writer).predict(BareModule(), DataLoader(Samples(3, 3, labelled=0), batch_size=2))
+    frame = pd.read_csv(writer.written[0])
+    assert list(frame.columns) == ["index", "class_0", "class_1", "class_2", "prediction"]
+    assert frame["prediction"].tolist() == [frame.iloc[0, 1:4].astype(float).idxmax()] * 3  # arg-max: multiclass
+
+
 def test_file_stems_name_the_datamodule():
     class CAERSDataModule(L.LightningDataModule):
         pass

@@ -22,8 +22,8 @@ from ccim_lightning.datamodules import (
 )
 from ccim_lightning.datamodules.base import train_drop_last
 from ccim_lightning.datamodules.common import stratified_holdout
-from ccim_lightning.datamodules.schema import BATCH_KEYS, missing_members
 from ccim_lightning.datamodules.transforms import ContextTransform
+from ccim_lightning.types import BATCH_KEYS, missing_members
 
 SHARED = ("context_size", "subject_size", "flip", "batch_size", "num_workers", "on_bad_sample")
 
