@@ -21,7 +21,17 @@ LAYERS = {
     **dict.fromkeys(
         (
             f"ccim_lightning.{name}"
-            for name in ("head", "hosts", "losses", "weights", "checkpoints", "compat", "logs", "sample_index", "thresholds")
+            for name in (
+                "head",
+                "hosts",
+                "losses",
+                "weights",
+                "checkpoints",
+                "compat",
+                "logs",
+                "sample_index",
+                "thresholds",
+            )
         ),
         1,
     ),
@@ -33,7 +43,7 @@ LAYERS = {
     "ccim_lightning.analysis": 5,
     "ccim_lightning.inference": 5,
     "ccim_lightning.commands": 6,
-    # The package's index re-exports the model side (module, layer 4) and the Predictor (layer 5); importing it is importing that.
+    # The package index re-exports the model side (module, layer 4) and the Predictor (layer 5).
     "ccim_lightning": 5,
 }
 MAX_LINES = 600

@@ -35,5 +35,5 @@ def test_an_application_that_configured_logging_keeps_control(caplog):
     import logging
 
     with caplog.at_level(logging.INFO):
-        logging.getLogger("ccim_lightning.cli").info("through the root handlers")
+        logging.getLogger("ccim_lightning.commands.cli").info("through the root handlers")
     assert "through the root handlers" in caplog.text

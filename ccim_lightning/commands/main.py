@@ -1,6 +1,6 @@
-"""The ``ccim`` console script: ``fit | validate | test | predict``, ``build-dictionary`` and ``bias-report``.
+"""The ``ccim`` console script: LightningCLI's four, ``build-dictionary``, ``bias-report``, ``predict-files``.
 
-All six are built one way. One argparse parser reads the subcommand and the subcommand's own options (none for
+All seven are built one way. One argparse parser reads the subcommand and the subcommand's own options (none for
 LightningCLI's four, ``--out`` for ``build-dictionary``, the report's for ``bias-report``); every other argument is
 the config and its overrides, kept in command-line order and read by the one config parser,
 :func:`~ccim_lightning.commands.cli.build_cli`. Input errors of any subcommand end in one ``ccim: error: ...`` line
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ccim_lightning.checkpoints import CheckpointError
-from ccim_lightning.commands import bias_report, build_dictionary
+from ccim_lightning.commands import bias_report, build_dictionary, predict_files
 from ccim_lightning.commands.checkpoint_config import CheckpointConfigMismatch
 from ccim_lightning.commands.cli import build_cli
 from ccim_lightning.commands.errors import CommandError
@@ -64,6 +64,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "bias-report": Subcommand(
         bias_report.HELP, bias_report.run, bias_report.add_arguments, bias_report.DESCRIPTION, bias_report.EPILOG
     ),
+    "predict-files": Subcommand(
+        predict_files.HELP, predict_files.run, predict_files.add_arguments, predict_files.DESCRIPTION
+    ),
 }
 
 
@@ -75,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ccim",
         usage="ccim SUBCOMMAND [options]",
         description=f"Context debiasing with CCIM.\n\nsubcommands:\n{overview}",
-        epilog="`ccim SUBCOMMAND --help` lists a subcommand's options; all take --config FILE and the same overrides.",
+        epilog="`ccim SUBCOMMAND --help` lists a subcommand's options; all but predict-files take --config FILE "
+        "and the same overrides.",
         formatter_class=argparse.RawDescriptionHelpFormatter,  # the overview's columns as written
         allow_abbrev=False,
     )

@@ -21,7 +21,7 @@ from PIL import Image
 from ccim_lightning import Predictor
 from ccim_lightning.callbacks.prediction_writer import PredictionWriter
 from ccim_lightning.checkpoints import CheckpointError
-from ccim_lightning.cli import build_cli
+from ccim_lightning.commands.cli import build_cli
 from ccim_lightning.datamodules import CAERSDataModule, EmoticDataModule, GroupWalkDataModule, TableDataModule
 from ccim_lightning.datamodules.common import load_rgb
 from ccim_lightning.datamodules.inputs import INPUT_SETTINGS_KEY
