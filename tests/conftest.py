@@ -1,7 +1,11 @@
+"""Shared fixtures, and the one place the markers of setup.cfg act: ``ddp`` implies ``slow``, ``cuda`` skips without
+a CUDA device."""
+
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 BACKGROUND = (40, 160, 90)
@@ -42,3 +46,17 @@ def colours():
     """The ImageNet-normalised BACKGROUND and SUBJECT colours of ``write_image`` images, as (3,) arrays."""
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     return tuple((np.asarray(colour) / 255.0 - mean) / std for colour in (BACKGROUND, SUBJECT))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own `-m` selection, so `-m "not slow"` leaves the ddp tests out
+def pytest_collection_modifyitems(config, items):
+    """Every ``ddp`` test is also ``slow``: several processes each importing torch and Lightning take minutes."""
+    for item in items:
+        if item.get_closest_marker("ddp") is not None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_runtest_setup(item):
+    """A ``cuda`` test is skipped, with the reason, where no CUDA device is visible."""
+    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (marked `cuda`); none is visible to torch here")

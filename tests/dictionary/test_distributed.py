@@ -221,6 +221,7 @@ def two_ranks(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_equal_one_process_within_tolerance(two_ranks, name):
     rows, dim, centres, k, sizes = CASES[name]
@@ -242,6 +243,7 @@ def test_two_ranks_equal_one_process_within_tolerance(two_ranks, name):
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_two_ranks_seed_and_refill_as_one_process(two_ranks):
     x = blobs(*CASES["700-300"][:3], seed=1)
     seeds = _seed_centres(shard_of(x, 0, len(x)), 12, seed=0, comm=_Collectives(None, x.device))
@@ -253,6 +255,7 @@ def test_two_ranks_seed_and_refill_as_one_process(two_ranks):
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_two_ranks_all_gather_variable_and_errors_on_every_rank(two_ranks):
     expected_pairs = torch.tensor([[0, 0], [1, 0], [0, 10], [1, 10], [2, 10]])
     expected_flags = torch.tensor([True, True, False])
