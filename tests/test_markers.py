@@ -1,4 +1,9 @@
-"""The markers of setup.cfg: registered once, strict, acted on by tests/conftest.py (ddp implies slow, cuda skips)."""
+"""tests/conftest.py: the markers of setup.cfg registered once, strict and acted on (ddp implies slow, cuda skips); one
+OpenMP thread for the tests and the processes they start."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,3 +44,11 @@ def test_cuda_tests_are_skipped_with_a_reason_without_cuda(monkeypatch):
     conftest.pytest_runtest_setup(FakeItem())  # unmarked: runs
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     conftest.pytest_runtest_setup(FakeItem("cuda"))  # with a device: runs
+
+
+def test_tests_and_the_processes_they_start_use_the_configured_thread_count():
+    threads = int(os.environ["OMP_NUM_THREADS"])  # conftest's 1 unless the caller exported another value
+    assert torch.get_num_threads() == threads
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['OMP_NUM_THREADS'])"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    assert child.stdout.strip() == str(threads)
