@@ -23,6 +23,7 @@ def run_job(out: Path, devices: int, *options: str, cache: Path | None = None, o
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_ddp_dictionary_is_identical_on_every_rank_and_to_a_single_process_build(tmp_path):
     run_job(tmp_path / "ddp", 2)
     run_job(tmp_path / "single", 1)
@@ -48,11 +49,13 @@ def test_ddp_dictionary_is_identical_on_every_rank_and_to_a_single_process_build
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_without_lambda_trains_under_ddp_with_the_default_strategy(tmp_path):
     run_job(tmp_path / "uniform", 2, "--uniform")  # DDP raises on unused parameters otherwise
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_a_failure_on_one_rank_ends_every_rank_within_a_minute(tmp_path):
     start = time.monotonic()
     result = run_job(tmp_path / "fail", 2, "--fail-rank", "1", ok=False)
@@ -63,6 +66,7 @@ def test_a_failure_on_one_rank_ends_every_rank_within_a_minute(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_ddp_ranks_agree_on_reusing_a_cached_dictionary(tmp_path):
     cache = tmp_path / "dictionary.pt"
     run_job(tmp_path / "build", 2, cache=cache)

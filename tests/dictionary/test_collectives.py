@@ -70,6 +70,7 @@ def two_ranks(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_two_ranks_collectives_by_hand(two_ranks):
     for rank, results in enumerate(two_ranks):
         assert results["identity"] == (2, rank, rank == 0)

@@ -13,8 +13,6 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from ccim_lightning.dictionary.kmeans import MIN_POINTS_PER_CLUSTER, KMeansResult, empty_cluster_moves, kmeans
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 
 @pytest.fixture(autouse=True, scope="module")
 def one_cpu_thread():
@@ -214,8 +212,8 @@ def test_logs_the_backend(caplog):
     assert "backend torch-cpu" in caplog.text and "k-means done" in caplog.text
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
-def test_cuda_request_without_cuda_falls_back_to_cpu_and_says_so(caplog):
+def test_cuda_request_without_cuda_falls_back_to_cpu_and_says_so(caplog, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, also on a GPU machine
     features, _ = separated_blobs(n=600)
     with caplog.at_level(logging.INFO, logger="ccim_lightning.dictionary.kmeans"):
         result = kmeans(features, 12, device="cuda")
@@ -224,14 +222,13 @@ def test_cuda_request_without_cuda_falls_back_to_cpu_and_says_so(caplog):
 
 
 def test_faiss_backend_on_cuda_needs_faiss_gpu(monkeypatch):
-    if hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available():
-        pytest.skip("the installed FAISS has GPU support")
+    monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)  # a CPU-only FAISS, also where it has GPUs
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="needs a FAISS build with GPU support"):
         kmeans(np.ones((100, 2), dtype=np.float32), 2, device="cuda:0", backend="faiss")
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_device_uses_that_gpu_and_matches_cpu_quality():
     features = relu_mixture()
     cpu = kmeans(features, 32, seed=0)
@@ -245,7 +242,7 @@ def test_cuda_device_uses_that_gpu_and_matches_cpu_quality():
     assert torch.equal(gpu.assignments, again.assignments)
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_torch_backend_on_cuda():
     features, labels = separated_blobs()
     result = kmeans(features, 12, seed=0, device="cuda", backend="torch", pca_dim=8)

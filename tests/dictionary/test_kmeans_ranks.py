@@ -174,6 +174,7 @@ def check_same_as_one_process(ranks: list[dict], name: str, single) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("name", list(CASES))
 def test_ranks_give_the_one_process_dictionary(request, world_size, name):
@@ -184,6 +185,7 @@ def test_ranks_give_the_one_process_dictionary(request, world_size, name):
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_ranks_with_pca_give_the_one_process_dictionary(two_ranks, four_ranks):
     x = blobs(1000, 16, 12, seed=1)
     single = kmeans(x, 12, seed=0, pca_dim=6, sample_ids=torch.arange(1000))
@@ -193,6 +195,7 @@ def test_ranks_with_pca_give_the_one_process_dictionary(two_ranks, four_ranks):
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_bad_rows_on_one_rank_are_the_same_error_on_every_rank(two_ranks):
     for results in two_ranks:
         assert "NaN or inf in 1 of 100 rows; first sample ids: 104." in results["error"]
