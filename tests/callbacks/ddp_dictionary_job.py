@@ -1,7 +1,9 @@
-"""A fit job run by tests/callbacks/test_confounder_dictionary_ddp.py as a script (the DDP launcher re-runs it per rank).
+"""A fit job run by tests/callbacks/test_confounder_dictionary_ddp.py as a script (the DDP launcher re-runs it per
+rank).
 
-Usage: python tests/callbacks/ddp_dictionary_job.py OUT_DIR DEVICES [--cache FILE] [--uniform] [--fail-rank K]. Each rank
-saves the dictionary its head holds when training starts (and the training samples' clusters) to OUT_DIR/rank<k>.pt.
+Usage: python tests/callbacks/ddp_dictionary_job.py OUT_DIR DEVICES [--cache FILE] [--uniform] [--fail-rank K]. Each
+rank saves the dictionary its head holds when training starts (and the training samples' clusters) to
+OUT_DIR/rank<k>.pt.
 ``--uniform`` trains the "without lambda" head for two steps under the default DDP strategy; ``--fail-rank K`` makes
 rank K raise while the dictionary build starts.
 """

@@ -6,7 +6,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from tests.datamodules.test_decode import PERSONS, table_module, write_photo_table
 
 from ccim_lightning.datamodules.dataset import (
     ImageGroupedSampler,
@@ -14,6 +13,7 @@ from ccim_lightning.datamodules.dataset import (
     mask_boxes,
     normalize_batch,
 )
+from tests.datamodules.test_decode import PERSONS, table_module, write_photo_table
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
