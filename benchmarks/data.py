@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--no-prepared", action="store_true", help="leave out the prepared-data rows")
+    parser.add_argument("--no-variants", action="store_true", help="leave out the three 'ours' variants")
     parser.add_argument("--litdata", action="store_true", help="also compare LitData storage (pip install litdata)")
     return parser.parse_args(argv)
 
@@ -254,6 +255,8 @@ def loaders(root: Path, args: argparse.Namespace, workers: int) -> dict[str, tup
         "ours, full decode": dict(grouped=True, reduced=False, uint8=True),
         "previous": dict(grouped=False, reduced=False, uint8=False),
     }
+    if args.no_variants:
+        settings = {"ours": settings["ours"]}
     for name, setting in settings.items():
         dm = EmoticDataModule(str(root), num_workers=workers, reduced_decode=setting["reduced"], **sizes)
         dm.setup("fit")

@@ -363,7 +363,8 @@ def flip_batch(batch: Any, generator: torch.Generator | None = None, probability
     ``(W - x2, y1, W - x1, y2)`` with the image width W, and a non-empty ``mask_box`` (context pixels) is mirrored
     in the context width. Each sample is flipped with ``probability`` (0.5, as ``ContextTransform``), drawn from
     ``generator`` or torch's default generator of the batch's device (``seed_everything`` seeds it). A batch
-    without the key is returned unchanged.
+    without the key is returned unchanged. The chosen rows are flipped in place (a collated batch is the loop's
+    own, used once).
     """
     if not isinstance(batch, dict) or FLIP_WIDTH not in batch:
         return batch
@@ -373,23 +374,21 @@ def flip_batch(batch: Any, generator: torch.Generator | None = None, probability
     if context.dtype != torch.uint8 or context.ndim != 4:
         raise ValueError(f"flip_batch: context is {tuple(context.shape)} {context.dtype}, expected (B, H, W, 3) uint8")
     device = context.device
-    flip = (
-        torch.rand(len(context), generator=generator, device="cpu" if generator is not None else device) < probability
-    )
-    flip = flip.to(device)
+    draws = torch.rand(len(context), generator=generator) if generator is not None else None
+    if draws is None:
+        draws = torch.rand(len(context), device=device)
+    chosen = torch.nonzero(draws.to(device) < probability).flatten()
+    # in place, on the chosen rows only: a fraction of the copies a whole-batch select makes
     for key in ("subject", "context"):
-        out[key] = torch.where(flip[:, None, None, None], out[key].flip(2), out[key])
-    box = out["box"]
-    flipped = torch.stack([width - box[:, 2], box[:, 1], width - box[:, 0], box[:, 3]], dim=1)
-    out["box"] = torch.where(flip[:, None], flipped, box)
+        out[key][chosen] = out[key][chosen].flip(2)
+    box, row_width = out["box"], width[chosen].to(device=device, dtype=out["box"].dtype)
+    x1, x2 = box[chosen, 0].clone(), box[chosen, 2].clone()
+    box[chosen, 0], box[chosen, 2] = row_width - x2, row_width - x1
     mask_box = out.get("mask_box")
     if mask_box is not None:
-        context_width = context.shape[2]
-        mirrored = torch.stack(
-            [context_width - mask_box[:, 2], mask_box[:, 1], context_width - mask_box[:, 0], mask_box[:, 3]], dim=1
-        )
-        nonempty = (mask_box[:, 2] > mask_box[:, 0]) & (mask_box[:, 3] > mask_box[:, 1])
-        out["mask_box"] = torch.where((flip & nonempty)[:, None], mirrored, mask_box)
+        nonempty = chosen[(mask_box[chosen, 2] > mask_box[chosen, 0]) & (mask_box[chosen, 3] > mask_box[chosen, 1])]
+        m1, m2 = mask_box[nonempty, 0].clone(), mask_box[nonempty, 2].clone()
+        mask_box[nonempty, 0], mask_box[nonempty, 2] = context.shape[2] - m2, context.shape[2] - m1
     return out
 
 

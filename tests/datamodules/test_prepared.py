@@ -204,7 +204,7 @@ def test_flip_batch_mirrors_pixels_box_and_mask_box_together(photo_root, tmp_pat
     batch = collate_skipping_none([train[i] for i in range(len(train))])
     widths = torch.tensor([float(size[0]) for size in plain.table("train").sizes])
     torch.testing.assert_close(batch[FLIP_WIDTH], widths)
-    flipped = flip_batch(batch, probability=1.0)
+    flipped = flip_batch({key: value.clone() for key, value in batch.items()}, probability=1.0)
     assert FLIP_WIDTH not in flipped
     assert torch.equal(flipped["subject"], batch["subject"].flip(2))
     assert torch.equal(flipped["context"], batch["context"].flip(2))
@@ -222,7 +222,7 @@ def test_flip_batch_mirrors_pixels_box_and_mask_box_together(photo_root, tmp_pat
     # half of them by default, from the given generator; unflipped ones are untouched
     generator = torch.Generator().manual_seed(0)
     chosen = torch.rand(len(train), generator=torch.Generator().manual_seed(0)) < 0.5
-    half = flip_batch(batch, generator=generator)
+    half = flip_batch({key: value.clone() for key, value in batch.items()}, generator=generator)
     for i, flip in enumerate(chosen.tolist()):
         assert torch.equal(half["context"][i], batch["context"][i].flip(1) if flip else batch["context"][i])
     assert flip_batch({"context": torch.zeros(2, 3, 4, 4)}) is not None  # no key: unchanged
