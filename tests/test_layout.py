@@ -256,3 +256,14 @@ def test_readme_layout_lists_every_module(folder):
     assert files
     listed = readme_layout()
     assert [f for f in files if f not in listed] == []
+
+
+def test_setup_cfg_installs_every_package_folder():
+    """A wheel holds only the packages setup.cfg lists: every folder of the package with an __init__.py."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    folders = {module for module, path in _modules().items() if path.name == "__init__.py"}
+    assert folders <= listed, f"setup.cfg [options] packages lacks {sorted(folders - listed)}"
