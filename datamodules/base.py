@@ -213,6 +213,7 @@ class PersonDataModule(L.LightningDataModule):
             build=build, num_workers=self.num_workers,
         )  # fmt: skip
 
+    @override
     def prepare_data(self) -> None:
         """With ``prepared_dir``: decodes the splits the run needs into it (Lightning: one process per node)."""
         if self.prepared_dir is None:
