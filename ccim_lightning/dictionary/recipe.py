@@ -1,7 +1,7 @@
 """The confounder dictionary's settings (:class:`DictionaryRecipe`) and its one entry point, ``load_or_build``.
 
 ``ConfounderDictionaryCallback`` (before fitting), ``ccim build-dictionary``, ``ccim bias-report`` (cluster mode) and
-``benchmarks/debias.py`` all call ``recipe.load_or_build(...)``, so all of them build, key and reuse a dictionary the
+``python -m benchmarks.debias`` all call ``recipe.load_or_build(...)``, so all of them build, key and reuse a dictionary the
 same way. The steps, one small function each: the run's :class:`~ccim_lightning.dictionary.store.DictionaryKey`
 (:func:`dictionary_key`) -> the cache, decided on rank 0 (:func:`load_cached`) -> the scene CNN over this rank's
 shard of ``datamodule.dictionary_dataset(mask_subject=...)`` (train split, eval transforms, subject filled with
