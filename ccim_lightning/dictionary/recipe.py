@@ -2,7 +2,8 @@
 
 ``ConfounderDictionaryCallback`` (before fitting), ``ccim build-dictionary``, ``ccim bias-report`` (cluster mode) and
 ``python -m benchmarks.debias`` all call ``recipe.load_or_build(...)``, so all of them build, key and reuse a
-dictionary the same way. The steps, one small function each: the run's :class:`~ccim_lightning.dictionary.store.DictionaryKey`
+dictionary the same way. The steps, one small function each: the run's
+:class:`~ccim_lightning.dictionary.store.DictionaryKey`
 (:func:`dictionary_key`) -> the cache, decided on rank 0 (:func:`load_cached`) -> the scene CNN over this rank's
 shard of ``datamodule.dictionary_dataset(mask_subject=...)`` (train split, eval transforms, subject filled with
 zeros) -> one k-means over all ranks' rows (:func:`cluster`) -> rank 0 assembles the dictionary, each training
