@@ -428,8 +428,9 @@ class EmoticDataModule(PersonDataModule):
         annotation_format: ``"auto"``, ``"mat"`` or ``"csv"``.
         use_arrays: Read pixels from the CSV folder's ``{split}_context_arr.npy`` / ``{split}_body_arr.npy``
             instead of decoding images (CSV form only).
-        **kwargs: The shared arguments, documented once in :class:`~ccim_lightning.datamodules.base.PersonDataModule`; here
-            ``context_size`` defaults to 224 and ``subject_size`` to 128, as in the EMOTIC baseline.
+        **kwargs: The shared arguments, documented once in
+            :class:`~ccim_lightning.datamodules.base.PersonDataModule`; here ``context_size`` defaults to 224 and
+            ``subject_size`` to 128, as in the EMOTIC baseline.
     """
 
     dataset_name = "EMOTIC"

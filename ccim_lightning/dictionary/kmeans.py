@@ -1,21 +1,12 @@
-"""K-means for the confounder dictionary, one algorithm at every world size.
+"""K-means for the confounder dictionary (the paper's "K-Means++ with PCA"), one algorithm at every world size.
 
-The CCIM paper builds its confounder dictionary Z with "K-Means++ with principal component analysis" over the scene
-features of every training sample: z_i is the centroid of cluster i, P(z_i) its share of the samples. :func:`kmeans`
-is that step. Each rank passes only its own rows; :class:`~ccim_lightning.dictionary.collectives.Collectives`
-carries O(k·d) between ranks (nothing in one process):
-
-1. Checks on every rank at once; the points centred on the global mean (with ``pca_dim``, projected on the leading
-   eigenvectors of the all-reduced covariance), once, in float32.
-2. Seeding of greedy k-means++ quality (:mod:`~ccim_lightning.dictionary.seeding`): every random draw is a fixed
-   function of the seed and the row's *sample id*, never of its position or rank, so any split draws the same.
-3. Lloyd iterations: each rank assigns its points (torch or FAISS, CPU or one GPU); per-cluster sums and counts are
-   all-reduced; empty clusters take the globally farthest points (:func:`empty_cluster_moves`).
-4. The centroids recomputed as the means of the members' *original* features (also with PCA), so that ``centroids``,
-   ``counts``, ``assignments`` and ``inertia`` describe one and the same partition.
-
-A rank holds its rows, one float32 centred copy, per-row scalars and O(k·d) centroids, sums and candidate pool.
-Given the seed, the result depends on the world size only through floating-point summation order.
+Each rank passes its own rows; :class:`~ccim_lightning.dictionary.collectives.Collectives` carries O(k·d) between
+ranks. Steps: checks on every rank at once; the points scaled, centred on the global mean (optionally projected by
+PCA) in float32; seeding of greedy k-means++ quality whose draws depend on the seed and each row's *sample id*
+(:mod:`~ccim_lightning.dictionary.seeding`); Lloyd iterations (torch or FAISS assignment, all-reduced sums, empty
+clusters refilled by :func:`empty_cluster_moves`); the centroids recomputed as means of the *original* features, so
+that centroids, counts, assignments and inertia describe one partition. Given the seed, the world size changes the
+result only through floating-point summation order.
 """
 
 from __future__ import annotations

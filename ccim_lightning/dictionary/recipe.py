@@ -1,12 +1,9 @@
 """The confounder dictionary's settings (:class:`DictionaryRecipe`) and its one entry point, ``load_or_build``.
 
-``ConfounderDictionaryCallback`` (before fitting), ``ccim build-dictionary``, ``ccim bias-report`` (cluster mode) and
-``benchmarks/debias.py`` all call ``recipe.load_or_build(...)``, so all of them build, key and reuse a dictionary the
-same way. The steps, one small function each: the run's :class:`~ccim_lightning.dictionary.store.DictionaryKey`
-(:func:`dictionary_key`) -> the cache, decided on rank 0 (:func:`load_cached`) -> the scene CNN over this rank's
-shard of ``datamodule.dictionary_dataset(mask_subject=...)`` (train split, eval transforms, subject filled with
-zeros) -> one k-means over all ranks' rows (:func:`cluster`) -> rank 0 assembles the dictionary, each training
-sample's cluster in sample-index order (:func:`assemble`), saves the cache and broadcasts it.
+Every user (the callback, ``ccim build-dictionary``, ``ccim bias-report``, the debias study) builds, keys and reuses
+a dictionary through it: the key (:func:`dictionary_key`) -> the cache, decided on rank 0 (:func:`load_cached`) ->
+the scene CNN over this rank's shard of the dictionary dataset -> one k-means over all ranks' rows -> rank 0
+assembles the dictionary (:func:`assemble`), saves the cache and broadcasts it.
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -30,7 +27,7 @@ from ccim_lightning.dictionary.features import (
     extract_context_features,
     own_rows,
 )
-from ccim_lightning.dictionary.kmeans import kmeans
+from ccim_lightning.dictionary.kmeans import KMeansResult, kmeans
 from ccim_lightning.dictionary.store import (
     ConfounderDictionary,
     DictionaryFileError,
@@ -89,18 +86,17 @@ class DictionaryRecipe:
         return Path(self.cache).expanduser() if self.cache else None
 
     def load_or_build(
-        self, datamodule: Any, num_prototypes: int, dim: int, collectives: Collectives | None = None
+        self, datamodule: object, num_prototypes: int, dim: int, collectives: Collectives | None = None
     ) -> ConfounderDictionary:
         """The dictionary for this run: from the cache when its key matches, else built; every rank returns the same.
 
-        Every step that can fail on one rank is agreed on across ranks (:meth:`Collectives.agreed`), so a failure
-        ends every rank at once instead of leaving them in a collective until the process-group timeout.
+        A step that fails on one rank ends every rank at once (:meth:`Collectives.agreed`).
 
         Args:
-            datamodule: The data; a :class:`~ccim_lightning.types.DictionaryDataModule`.
+            datamodule: A :class:`~ccim_lightning.types.DictionaryDataModule`.
             num_prototypes: N of the model.
             dim: d of the model (the scene CNN's feature width).
-            collectives: The process group; default: ``Collectives.current()`` (one process without one).
+            collectives: The process group; default: ``Collectives.current()``.
         """
         collectives = collectives if collectives is not None else Collectives.current()
         if self.source == "random":
@@ -144,7 +140,7 @@ class DictionaryRecipe:
         return dictionary
 
 
-def training_samples(datamodule: Any, mask_subject: bool) -> Dataset:
+def training_samples(datamodule: object, mask_subject: bool) -> Dataset:
     """The datamodule's dictionary dataset (train split, eval transforms), or a clear error naming what it lacks."""
     if not isinstance(datamodule, DictionaryDataModule):
         raise TypeError(
@@ -157,14 +153,16 @@ def training_samples(datamodule: Any, mask_subject: bool) -> Dataset:
 
 
 def dictionary_key(
-    recipe: DictionaryRecipe, datamodule: Any, dataset: Dataset, extractor: ContextFeatureExtractor, num_prototypes: int
+    recipe: DictionaryRecipe,
+    datamodule: object,
+    dataset: Dataset,
+    extractor: ContextFeatureExtractor,
+    num_prototypes: int,
 ) -> DictionaryKey:
     """The key of the dictionary this run would build, which a cached file must equal to be reused.
 
-    Covers the scene CNN and its weights' digest, N, masking, seed, source, k-means iterations and PCA size, the
-    dictionary transform (:func:`transform_signature`) and the data (:func:`sample_identities`: paths, boxes, and for
-    file-backed data each image's size and modification time; an edit that keeps both is invisible, as is a change
-    to annotation columns that are not identities).
+    The data enter through :func:`sample_identities` (paths, boxes, and for files their size and modification time:
+    an edit that keeps both is invisible, as is a change to annotation columns that are not identities).
     """
     return DictionaryKey(
         extractor=extractor.name,
@@ -197,7 +195,7 @@ def sample_identities(dataset: Dataset) -> list[str]:
     return [f"{type(dataset).__name__}:{i}" for i in range(len(dataset))]
 
 
-def transform_signature(datamodule: Any) -> str:
+def transform_signature(datamodule: object) -> str:
     """Canonical text of the datamodule's dictionary transform (``dictionary_signature()``), for the key."""
     return json.dumps(datamodule.dictionary_signature(), sort_keys=True, default=str)
 
@@ -227,25 +225,29 @@ def build_from_features(
     num_samples: int | None = None,
     collectives: Collectives | None = None,
 ) -> ConfounderDictionary:
-    """The dictionary of this rank's feature rows clustered with all ranks' rows; saved to the cache on rank 0.
+    """The dictionary of this rank's rows clustered with all ranks' rows, the same on every rank; cached on rank 0.
 
     Args:
         recipe: The settings (seed, iterations, PCA, cache).
         rows: This rank's samples, each once (:func:`~ccim_lightning.dictionary.features.own_rows`).
         key: The run's key, recorded in the dictionary.
-        num_samples: Size of the split (samples skipped at decode time get cluster -1); default: the largest index
-            plus one.
+        num_samples: Size of the split (unclustered samples get cluster -1); default: the largest index plus one.
         collectives: The process group; default: one process.
-
-    Returns:
-        The same dictionary on every rank.
     """
     collectives = collectives if collectives is not None else Collectives.current()
     start = time.perf_counter()
     with collectives.agreed("clustering the scene features"):
         if int(collectives.all_reduce(torch.tensor([len(rows.indices)], device=collectives.device))[0]) == 0:
             raise ValueError("No training sample could be read for the confounder dictionary: the split is empty.")
-        result, backend = cluster(rows, key.num_prototypes, recipe, collectives)
+        result = kmeans(
+            rows.features,
+            key.num_prototypes,
+            seed=recipe.seed,
+            num_iterations=recipe.num_iterations,
+            pca_dim=recipe.pca_dim,
+            sample_ids=rows.indices,  # the draws follow the sample indices: any split over ranks clusters alike
+            collectives=collectives,
+        )
     # The per-sample columns (a few numbers per sample) go to rank 0, which assembles the dictionary.
     columns = [rows.indices, result.assignments.to(rows.indices.device).long()]
     if rows.scenes is not None:
@@ -258,7 +260,7 @@ def build_from_features(
             size = int(num_samples if num_samples is not None else int(gathered[:, 0].max()) + 1)
             scenes = gathered[:, 2] if gathered.shape[1] > 2 else None
             everyone = ContextFeatures(torch.zeros(len(gathered), 0), gathered[:, 0], targets, scenes)
-            extra = {"kmeans_seconds": time.perf_counter() - start, "kmeans_backend": backend}
+            extra = {"kmeans_seconds": time.perf_counter() - start, "kmeans_backend": result.backend}
             dictionary = assemble(result, everyone, gathered[:, 1], key, size, extra)
             if recipe.cache_path is not None:
                 dictionary.save(recipe.cache_path)
@@ -266,41 +268,13 @@ def build_from_features(
     return collectives.broadcast(dictionary, src=0)
 
 
-def cluster(
-    rows: ContextFeatures, num_prototypes: int, recipe: DictionaryRecipe, collectives: Collectives
-) -> tuple[Any, str]:
-    """k-means of all ranks' rows: the global centroids, counts and inertia, and this rank's rows' clusters.
-
-    One call at every world size; the draws follow the sample indices, so any split of the rows over ranks gives
-    the same clusters.
-
-    Returns:
-        The clustering (``centroids``, ``counts``, ``inertia``, ``assignments`` of ``rows``) and its backend's name.
-    """
-    result = kmeans(
-        rows.features,
-        num_prototypes,
-        seed=recipe.seed,
-        num_iterations=recipe.num_iterations,
-        pca_dim=recipe.pca_dim,
-        sample_ids=rows.indices,
-        collectives=collectives,
-    )
-    return result, result.backend
-
-
 def assemble(
-    result: Any, rows: ContextFeatures, assignments: torch.Tensor, key: DictionaryKey, size: int, extra: dict
+    result: KMeansResult, rows: ContextFeatures, assignments: torch.Tensor, key: DictionaryKey, size: int, extra: dict
 ) -> ConfounderDictionary:
-    """The dictionary of a clustering, with each sample's cluster and target at its index.
+    """The dictionary of a clustering, each sample's cluster and target at its index (-1: not clustered).
 
-    Args:
-        result: The clustering (``centroids``, ``counts``, ``inertia``).
-        rows: The clustered samples' indices, targets and scenes (features unused).
-        assignments: Their clusters, row for row.
-        key: The run's key.
-        size: Samples in the split; those not clustered (skipped at decode time) get cluster -1.
-        extra: Timings and backend, for the logs.
+    ``rows`` gives the clustered samples' indices, targets and scenes (not features); ``assignments`` their clusters,
+    row for row; ``size`` the split's size; ``extra`` timings and backend for the logs.
     """
     indices, assignments = rows.indices.cpu().long(), assignments.cpu().long()
     by_index = torch.full((size,), -1, dtype=torch.long)
