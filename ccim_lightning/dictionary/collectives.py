@@ -1,10 +1,6 @@
 """The process-group operations the dictionary build needs, written once; each is the identity in one process.
 
-:class:`Collectives` wraps ``torch.distributed``'s default group (or none): sums, gathers of equal and unequal
-tensors, broadcasts of any picklable object, and :meth:`Collectives.agreed`, which makes a failure on one rank end
-every rank at once instead of leaving the healthy ones blocked in their next collective until the process-group
-timeout. Tensors travel on the device the backend needs (the CPU for gloo, CUDA for NCCL) and come back on their
-own device.
+Tensors travel on the device the backend needs (the CPU for gloo, CUDA for NCCL) and come back on their own device.
 """
 
 from __future__ import annotations
@@ -49,14 +45,10 @@ class Collectives:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self.device = torch.device(device)
-        if backend == "gloo":
-            self._wire = torch.device("cpu")
-        elif backend == "nccl":
-            self._wire = (
-                self.device if self.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-            )
-        else:  # one process, or a multi-device backend such as "cpu:gloo,cuda:nccl" that takes tensors where they are
-            self._wire = self.device
+        # one process, or a multi-device backend such as "cpu:gloo,cuda:nccl", takes tensors where they are
+        self._wire = torch.device("cpu") if backend == "gloo" else self.device
+        if backend == "nccl" and self.device.type != "cuda":
+            self._wire = torch.device("cuda", torch.cuda.current_device())
 
     @classmethod
     def current(cls, device: torch.device | str | None = None) -> Collectives:
@@ -125,10 +117,9 @@ class Collectives:
 
     @contextmanager
     def agreed(self, step: str) -> Iterator[None]:
-        """Runs a step, then has all ranks agree it succeeded everywhere before any of them goes on.
+        """Runs a step; a failure on one rank ends every rank at once, not at the process-group timeout.
 
-        An exception on one rank is re-raised there after the agreement; the other ranks raise
-        :class:`RankFailedError` naming ``step``. In one process the step simply runs.
+        The exception is re-raised on its rank after the agreement; the others raise :class:`RankFailedError`.
         """
         if self.world_size == 1:
             yield

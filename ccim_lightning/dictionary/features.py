@@ -1,9 +1,7 @@
 """The scene CNN that turns subject-masked context images into confounder features, and the loop that runs it.
 
-The paper runs a ResNet-152 pre-trained on Places365 over every training image with the target subject masked, and
-keeps the output of the last pooling layer (d = 2048). :class:`ContextFeatureExtractor` is that network for any timm
-architecture, built without a classifier so its forward pass returns the pooled features;
-:func:`extract_context_features` runs it over a loader (:func:`dictionary_loader`) into :class:`ContextFeatures`.
+The paper keeps the last pooling layer's output (d = 2048) of a Places365 ResNet-152 over every training image with
+the subject masked; :class:`ContextFeatureExtractor` is that network for any timm architecture.
 """
 
 from __future__ import annotations
@@ -24,13 +22,7 @@ from ccim_lightning.sample_index import first_of_each_index
 from ccim_lightning.types import CONTEXT, INDEX, SCENE, TARGET
 from ccim_lightning.weights import load_pretrained_weights
 
-__all__ = [
-    "ContextFeatureExtractor",
-    "ContextFeatures",
-    "dictionary_loader",
-    "extract_context_features",
-    "own_rows",
-]
+__all__ = ["ContextFeatureExtractor", "ContextFeatures", "dictionary_loader", "extract_context_features", "own_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +31,9 @@ RANDOM_INIT_SEED = 0
 
 
 class ContextFeatureExtractor(nn.Module):
-    """A frozen timm CNN mapping context images (B, 3, H, W) to pooled features (B, d), float32.
+    """A frozen timm CNN (always eval mode, no gradients) mapping context images (B, 3, H, W) to features (B, d).
 
-    The module stays in eval mode with ``requires_grad=False`` parameters: ``train()`` leaves it in eval mode and
-    re-freezes it. Running it under ``torch.no_grad()`` or ``torch.inference_mode()`` is the caller's job. It works
-    under autocast (the output is cast back to float32) and with ``.to(memory_format=torch.channels_last)``.
+    The output is float32, also under autocast; ``torch.no_grad()`` is the caller's job.
 
     Args:
         model_name: Any timm architecture; the paper uses ``"resnet152"``.
@@ -55,9 +45,8 @@ class ContextFeatureExtractor(nn.Module):
 
     Attributes:
         model: The timm network, built with ``num_classes=0``.
-        num_features: Feature size d, the width of the output (2048 for ResNet-152, 512 for ResNet-18); link
-            ``confounder_dim`` to it.
-        name: ``model_name``, with the ``model_kwargs`` appended when given; stored in the dictionary's metadata.
+        num_features: Feature size d (2048 for ResNet-152); link ``confounder_dim`` to it.
+        name: ``model_name`` with the ``model_kwargs`` appended; part of the dictionary's key.
         weights_digest: SHA-256 of the weights file, or ``"random-init:<model_name>"``.
         weights_path: The weights file, or ``None``.
     """
@@ -106,14 +95,7 @@ class ContextFeatureExtractor(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled features of a batch of (masked, normalised) context images.
-
-        Args:
-            images: (B, 3, H, W) images, normalised as :attr:`data_config` says.
-
-        Returns:
-            (B, num_features) float32 features.
-        """
+        """(B, num_features) float32 features of (B, 3, H, W) images normalised as :attr:`data_config` says."""
         return self.model(images).float()
 
     def extra_repr(self) -> str:
@@ -149,9 +131,8 @@ class ContextFeatures:
 def own_rows(local: ContextFeatures, world_size: int, rank: int) -> ContextFeatures:
     """This rank's shard without the DistributedSampler's padding repeats, in index order.
 
-    With ``shuffle=False`` the sampler gives sample ``i`` to rank ``i % world_size``; the repeats it appends to make
-    the shards equal belong to another rank (or repeat one of this rank's), so keeping the rows whose index this rank
-    owns leaves every sample on exactly one rank, also when decode-time skips made the shards unequal.
+    With ``shuffle=False`` the sampler gives sample ``i`` to rank ``i % world_size``: keeping the rows this rank owns
+    leaves every sample on exactly one rank, also when decode-time skips made the shards unequal.
     """
     return local.rows(local.indices % world_size == rank).in_index_order()
 
@@ -159,11 +140,7 @@ def own_rows(local: ContextFeatures, world_size: int, rank: int) -> ContextFeatu
 def dictionary_loader(
     dataset: Dataset, *, batch_size: int, num_workers: int, world_size: int = 1, rank: int = 0
 ) -> DataLoader:
-    """A fixed-order loader over ``dataset``, sharded across ranks when ``world_size > 1``.
-
-    The DistributedSampler pads the last shard with repeated samples; :func:`own_rows` removes them by sample index
-    (and copes with shards that differ in size once undecodable images are skipped).
-    """
+    """A fixed-order loader over ``dataset``, sharded across ranks (padding repeats: see :func:`own_rows`)."""
     sampler = None
     if world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
@@ -184,11 +161,9 @@ def dictionary_loader(
 def extract_context_features(
     extractor: ContextFeatureExtractor, loader: DataLoader, device: torch.device, *, progress: bool = True
 ) -> ContextFeatures:
-    """Runs the scene CNN over a loader of samples in the shared batch schema.
+    """Runs the scene CNN over the ``context`` images of a loader, keeping ``index`` and any ``target``/``scene``.
 
-    Uses ``batch["context"]`` (the image with the subject filled with zeros, unless the dataset was asked for
-    unmasked images), ``batch["index"]`` and, where present, ``target`` and ``scene``. On CUDA it runs in bfloat16
-    autocast with channels_last, where convolutions are fastest; features come back as float32.
+    On CUDA it runs in bfloat16 autocast with channels_last, where convolutions are fastest.
 
     Returns:
         The features of the samples this loader yields, on ``device``; empty (0 rows) for an empty shard.

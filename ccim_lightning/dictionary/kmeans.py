@@ -98,10 +98,9 @@ def kmeans(
         collectives: The process group; default :meth:`Collectives.current`.
         device: Where the assignment step runs. Defaults to the device of ``features`` (CPU for numpy arrays). An
             integer means that CUDA device.
-        backend: ``"auto"``: torch on the CPU (its matrix product outran FAISS's flat search 2-3x there, measured
-            on 20,000 x 2048 against 256 centroids); on a CUDA device FAISS's GPU index when the installed FAISS has
-            GPU support, else torch on that GPU. ``"faiss"``: FAISS (raises on a CUDA device without FAISS GPU
-            support). ``"torch"``: torch on ``device``.
+        backend: ``"auto"``: torch on the CPU (its matrix product outran FAISS's flat search 2-3x on 20,000 x
+            2048 against 256 centroids); on CUDA FAISS's GPU index if installed, else torch. ``"faiss"`` or
+            ``"torch"``: that library on ``device``.
 
     Returns:
         This rank's :class:`KMeansResult` (global centroids, counts and inertia; this rank's assignments).
@@ -169,7 +168,6 @@ def kmeans(
     )
 
 
-# ------------------------------------------------------------------------------------------------------- checks
 def _as_tensor(features: torch.Tensor | np.ndarray) -> torch.Tensor:
     """The features as a floating-point tensor (numpy arrays are wrapped on the CPU without a copy if float32)."""
     if isinstance(features, torch.Tensor):
@@ -310,18 +308,15 @@ def _resolve_device(device: torch.device | str | int | None, x: torch.Tensor) ->
     return target
 
 
-def _faiss_has_gpu() -> bool:
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
 def _resolve_backend(backend: str, device: torch.device) -> str:
     """The backend name for a requested backend and the resolved device."""
+    torch_name = "torch-gpu" if device.type == "cuda" else f"torch-{device.type}"
     if backend == "torch" or (backend == "auto" and device.type == "cpu"):
-        return "torch-gpu" if device.type == "cuda" else f"torch-{device.type}"
+        return torch_name
     if device.type == "cpu":
         return "faiss-cpu"
     if device.type == "cuda":
-        if _faiss_has_gpu():
+        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             return "faiss-gpu"
         if backend == "faiss":
             raise RuntimeError(
@@ -329,13 +324,11 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
                 "the installed FAISS is CPU-only. Use backend='auto' to run the assignment step in torch on the GPU"
             )
         logger.info("k-means: the installed FAISS has no GPU support; the assignment step runs in torch on %s", device)
-        return "torch-gpu"
-    if backend == "faiss":
+    elif backend == "faiss":
         raise RuntimeError(f"backend='faiss' runs on the CPU or a CUDA device, not on {device}")
-    return f"torch-{device.type}"
+    return torch_name
 
 
-# ------------------------------------------------------------------------------------------ centring and PCA
 def _centred_points(
     x: torch.Tensor, largest: float, total: int, pca_dim: int | None, group: Collectives
 ) -> torch.Tensor:
@@ -371,7 +364,6 @@ def _centred_points(
     return points @ projection.to(points.device)
 
 
-# ---------------------------------------------------------------------------------------------- Lloyd steps
 def _assignment_step(points: torch.Tensor, backend: str, device: torch.device):
     """A function centroids -> (squared distance to, index of) each point's nearest centroid, on the backend."""
     if backend.startswith("torch"):
@@ -425,9 +417,8 @@ def _refill(
 ) -> torch.Tensor:
     """Empty clusters take the globally farthest points (:func:`empty_cluster_moves`); a new tensor if any moved.
 
-    Each rank offers its ``k`` farthest points (a cluster of one never gives its point, so at most one point per
-    non-empty cluster is passed over and ``k`` always suffice); every rank replays the same moves on the gathered
-    candidates, ordered by distance and then by sample id, and applies those of its own points.
+    Each rank offers its ``k`` farthest points (enough: only clusters of one are passed over); every rank replays the
+    same moves on the candidates, ordered by distance then sample id, and applies those of its own points.
     """
     counts = group.all_reduce(torch.bincount(assignments, minlength=num_clusters))
     empty = (counts == 0).nonzero().flatten().tolist()
@@ -452,10 +443,7 @@ def _refill(
 def empty_cluster_moves(
     empty: list[int], sizes: list[int], farthest_first: Iterable[tuple[int, int]]
 ) -> list[tuple[int, int]]:
-    """Which points refill the empty clusters: one ``(point, empty cluster)`` pair per empty cluster.
-
-    Walks the candidates farthest from their centroid first and takes a point only if its cluster keeps at least one
-    member, so no cluster empties in turn.
+    """One ``(point, empty cluster)`` move per empty cluster, taking points whose cluster keeps a member.
 
     Args:
         empty: The empty clusters, in the order they are filled.

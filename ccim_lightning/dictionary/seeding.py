@@ -96,16 +96,12 @@ def seed_centroids(
 ) -> torch.Tensor:
     """(k, d) initial centroids, points of the data of greedy k-means++ quality.
 
-    Hand-written rather than left to FAISS: ``faiss.Clustering`` seeds with random points; FAISS 1.12+ also offers
-    k-means++, but the plain variant (one candidate per step), on the CPU, and on all rows in one process. On
-    clustered 2048-d features with k=256 either start ends Lloyd's iterations several percent above scikit-learn's
-    greedy k-means++, whose own cost is a pass over all points per step and candidate.
-
-    So: k-means|| oversampling, from one point drawn uniformly, ``_SEEDING_ROUNDS`` rounds each draw ``num_clusters``
-    candidates without replacement proportionally to the squared distance to the candidates so far
-    (Efraimidis-Spirakis keys Exp(1) / w from :func:`sample_uniforms`); each candidate is weighted by the number of
-    points it is the nearest candidate of, and weighted greedy k-means++ reduces them to k. When there are no more
-    points than the pool would hold, the greedy step runs on all points with unit weights: greedy k-means++ itself.
+    Hand-written: FAISS seeds with random points or plain k-means++ on all rows in one process, and on clustered
+    2048-d features with k=256 either start ends Lloyd several percent above scikit-learn's greedy k-means++, whose
+    cost is a pass over all points per step and candidate. So: k-means|| oversampling (``_SEEDING_ROUNDS`` rounds of
+    ``num_clusters`` draws without replacement proportional to the squared distance, Efraimidis-Spirakis keys
+    Exp(1) / w), each candidate weighted by the points nearest to it, reduced to k by weighted greedy k-means++ (on
+    all points with unit weights when they are no more than the pool).
     """
     if total <= _SEEDING_ROUNDS * num_clusters + 1:
         table = group.gather_unequal(torch.cat([ids.unsqueeze(1).double(), points.double()], 1))
@@ -146,10 +142,7 @@ def seed_centroids(
 
 
 def _sample_proportional(weights: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` indices drawn with replacement with probability proportional to ``weights`` (inverse CDF).
-
-    The uniform numbers come from the CPU generator whatever the device, so a seed means the same draws everywhere.
-    """
+    """``count`` indices drawn with replacement proportionally to ``weights`` (CPU generator: same on any device)."""
     cumulative = weights.double().cumsum(0)
     uniform = torch.rand(count, generator=generator, dtype=torch.float64).to(weights.device)
     index = torch.searchsorted(cumulative, uniform * cumulative[-1], right=True)
@@ -159,14 +152,10 @@ def _sample_proportional(weights: torch.Tensor, count: int, generator: torch.Gen
 def _greedy_kmeans_plusplus(
     points: torch.Tensor, weights: torch.Tensor, num_clusters: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """Weighted greedy k-means++ (as scikit-learn's, with ``_LOCAL_TRIALS`` candidates per step).
+    """(k,) int64 indices into ``points`` of weighted greedy k-means++ (scikit-learn's, ``_LOCAL_TRIALS`` trials).
 
-    The first centre is drawn proportionally to the weights; each further step draws ``_LOCAL_TRIALS`` candidates
-    proportionally to weight times squared distance to the nearest centre so far and keeps the one that leaves the
-    smallest weighted potential.
-
-    Returns:
-        (k,) int64 indices into ``points``.
+    Each step draws trials proportionally to weight times squared distance and keeps the one leaving the smallest
+    weighted potential.
     """
     count = points.shape[0]
     norms = points.square().sum(1)
