@@ -125,7 +125,7 @@ def kmeans(
         )
     x = x.to(target)
     _warn_if_degenerate(x, num_clusters, total, group)
-    points = _centred_points(x, largest, total, pca_dim, group)  # float32, on target
+    points, mean = _centred_points(x, largest, total, pca_dim, group)  # float32, on target
     ids = ids.to(target)
     seeding_start = time.perf_counter()
     centroids = seed_centroids(points, ids, num_clusters, seed, total, group)
@@ -144,9 +144,7 @@ def kmeans(
             break
     assignments = _refill(assignments, distances, ids, num_clusters, group)
     del points, distances
-    sums, counts = _sums(x, assignments, num_clusters, group, exact=True)
-    centroids = (sums / counts.unsqueeze(1)).float()
-    inertia = float(group.all_reduce(_inertia(x, assignments, centroids)))
+    centroids, counts, inertia = _means_and_inertia(x, assignments, num_clusters, mean, group)
     seconds = time.perf_counter() - start
     if group.is_global_zero:
         logger.info(
@@ -331,8 +329,10 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 def _centred_points(
     x: torch.Tensor, largest: float, total: int, pca_dim: int | None, group: Collectives
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's rows scaled, centred on the global mean and optionally projected by PCA: (n_r, d or p) float32.
+
+    Also returns the (d,) float64 global mean in the features' own units.
 
     Squared distances overflow float32 from |x| ~ 1e19 (FAISS then finds no nearest centroid and aborts the process)
     and underflow below |x| ~ 1e-19. Scaling by a power of two is exact and k-means is scale-invariant, so the
@@ -349,7 +349,7 @@ def _centred_points(
     mean = group.all_reduce(mean) / total
     points -= mean.float()
     if pca_dim is None:
-        return points
+        return points, mean / scale
     start = time.perf_counter()
     # Written on the covariance rather than with faiss.PCAMatrix, which needs every row in one process: the (d, d)
     # sums of the ranks add up exactly to those of the concatenated rows. float32 products, float64 accumulation.
@@ -361,7 +361,7 @@ def _centred_points(
     projection = group.broadcast(torch.linalg.eigh(covariance.cpu()).eigenvectors[:, -pca_dim:].flip(1).float())
     if group.is_global_zero:
         logger.info("k-means: PCA %d -> %d dimensions in %.2f s", points.shape[1], pca_dim, time.perf_counter() - start)
-    return points @ projection.to(points.device)
+    return points @ projection.to(points.device), mean / scale
 
 
 def _assignment_step(points: torch.Tensor, backend: str, device: torch.device):
@@ -387,29 +387,38 @@ def _assignment_step(points: torch.Tensor, backend: str, device: torch.device):
     return search
 
 
-def _sums(x: torch.Tensor, assignments: torch.Tensor, num_clusters: int, group: Collectives, exact: bool = False):
-    """(k, d) float64 per-cluster sums of x's rows over all ranks and (k,) int64 sizes.
-
-    Within a chunk of rows the sums are float32 (fast, and precise enough for the Lloyd steps on unit-scaled points)
-    unless ``exact``: the final means of the original features, whose magnitude may be anything, are float64 sums.
-    """
-    dtype = torch.float64 if exact else torch.float32
+def _sums(x: torch.Tensor, assignments: torch.Tensor, num_clusters: int, group: Collectives):
+    """(k, d) float64 per-cluster sums of the unit-scaled points over all ranks (float32 within a chunk of rows)."""
     sums = torch.zeros(num_clusters, x.shape[1], dtype=torch.float64, device=x.device)
     chunk = max(1, CHUNK_ENTRIES // (4 * max(1, x.shape[1])))
     for rows, labels in zip(x.split(chunk), assignments.split(chunk)):
-        part = torch.zeros(num_clusters, x.shape[1], dtype=dtype, device=x.device)
-        sums += part.index_add_(0, labels, rows.to(dtype)).double()
+        sums += torch.zeros(num_clusters, x.shape[1], device=x.device).index_add_(0, labels, rows).double()
     return group.all_reduce(sums), group.all_reduce(torch.bincount(assignments, minlength=num_clusters))
 
 
-def _inertia(x: torch.Tensor, assignments: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """0-dim float64 sum of squared distances of this rank's original rows to their (float32) centroid."""
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
-    chunk = max(1, CHUNK_ENTRIES // max(1, x.shape[1]))
-    centroids = centroids.double()
+def _means_and_inertia(
+    x: torch.Tensor, assignments: torch.Tensor, num_clusters: int, mean: torch.Tensor, group: Collectives
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The (k, d) float32 member means of the original rows, (k,) sizes, and the inertia to those float32 means.
+
+    One float64 pass instead of a second one for the inertia: per cluster, with S the sum of x - m over its n members
+    and c its float32 mean, sum |x - c|^2 = sum |x - m|^2 - |S|^2 / n + n |S / n - (c - m)|^2 exactly. Taking m as
+    the global mean keeps the subtraction from cancelling on a large common offset.
+    """
+    sums = torch.zeros(num_clusters, x.shape[1], dtype=torch.float64, device=x.device)
+    squares = torch.zeros((), dtype=torch.float64, device=x.device)
+    chunk = max(1, CHUNK_ENTRIES // (4 * max(1, x.shape[1])))
     for rows, labels in zip(x.split(chunk), assignments.split(chunk)):
-        total += (rows.double() - centroids[labels]).square().sum()
-    return total
+        rows = rows.double() - mean
+        sums.index_add_(0, labels, rows)
+        squares += torch.dot(rows.view(-1), rows.view(-1))
+    sums, squares = group.all_reduce(sums), group.all_reduce(squares)
+    counts = group.all_reduce(torch.bincount(assignments, minlength=num_clusters))
+    within = sums / counts.unsqueeze(1)
+    centroids = (mean + within).float()
+    rounding = counts * (within - (centroids.double() - mean)).square().sum(1)
+    inertia = squares - (sums.square().sum(1) / counts).sum() + rounding.sum()
+    return centroids, counts, max(0.0, float(inertia))
 
 
 def _refill(

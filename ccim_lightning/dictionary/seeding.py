@@ -55,15 +55,19 @@ def _squared_distances(a: torch.Tensor, a_norms: torch.Tensor, b: torch.Tensor, 
 
 
 def nearest_centres(x: torch.Tensor, x_norms: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared distance to, and index of, the nearest of ``centres`` for every row of x (row chunks bound memory)."""
+    """Squared distance to, and index of, the nearest of ``centres`` for every row of x (row chunks bound memory).
+
+    The nearest centre minimises |c|^2 - 2 x.c, one fused matrix product; |x|^2 is added to the minimum only.
+    """
     norms = centres.square().sum(1)
     chunk = max(1, CHUNK_ENTRIES // max(1, centres.shape[0]))
     distances = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     indices = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     for start in range(0, x.shape[0], chunk):
         rows = slice(start, start + chunk)
-        distances[rows], indices[rows] = _squared_distances(x[rows], x_norms[rows], centres, norms).min(1)
-    return distances, indices
+        distances[rows], indices[rows] = torch.addmm(norms, x[rows], centres.T, alpha=-2.0).min(1)
+    distances += x_norms
+    return distances.clamp_min_(0.0), indices
 
 
 def _draw(keys: torch.Tensor, ids: torch.Tensor, count: int, group: Collectives) -> torch.Tensor:
