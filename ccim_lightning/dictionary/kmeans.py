@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ccim_lightning.dictionary.collectives import Collectives
-from ccim_lightning.dictionary.seeding import CHUNK_ENTRIES, nearest_centres, seed_centroids
+from ccim_lightning.dictionary.seeding import CHUNK_ENTRIES, nearest_centres, seed_centroids, smallest_keys
 
 __all__ = ["MIN_POINTS_PER_CLUSTER", "KMeansResult", "empty_cluster_moves", "kmeans"]
 
@@ -435,17 +435,12 @@ def _refill(
         return assignments
     if group.is_global_zero:
         logger.info("k-means: moving the farthest points into %d empty cluster(s)", len(empty))
-    values, local = distances.topk(min(num_clusters, len(distances)))
-    table = torch.stack([values.double(), ids[local].double(), assignments[local].double(), local.double()], 1)
-    table = torch.cat([table, torch.full_like(table[:, :1], group.rank)], 1).cpu()
-    gathered = group.gather_unequal(table)
-    by_id = torch.argsort(gathered[:, 1], stable=True)
-    order = by_id[torch.argsort(-gathered[by_id, 0], stable=True)].tolist()
-    candidates = ((row, int(gathered[row, 2])) for row in order)
+    # (-distance, sample id, local row, rank, cluster) of the farthest points first
+    table = smallest_keys(-distances, ids, num_clusters, group, payload=assignments).tolist()
     moved = assignments.clone()
-    for row, cluster in empty_cluster_moves(empty, counts.tolist(), candidates):
-        if int(gathered[row, 4]) == group.rank:
-            moved[int(gathered[row, 3])] = cluster
+    for row, cluster in empty_cluster_moves(empty, counts.tolist(), ((i, int(r[4])) for i, r in enumerate(table))):
+        if int(table[row][3]) == group.rank:
+            moved[int(table[row][2])] = cluster
     return moved
 
 

@@ -12,7 +12,7 @@ import torch
 
 from ccim_lightning.dictionary.collectives import Collectives
 
-__all__ = ["CHUNK_ENTRIES", "nearest_centres", "sample_uniforms", "seed_centroids"]
+__all__ = ["CHUNK_ENTRIES", "nearest_centres", "sample_uniforms", "seed_centroids", "smallest_keys"]
 
 CHUNK_ENTRIES = 1 << 24
 """Entries of the largest temporary (distance block, float64 copy of rows) materialised at once."""
@@ -70,20 +70,27 @@ def nearest_centres(x: torch.Tensor, x_norms: torch.Tensor, centres: torch.Tenso
     return distances.clamp_min_(0.0), indices
 
 
-def _draw(keys: torch.Tensor, ids: torch.Tensor, count: int, group: Collectives) -> torch.Tensor:
-    """The ``count`` rows of all ranks with the smallest keys (ties by sample id), in ascending sample id.
+def smallest_keys(
+    keys: torch.Tensor, ids: torch.Tensor, count: int, group: Collectives, payload: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Every rank's ``count`` rows with the smallest keys, ordered by key then sample id, the same on every rank.
 
-    The global winners are among every rank's ``count`` smallest, so only those travel.
+    The ``count`` smallest of all ranks are among them, so only those travel.
 
     Returns:
-        (count, 4) float64 rows of (key, sample id, local row, rank), the same on every rank.
+        (m, 4) float64 rows of (key, sample id, local row, rank), plus a fifth column of ``payload`` when given.
     """
     local_keys, local_rows = keys.topk(min(count, len(keys)), largest=False)
-    table = torch.stack([local_keys.double(), ids[local_rows].double(), local_rows.double()], 1)
-    table = torch.cat([table, torch.full_like(table[:, :1], group.rank)], 1)
-    gathered = group.gather_unequal(table)
+    columns = [local_keys.double(), ids[local_rows].double(), local_rows.double()]
+    columns += [torch.full_like(columns[0], group.rank)] + ([] if payload is None else [payload[local_rows].double()])
+    gathered = group.gather_unequal(torch.stack(columns, 1))
     by_id = torch.argsort(gathered[:, 1], stable=True)
-    winners = gathered[by_id[torch.argsort(gathered[by_id, 0], stable=True)[:count]]]
+    return gathered[by_id[torch.argsort(gathered[by_id, 0], stable=True)]]
+
+
+def _draw(keys: torch.Tensor, ids: torch.Tensor, count: int, group: Collectives) -> torch.Tensor:
+    """(count, 4) rows of :func:`smallest_keys`: the ``count`` smallest keys of all ranks, in ascending sample id."""
+    winners = smallest_keys(keys, ids, count, group)[:count]
     return winners[torch.argsort(winners[:, 1])]
 
 
