@@ -58,9 +58,6 @@ class Collectives:
     def __repr__(self) -> str:
         return f"Collectives(world_size={self.world_size}, rank={self.rank}, device={self.device})"
 
-    def _global(self, rank: int) -> int:
-        return rank if self.group is None else dist.get_global_rank(self.group, rank)
-
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """The element-wise sum over ranks, as a new tensor on the device of ``tensor``."""
         if self.world_size == 1:
@@ -112,7 +109,8 @@ class Collectives:
         if self.world_size == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=self._global(src), group=self.group, device=self._wire)
+        source = src if self.group is None else dist.get_global_rank(self.group, src)
+        dist.broadcast_object_list(box, src=source, group=self.group, device=self._wire)
         return box[0]
 
     @contextmanager

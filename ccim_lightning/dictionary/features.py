@@ -37,11 +37,9 @@ class ContextFeatureExtractor(nn.Module):
 
     Args:
         model_name: Any timm architecture; the paper uses ``"resnet152"``.
-        weights: Local weights file (a state dict or a checkpoint wrapping one, e.g. the Places365 release; see
-            :func:`~ccim_lightning.weights.load_pretrained_weights`). ``None`` keeps a random initialisation (seeded
-            with :data:`RANDOM_INIT_SEED`), which gives a weak dictionary: a warning is logged.
-        **model_kwargs: Passed to ``timm.create_model`` (e.g. ``global_pool="avg"``); they become part of
-            :attr:`name` because they change the features.
+        weights: Local weights file (:func:`~ccim_lightning.weights.load_pretrained_weights`); ``None`` keeps the
+            random initialisation seeded with :data:`RANDOM_INIT_SEED` (a weak dictionary, warned).
+        **model_kwargs: Passed to ``timm.create_model`` (e.g. ``global_pool="avg"``); part of :attr:`name`.
 
     Attributes:
         model: The timm network, built with ``num_classes=0``.
@@ -55,23 +53,20 @@ class ContextFeatureExtractor(nn.Module):
         super().__init__()
         if "num_classes" in model_kwargs:
             raise ValueError("ContextFeatureExtractor builds its model with num_classes=0; do not pass num_classes.")
+        # Same random network for the same name and timm version, whatever the global RNG state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_kwargs)
+        self.weights_digest, self.weights_path = f"random-init:{model_name}", None
         if weights is None:
-            # Same random network for the same name and timm version, whatever the global RNG state.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_INIT_SEED)
-                self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_kwargs)
-            self.weights_digest = f"random-init:{model_name}"
-            self.weights_path = None
             log.warning(
                 "The scene CNN %r has random weights: its features give a weak confounder dictionary. The paper "
                 "uses a ResNet-152 pre-trained on Places365; pass a local weights file as `weights`.",
                 model_name,
             )
         else:
-            self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_kwargs)
             info = load_pretrained_weights(self.model, weights, strict=True, ignore_classifier=True)
-            self.weights_digest = info.digest
-            self.weights_path = info.path
+            self.weights_digest, self.weights_path = info.digest, info.path
         # timm's width of the pooled output: ``head_hidden_size`` where a pre-logits layer follows the last stage
         # (e.g. MobileNetV3), else ``num_features``.
         self.num_features: int = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)

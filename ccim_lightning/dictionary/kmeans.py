@@ -65,11 +65,6 @@ class KMeansResult:
     pca_dim: int | None = None
     world_size: int = 1
 
-    @property
-    def num_clusters(self) -> int:
-        """Number of clusters k."""
-        return int(self.centroids.shape[0])
-
 
 @torch.no_grad()
 def kmeans(
@@ -106,8 +101,7 @@ def kmeans(
         This rank's :class:`KMeansResult` (global centroids, counts and inertia; this rank's assignments).
 
     Raises:
-        ValueError: On every rank, when any rank's features are not 2-D, dimensions differ, there are NaN/inf values
-            (the message lists sample ids), fewer rows in all than ``num_clusters``, or an argument is out of range.
+        ValueError: On every rank, for bad shapes, NaN/inf (naming sample ids), too few rows or bad arguments.
         RuntimeError: ``backend="faiss"`` on a CUDA device while the installed FAISS has no GPU support.
     """
     start = time.perf_counter()
@@ -291,19 +285,12 @@ def _warn_if_degenerate(x: torch.Tensor, num_clusters: int, total: int, group: C
 
 def _resolve_device(device: torch.device | str | int | None, x: torch.Tensor) -> torch.device:
     """The device to run on; a CUDA device without CUDA falls back to the CPU (logged)."""
-    if device is None:
-        target = x.device
-    elif isinstance(device, int):
-        target = torch.device("cuda", device)
-    else:
-        target = torch.device(device)
-    if target.type == "cuda":
-        if not torch.cuda.is_available():
-            logger.warning("k-means: %s requested but CUDA is not available; falling back to the CPU", target)
-            return torch.device("cpu")
-        if target.index is None:
-            target = torch.device("cuda", torch.cuda.current_device())
-    return target
+    target = x.device if device is None else torch.device("cuda", device) if isinstance(device, int) else device
+    target = torch.device(target)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        logger.warning("k-means: %s requested but CUDA is not available; falling back to the CPU", target)
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if str(target) == "cuda" else target
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -330,14 +317,11 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 def _centred_points(
     x: torch.Tensor, largest: float, total: int, pca_dim: int | None, group: Collectives
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's rows scaled, centred on the global mean and optionally projected by PCA: (n_r, d or p) float32.
+    """This rank's rows scaled, centred and optionally PCA-projected, (n_r, d or p) float32; the (d,) float64 mean.
 
-    Also returns the (d,) float64 global mean in the features' own units.
-
-    Squared distances overflow float32 from |x| ~ 1e19 (FAISS then finds no nearest centroid and aborts the process)
-    and underflow below |x| ~ 1e-19. Scaling by a power of two is exact and k-means is scale-invariant, so the
-    clustering runs on x / 2^e with entries below 1 in magnitude. Centring keeps |x|^2 + |c|^2 - 2 x.c from cancelling
-    on the large common component of non-negative (ReLU) features in float32.
+    Squared distances overflow float32 from |x| ~ 1e19 (FAISS then aborts the process) and underflow below 1e-19:
+    scaling by a power of two is exact and k-means scale-invariant, so it runs on x / 2^e with entries below 1.
+    Centring keeps |x|^2 + |c|^2 - 2 x.c from cancelling on the common component of ReLU features in float32.
     """
     scale = 1.0 if largest == 0.0 else math.ldexp(1.0, -math.frexp(largest)[1])
     points = x.to(torch.float32) * scale  # always a copy: the caller's features are never modified
@@ -447,12 +431,9 @@ def _refill(
 def empty_cluster_moves(
     empty: list[int], sizes: list[int], farthest_first: Iterable[tuple[int, int]]
 ) -> list[tuple[int, int]]:
-    """One ``(point, empty cluster)`` move per empty cluster, taking points whose cluster keeps a member.
+    """One ``(point, empty cluster)`` move per cluster of ``empty``, taking points whose cluster keeps a member.
 
-    Args:
-        empty: The empty clusters, in the order they are filled.
-        sizes: Every cluster's size before the moves (not modified).
-        farthest_first: ``(point, its cluster)`` candidates, farthest from their centroid first.
+    ``farthest_first`` holds ``(point, its cluster)`` candidates, farthest first; ``sizes``: before the moves.
 
     Raises:
         ValueError: When the candidates run out first (fewer movable points than empty clusters).

@@ -111,13 +111,11 @@ class DictionaryRecipe:
                     "ccim CLI links it to --dictionary.extractor)."
                 )
             key = dictionary_key(self, datamodule, dataset, extractor, num_prototypes)
-            cached = None
-            if collectives.is_global_zero:
-                # Rank 0 decides and tells the others: ranks that judged the cache on their own could disagree
-                # (node-local disks, a file being written) and then wait in different collectives forever.
-                cached = load_cached(self.cache_path, key)
-                if cached is None and self.cache_path is not None:
-                    check_cache_path(self.cache_path)  # before hours of extraction, not after
+            # Rank 0 decides and tells the others: ranks that judged the cache on their own could disagree
+            # (node-local disks, a file being written) and then wait in different collectives forever.
+            cached = load_cached(self.cache_path, key) if collectives.is_global_zero else None
+            if cached is None and self.cache_path is not None and collectives.is_global_zero:
+                check_cache_path(self.cache_path)  # before hours of extraction, not after
         cached = collectives.broadcast(cached, src=0)
         if cached is not None:
             return cached
@@ -173,17 +171,15 @@ def dictionary_key(
         source=recipe.source,
         num_iterations=recipe.num_iterations,
         pca_dim=recipe.pca_dim,
-        transform=transform_signature(datamodule),
+        transform=json.dumps(datamodule.dictionary_signature(), sort_keys=True, default=str),
         dataset_fingerprint=dataset_fingerprint(sample_identities(dataset)),
     )
 
 
 def sample_identities(dataset: Dataset) -> list[str]:
-    """Stable names of a dataset's samples, for the dictionary's dataset fingerprint.
+    """Stable names of a dataset's samples (:class:`~ccim_lightning.types.IdentifiedDataset`) for the fingerprint.
 
-    Datasets that know their samples (image path, box, file size and modification time; or generator seed and
-    index) are :class:`~ccim_lightning.types.IdentifiedDataset`; for any other dataset the class name and position
-    are used, which cannot tell two datasets of the same class and size apart, so a warning says the check is weak.
+    Other datasets are named by class and position, which cannot tell two of the same class and size apart (warned).
     """
     if isinstance(dataset, IdentifiedDataset):
         return [str(identity) for identity in dataset.sample_identities()]
@@ -193,11 +189,6 @@ def sample_identities(dataset: Dataset) -> list[str]:
         missing_members(dataset, IdentifiedDataset),
     )
     return [f"{type(dataset).__name__}:{i}" for i in range(len(dataset))]
-
-
-def transform_signature(datamodule: object) -> str:
-    """Canonical text of the datamodule's dictionary transform (``dictionary_signature()``), for the key."""
-    return json.dumps(datamodule.dictionary_signature(), sort_keys=True, default=str)
 
 
 def load_cached(path: Path | None, key: DictionaryKey) -> ConfounderDictionary | None:
@@ -320,14 +311,8 @@ def _scene_statistics(assignments: torch.Tensor, scenes: torch.Tensor, num_clust
 
 def dictionary_summary(dictionary: ConfounderDictionary) -> dict[str, float]:
     """The numbers a person checks after a build: samples, N, d, inertia, time, and scene NMI/purity when known."""
-    stats = {
-        "num_samples": float(dictionary.num_samples),
-        "num_prototypes": float(dictionary.num_prototypes),
-        "feature_dim": float(dictionary.dim),
-    }
-    if dictionary.inertia is not None:
-        stats["inertia"] = dictionary.inertia
-    for name in ("build_seconds", "skipped_samples", "scene_nmi", "scene_purity"):
-        if name in dictionary.extra:
-            stats[name] = float(dictionary.extra[name])
-    return stats
+    stats = {"num_samples": dictionary.num_samples, "num_prototypes": dictionary.num_prototypes}
+    stats |= {"feature_dim": dictionary.dim, "inertia": dictionary.inertia}
+    stats |= {name: dictionary.extra.get(name) for name in ("build_seconds", "skipped_samples")}
+    stats |= {name: dictionary.extra.get(name) for name in ("scene_nmi", "scene_purity")}
+    return {name: float(value) for name, value in stats.items() if value is not None}

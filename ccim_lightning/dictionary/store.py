@@ -49,8 +49,7 @@ class DictionaryKey:
         source: ``"features"`` (clustered scene features) or ``"random"`` (the random-Z ablation).
         num_iterations: k-means Lloyd iterations (``None`` for random dictionaries).
         pca_dim: PCA size before k-means, or ``None`` (no PCA).
-        transform: Canonical text of the dictionary transform (image size, normalisation, masking fill);
-            ``"none"`` where unknown.
+        transform: Canonical text of the dictionary transform (size, normalisation, mask fill), or ``"none"``.
         dataset_fingerprint: :func:`dataset_fingerprint` of the clustered samples, or ``"none"``.
     """
 
@@ -115,13 +114,10 @@ class ConfounderDictionary:
         key: The settings and data that produced it (:class:`DictionaryKey`).
         num_samples: Number of samples clustered (0 for random ones).
         inertia: Final clustering objective (sum of squared distances to the centroids), if known.
-        assignments: (n,) int64 cluster of every sample of the split, in sample-index order; -1 for a sample that
-            was not clustered (skipped at decode time). ``None`` for random dictionaries.
-        targets: (n,) int64 labels or (n, C) float32 multi-hot targets of the same samples (the debiasing methods'
-            P(y | z) counts), or ``None``.
+        assignments: (n,) int64 cluster of every sample of the split by index (-1: not clustered), or ``None``.
+        targets: (n,) int64 labels or (n, C) float32 multi-hot targets of the same samples, or ``None``.
         created: ISO-8601 UTC time of creation.
-        extra: Free-form information for logs (clustering settings, timings); plain Python values only, so that the
-            file loads with ``torch.load(weights_only=True)``.
+        extra: Information for logs (settings, timings), plain values that ``torch.load(weights_only=True)`` reads.
     """
 
     prototypes: torch.Tensor
@@ -207,17 +203,10 @@ class ConfounderDictionary:
         targets: torch.Tensor | None = None,
         extra: dict[str, Any] | None = None,
     ) -> ConfounderDictionary:
-        """The dictionary of a clustering: z_i = centroid i, P(z_i) = N_i / sum_j N_j (paper, Sec. "Z").
+        """The dictionary of (N, d) centroids and (N,) cluster sizes: z_i = centroid i, P(z_i) = N_i / sum_j N_j.
 
-        Args:
-            centroids: (N, d) cluster centroids (tensor or array).
-            counts: (N,) cluster sizes; empty clusters get prior 0.
-            key: The run's key; its ``source`` must be ``"features"``.
-            num_samples: Number of samples clustered; defaults to ``counts.sum()``.
-            inertia: As the attribute.
-            assignments: As the attribute.
-            targets: As the attribute.
-            extra: As the attribute.
+        ``key.source`` must be ``"features"``; ``num_samples`` defaults to ``counts.sum()``; the other arguments
+        are the attributes of the same names.
         """
         if key.source != "features":
             raise ValueError(f"A clustering gives a source='features' dictionary, but the key says {key.source!r}.")
@@ -311,7 +300,7 @@ class ConfounderDictionary:
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
-            DictionaryFileError: The file is damaged, not a dictionary file, of another version, or inconsistent.
+            DictionaryFileError: A damaged, foreign, other-version or inconsistent file.
         """
         path = Path(path).expanduser()
         if not path.is_file():
@@ -376,10 +365,7 @@ _METADATA_FIELDS = ("num_samples", "inertia", "created")
 
 
 def check_cache_path(path: str | os.PathLike) -> Path:
-    """Checks before any work (a build takes minutes to hours) that a dictionary can be written to ``path``.
-
-    Also deletes the temporary files ``.<name>.<pid>.tmp`` of :meth:`ConfounderDictionary.save` whose process is gone.
-    Returns the path, expanded.
+    """``path`` expanded, once checked writable before a build of hours; deletes stale ``.<name>.<pid>.tmp`` files.
 
     Raises:
         DictionaryFileError: ``path`` is a folder, or its folder cannot be created or written.
@@ -412,7 +398,7 @@ def _process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
+        pass
     return True
 
 
