@@ -249,10 +249,8 @@ def build_from_features(
     with collectives.agreed("assembling the dictionary"):
         if collectives.is_global_zero:
             size = int(num_samples if num_samples is not None else int(gathered[:, 0].max()) + 1)
-            scenes = gathered[:, 2] if gathered.shape[1] > 2 else None
-            everyone = ContextFeatures(torch.zeros(len(gathered), 0), gathered[:, 0], targets, scenes)
             extra = {"kmeans_seconds": time.perf_counter() - start, "kmeans_backend": result.backend}
-            dictionary = assemble(result, everyone, gathered[:, 1], key, size, extra)
+            dictionary = assemble(result, gathered, targets, key, size, extra)
             if recipe.cache_path is not None:
                 dictionary.save(recipe.cache_path)
                 log.info("Confounder dictionary: saved to %s", recipe.cache_path)
@@ -260,38 +258,33 @@ def build_from_features(
 
 
 def assemble(
-    result: KMeansResult, rows: ContextFeatures, assignments: torch.Tensor, key: DictionaryKey, size: int, extra: dict
+    result: KMeansResult, rows: torch.Tensor, targets: torch.Tensor | None, key: DictionaryKey, size: int, extra: dict
 ) -> ConfounderDictionary:
-    """The dictionary of a clustering, each sample's cluster and target at its index (-1: not clustered).
+    """The dictionary of a clustering, each sample's cluster and target at its index (cluster -1: not clustered).
 
-    ``rows`` gives the clustered samples' indices, targets and scenes (not features); ``assignments`` their clusters,
-    row for row; ``size`` the split's size; ``extra`` timings and backend for the logs.
+    ``rows`` holds a (sample index, cluster[, true scene]) row per clustered sample and ``targets`` their targets;
+    ``size`` is the split's size and ``extra`` the timings and backend for the logs.
     """
-    indices, assignments = rows.indices.cpu().long(), assignments.cpu().long()
-    by_index = torch.full((size,), -1, dtype=torch.long)
-    by_index[indices] = assignments
-    targets_by_index = None
-    if rows.targets is not None:
-        targets = rows.targets.cpu()
-        targets_by_index = targets.new_zeros((size, *targets.shape[1:]))
-        targets_by_index[indices] = targets
-    centroids, counts = result.centroids.cpu(), result.counts.cpu()
-    extra = {
-        **extra,
-        "cluster_sizes": counts.tolist(),
-        "feature_dim": int(centroids.shape[1]),
-        "skipped_samples": int(size - len(indices)),
-    }
-    if rows.scenes is not None:
-        extra.update(_scene_statistics(assignments, rows.scenes.cpu().long(), int(centroids.shape[0])))
+    indices, assignments = rows[:, 0], rows[:, 1]
+    extra = extra | {"cluster_sizes": result.counts.tolist(), "feature_dim": int(result.centroids.shape[1])}
+    extra["skipped_samples"] = size - len(indices)
+    if rows.shape[1] > 2:
+        extra |= _scene_statistics(assignments, rows[:, 2], key.num_prototypes)
+
+    def by_index(values: torch.Tensor, fill: int) -> torch.Tensor:
+        out = values.new_full((size, *values.shape[1:]), fill)
+        out[indices] = values
+        return out
+
+    targets = None if targets is None else by_index(targets, 0)
     return ConfounderDictionary.from_clustering(
-        centroids,
-        counts,
+        result.centroids,
+        result.counts,
         key,
         num_samples=len(indices),
-        inertia=float(result.inertia),
-        assignments=by_index,
-        targets=targets_by_index,
+        inertia=result.inertia,
+        assignments=by_index(assignments, -1),
+        targets=targets,
         extra=extra,
     )
 
