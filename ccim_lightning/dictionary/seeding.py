@@ -120,19 +120,17 @@ def seed_centroids(
         weights = torch.ones(len(pool), dtype=torch.float64, device=points.device)
     else:
         norms = points.square().sum(1)
-        first = _draw(sample_uniforms(ids, seed, 0), ids, 1, group)
-        pool_parts = [_rows_of(points, first, group)]
-        closest = _squared_distances(points, norms, pool_parts[0], pool_parts[0].square().sum(1))[:, 0]
-        if int(first[0, 3]) == group.rank:
-            closest[int(first[0, 2])] = 0.0
+        closest = torch.full((len(points),), torch.inf, device=points.device)
         owner = torch.zeros(len(points), dtype=torch.int64, device=points.device)
-        pool_size = 1
-        for round_ in range(1, _SEEDING_ROUNDS + 1):
+        pool_parts, pool_size = [], 0
+        for round_ in range(_SEEDING_ROUNDS + 1):
             remaining = int(group.all_reduce((closest > 0).sum()))
             if remaining == 0:  # every point coincides with a candidate
                 break
-            keys = -torch.log1p(-sample_uniforms(ids, seed, round_)) / closest.double()  # weight 0 -> key inf
-            winners = _draw(keys, ids, min(num_clusters, remaining), group)
+            uniforms = sample_uniforms(ids, seed, round_)
+            # round 0 draws the first candidate uniformly, later rounds proportionally to the squared distance
+            keys = uniforms if round_ == 0 else -torch.log1p(-uniforms) / closest.double()  # weight 0 -> key inf
+            winners = _draw(keys, ids, 1 if round_ == 0 else min(num_clusters, remaining), group)
             rows = _rows_of(points, winners, group)
             distances, nearest = nearest_centres(points, norms, rows)
             mine = (winners[:, 3] == group.rank).nonzero().flatten().to(points.device)
