@@ -30,7 +30,7 @@ class Collectives:
         world_size: Number of ranks (1 without a process group).
         rank: This rank within the group.
         is_global_zero: Whether this is rank 0.
-        device: Where this rank computes.
+        device: As given, resolved.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str | None = None) -> None:
@@ -137,7 +137,5 @@ class Collectives:
             )
 
 
-_DTYPES = [
-    getattr(torch, name) for name in "float16 bfloat16 float32 float64 uint8 int8 int16 int32 int64 bool".split()
-]
-"""Dtypes :meth:`Collectives.gather_unequal` names by position when it checks that the ranks agree."""
+# dtypes gather_unequal names by position when it checks that the ranks agree
+_DTYPES = [getattr(torch, n) for n in "float16 bfloat16 float32 float64 uint8 int8 int16 int32 int64 bool".split()]

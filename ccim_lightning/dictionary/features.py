@@ -76,10 +76,7 @@ class ContextFeatureExtractor(nn.Module):
 
     @property
     def data_config(self) -> dict[str, Any]:
-        """Preprocessing timm expects: ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``.
-
-        Places365 checkpoints were trained with the ImageNet mean and std at 224 px, as timm's ResNet defaults.
-        """
+        """The preprocessing timm expects (``input_size``, ``mean``, ``std``, ...); Places365 weights use ImageNet's."""
         return resolve_model_data_config(self.model)
 
     def train(self, mode: bool = True) -> ContextFeatureExtractor:
@@ -148,7 +145,6 @@ def dictionary_loader(
         # Datasets that can skip undecodable images (on_bad_sample="skip") bring a collate that drops them.
         collate_fn=getattr(dataset, "collate_fn", None),
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
     )
 
 
@@ -163,27 +159,23 @@ def extract_context_features(
     Returns:
         The features of the samples this loader yields, on ``device``; empty (0 rows) for an empty shard.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import track
 
     on_cuda = device.type == "cuda"
     if on_cuda:
         extractor = extractor.to(memory_format=torch.channels_last)
     parts: dict[str, list[torch.Tensor]] = {"features": [], "indices": [], "targets": [], "scenes": []}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("Confounder dictionary: scene features", total=len(loader))
-        for batch in loader:
-            images = batch[CONTEXT].to(device, non_blocking=True)
-            if on_cuda:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_cuda):
-                parts["features"].append(extractor(images).float())
-            parts["indices"].append(batch[INDEX].to(device).long())
-            if TARGET in batch:
-                parts["targets"].append(batch[TARGET].to(device))
-            if SCENE in batch:
-                parts["scenes"].append(batch[SCENE].to(device).long())
-            bar.advance(task)
+    for batch in track(loader, "Confounder dictionary: scene features", disable=not progress):
+        images = batch[CONTEXT].to(device, non_blocking=True)
+        if on_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_cuda):
+            parts["features"].append(extractor(images).float())
+        parts["indices"].append(batch[INDEX].to(device).long())
+        if TARGET in batch:
+            parts["targets"].append(batch[TARGET].to(device))
+        if SCENE in batch:
+            parts["scenes"].append(batch[SCENE].to(device).long())
     if not parts["features"]:
         return ContextFeatures(
             torch.zeros(0, extractor.num_features, device=device), torch.zeros(0, dtype=torch.long, device=device)

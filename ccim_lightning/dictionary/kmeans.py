@@ -1,12 +1,10 @@
 """K-means for the confounder dictionary (the paper's "K-Means++ with PCA"), one algorithm at every world size.
 
-Each rank passes its own rows; :class:`~ccim_lightning.dictionary.collectives.Collectives` carries O(k·d) between
-ranks. Steps: checks on every rank at once; the points scaled, centred on the global mean (optionally projected by
-PCA) in float32; seeding of greedy k-means++ quality whose draws depend on the seed and each row's *sample id*
-(:mod:`~ccim_lightning.dictionary.seeding`); Lloyd iterations (torch or FAISS assignment, all-reduced sums, empty
-clusters refilled by :func:`empty_cluster_moves`); the centroids recomputed as means of the *original* features, so
-that centroids, counts, assignments and inertia describe one partition. Given the seed, the world size changes the
-result only through floating-point summation order.
+Each rank passes its own rows and O(k·d) travels between ranks. Steps: checks on every rank at once; the points
+scaled and centred (optionally PCA-projected) in float32; seeding keyed by sample id (:mod:`.seeding`); Lloyd
+iterations with all-reduced sums, empty clusters refilled (:func:`empty_cluster_moves`); the centroids recomputed as
+means of the *original* features, so that centroids, counts, assignments and inertia describe one partition. The
+world size changes the result only through floating-point summation order.
 """
 
 from __future__ import annotations
@@ -33,8 +31,7 @@ logger = logging.getLogger(__name__)
 MIN_POINTS_PER_CLUSTER = 39
 """Fewer points per cluster than this (FAISS's own ``min_points_per_centroid``) makes :func:`kmeans` warn."""
 
-_LISTED_ROWS = 10
-"""How many offending rows an error message lists."""
+_LISTED_ROWS = 10  # offending rows an error message names
 
 
 @dataclass(frozen=True)
@@ -82,8 +79,7 @@ def kmeans(
     """Clusters the rows of every rank into ``num_clusters`` groups; call it on every rank with its own rows.
 
     Args:
-        features: (n_r, d) this rank's features, a torch tensor (any float dtype, any device) or a numpy array. Ranks
-            may hold different numbers of rows, down to zero.
+        features: (n_r, d) this rank's rows, any float tensor or a numpy array; ranks may hold any number, even 0.
         num_clusters: k, at most the number of rows over all ranks.
         seed: Seed of every random draw of the seeding.
         num_iterations: Most Lloyd iterations; they stop early once no assignment changes.
@@ -91,8 +87,7 @@ def kmeans(
         sample_ids: The rows' dataset indices, distinct over all ranks: they key the random draws (any split gives the
             same clusters) and name rows in errors. Default: the row's position in the rows of all ranks in order.
         collectives: The process group; default :meth:`Collectives.current`.
-        device: Where the assignment step runs. Defaults to the device of ``features`` (CPU for numpy arrays). An
-            integer means that CUDA device.
+        device: Where the assignment step runs (an int: that CUDA device); default: where ``features`` are.
         backend: ``"auto"``: torch on the CPU (its matrix product outran FAISS's flat search 2-3x on 20,000 x
             2048 against 256 centroids); on CUDA FAISS's GPU index if installed, else torch. ``"faiss"`` or
             ``"torch"``: that library on ``device``.
@@ -325,12 +320,7 @@ def _centred_points(
     """
     scale = 1.0 if largest == 0.0 else math.ldexp(1.0, -math.frexp(largest)[1])
     points = x.to(torch.float32) * scale  # always a copy: the caller's features are never modified
-    chunk = max(1, CHUNK_ENTRIES // max(1, points.shape[1]))
-    mean = sum(
-        (rows.double().sum(0) for rows in points.split(chunk)),
-        torch.zeros(points.shape[1], dtype=torch.float64, device=points.device),
-    )
-    mean = group.all_reduce(mean) / total
+    mean = group.all_reduce(points.sum(0, dtype=torch.float64)) / total
     points -= mean.float()
     if pca_dim is None:
         return points, mean / scale

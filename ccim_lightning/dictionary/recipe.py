@@ -1,8 +1,7 @@
 """The confounder dictionary's settings (:class:`DictionaryRecipe`) and its one entry point, ``load_or_build``.
 
-Every user (the callback, ``ccim build-dictionary``, ``ccim bias-report``, the debias study) builds, keys and reuses
-a dictionary through it: the key (:func:`dictionary_key`) -> the cache, decided on rank 0 (:func:`load_cached`) ->
-the scene CNN over this rank's shard of the dictionary dataset -> one k-means over all ranks' rows -> rank 0
+Every user builds, keys and reuses a dictionary through it: the key (:func:`dictionary_key`) -> the cache, decided
+on rank 0 (:func:`load_cached`) -> the scene CNN over this rank's shard -> one k-means over all ranks' rows -> rank 0
 assembles the dictionary (:func:`assemble`), saves the cache and broadcasts it.
 """
 
@@ -183,11 +182,8 @@ def sample_identities(dataset: Dataset) -> list[str]:
     """
     if isinstance(dataset, IdentifiedDataset):
         return [str(identity) for identity in dataset.sample_identities()]
-    log.warning(
-        "%s lacks %s (IdentifiedDataset); the dictionary cache can only check its class and size.",
-        type(dataset).__name__,
-        missing_members(dataset, IdentifiedDataset),
-    )
+    lacks = missing_members(dataset, IdentifiedDataset)
+    log.warning(f"{type(dataset).__name__} lacks {lacks} (IdentifiedDataset); the cache checks only class and size.")
     return [f"{type(dataset).__name__}:{i}" for i in range(len(dataset))]
 
 

@@ -1,8 +1,7 @@
 """Seeding of the one k-means at every world size: k-means|| oversampling reduced by weighted greedy k-means++.
 
-Every random draw of the oversampling is a fixed function of the seed and the row's sample id
-(:func:`sample_uniforms`), so any split of the same rows over any number of ranks draws the same candidates; only
-O(k·d) rows travel between ranks (:class:`~ccim_lightning.dictionary.collectives.Collectives`).
+Every draw is a function of the seed and the row's sample id (:func:`sample_uniforms`), so any split of the rows
+over ranks draws the same candidates; only O(k·d) rows travel between ranks.
 """
 
 from __future__ import annotations

@@ -18,13 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = [
-    "ConfounderDictionary",
-    "DictionaryFileError",
-    "DictionaryKey",
-    "check_cache_path",
-    "dataset_fingerprint",
-]
+__all__ = ["ConfounderDictionary", "DictionaryFileError", "DictionaryKey", "check_cache_path", "dataset_fingerprint"]
 
 FORMAT_TAG = "ccim-lightning/confounder-dictionary"
 FORMAT_VERSION = 3  # 3: the cache key stored as one typed record (DictionaryKey); 2: key fields among the metadata
@@ -409,12 +403,9 @@ def _plain(value: Any, where: str) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, (str, int)):
-                raise TypeError(f"{where} has a key of type {type(k).__name__}; use str keys.")
-            out[k] = _plain(v, f"{where}[{k!r}]")
-        return out
+        if odd := [k for k in value if not isinstance(k, (str, int))]:
+            raise TypeError(f"{where} has a key of type {type(odd[0]).__name__}; use str keys.")
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
     item = getattr(value, "item", None)  # numpy scalars
