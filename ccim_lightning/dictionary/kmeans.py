@@ -70,6 +70,7 @@ def kmeans(
     *,
     seed: int = 0,
     num_iterations: int = 25,
+    tolerance: float = 0.0,
     pca_dim: int | None = None,
     sample_ids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
     collectives: Collectives | None = None,
@@ -83,6 +84,7 @@ def kmeans(
         num_clusters: k, at most the number of rows over all ranks.
         seed: Seed of every random draw of the seeding.
         num_iterations: Most Lloyd iterations; they stop early once no assignment changes.
+        tolerance: Also stop when an iteration lowers the inertia by less than this share (0: off); not a fixed point.
         pca_dim: Cluster on the first ``pca_dim`` principal components; the centroids are still original-space means.
         sample_ids: The rows' dataset indices, distinct over all ranks: they key the random draws (any split gives the
             same clusters) and name rows in errors. Default: the row's position in the rows of all ranks in order.
@@ -102,7 +104,7 @@ def kmeans(
     start = time.perf_counter()
     group = collectives if collectives is not None else Collectives.current()
     x = _as_tensor(features)
-    _check_arguments(num_clusters, num_iterations, backend)
+    _check_arguments(num_clusters, num_iterations, tolerance, backend)
     ids, total, largest = _check_rows(x, num_clusters, pca_dim, sample_ids, group)
     target = _resolve_device(device, x)
     backend_name = _resolve_backend(backend, target)
@@ -121,14 +123,15 @@ def kmeans(
     lloyd_start = time.perf_counter()
     assign = _assignment_step(points, backend_name, target)
     distances, assignments = assign(centroids)
-    iterations = num_iterations
+    iterations, lloyd_inertia = num_iterations, math.inf
     for iteration in range(1, num_iterations + 1):
         filled = _refill(assignments, distances, ids, num_clusters, group)
         sums, counts = _sums(points, filled, num_clusters, group)
         centroids = (sums / counts.clamp_min(1).unsqueeze(1)).float()
         previous = assignments
         distances, assignments = assign(centroids)
-        if int(group.all_reduce((assignments != previous).sum())) == 0:
+        last, lloyd_inertia = lloyd_inertia, float(group.all_reduce(distances.double().sum())) if tolerance else 0.0
+        if int(group.all_reduce((assignments != previous).sum())) == 0 or last - lloyd_inertia < tolerance * last:
             iterations = iteration
             break
     assignments = _refill(assignments, distances, ids, num_clusters, group)
@@ -167,12 +170,14 @@ def _as_tensor(features: torch.Tensor | np.ndarray) -> torch.Tensor:
     return x if x.is_floating_point() else x.float()
 
 
-def _check_arguments(num_clusters: int, num_iterations: int, backend: str) -> None:
+def _check_arguments(num_clusters: int, num_iterations: int, tolerance: float, backend: str) -> None:
     """Raises ValueError for out-of-range arguments (the same on every rank, so no agreement is needed)."""
     if isinstance(num_clusters, bool) or not isinstance(num_clusters, (int, np.integer)) or num_clusters < 1:
         raise ValueError(f"num_clusters must be a positive integer; got {num_clusters!r}")
     if num_iterations < 1:
         raise ValueError(f"num_iterations must be at least 1; got {num_iterations}")
+    if not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"tolerance must be in [0, 1); got {tolerance}")
     if backend not in ("auto", "faiss", "torch"):
         raise ValueError(f"backend must be 'auto', 'faiss' or 'torch'; got {backend!r}")
 

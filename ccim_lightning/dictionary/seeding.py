@@ -25,8 +25,6 @@ _LOCAL_TRIALS = 20
 _MAX_PAIRWISE_ENTRIES = 1 << 26
 """Largest candidate-by-candidate distance matrix the greedy step precomputes (256 MiB in float32)."""
 
-_MASK64 = (1 << 64) - 1
-
 
 def _splitmix64(values: np.ndarray) -> np.ndarray:
     """SplitMix64's mixing function on uint64 values (wrapping arithmetic)."""
@@ -43,7 +41,7 @@ def sample_uniforms(ids: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
     in them (and thus on the rank holding it). A counter-based draw per sample id is what makes any split of the rows
     over ranks draw the same; SplitMix64 (Steele et al., 2014) is the usual small mixer for that.
     """
-    keys = _splitmix64(np.array([seed & _MASK64, stream], dtype=np.uint64))
+    keys = _splitmix64(np.array([seed & (1 << 64) - 1, stream], dtype=np.uint64))
     z = _splitmix64(_splitmix64(ids.cpu().numpy().astype(np.uint64) ^ keys[0]) ^ keys[1])
     return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0**-53).to(ids.device)
 
