@@ -226,15 +226,9 @@ def build_from_features(
     with collectives.agreed("clustering the scene features"):
         if int(collectives.all_reduce(torch.tensor([len(rows.indices)], device=collectives.device))[0]) == 0:
             raise ValueError("No training sample could be read for the confounder dictionary: the split is empty.")
-        result = kmeans(
-            rows.features,
-            key.num_prototypes,
-            seed=recipe.seed,
-            num_iterations=recipe.num_iterations,
-            pca_dim=recipe.pca_dim,
-            sample_ids=rows.indices,  # the draws follow the sample indices: any split over ranks clusters alike
-            collectives=collectives,
-        )
+        # the draws follow the sample indices: any split of the rows over ranks gives the same clusters
+        settings = {"seed": recipe.seed, "num_iterations": recipe.num_iterations, "pca_dim": recipe.pca_dim}
+        result = kmeans(rows.features, key.num_prototypes, sample_ids=rows.indices, collectives=collectives, **settings)
     # The per-sample columns (a few numbers per sample) go to rank 0, which assembles the dictionary.
     columns = [rows.indices, result.assignments.to(rows.indices.device).long()]
     if rows.scenes is not None:
