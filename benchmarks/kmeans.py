@@ -15,7 +15,10 @@ Method (both sides measured alike, in one run):
     * scikit-learn: ``KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=--iterations, tol=0,
       random_state=--seed)``; ``tol=0`` stops it only when the labels stop changing, as ours stops, so both get the
       same iteration budget and stopping rule. (Its default ``tol=1e-4`` stops earlier, which is faster and worse.)
-    * ours: ``kmeans(features, k, seed=--seed, num_iterations=--iterations)``, backend ``auto`` (torch on the CPU).
+    * ours: ``kmeans(features, k, seed=--seed, num_iterations=--iterations, tolerance=--tolerance)``, backend
+      ``auto`` (torch on the CPU). ``--tolerance`` (default 0: off) also stops ours once an iteration lowers the
+      inertia by less than that share; ``--sklearn-tol`` sets scikit-learn's own ``tol`` (default 0), for a
+      comparison of both sides' early stops.
     * Wall time: of the fit call alone (``time.perf_counter``), the best of ``--repeats`` runs.
     * Inertia: recomputed here for both, in float64, as the sum of squared distances of the points to the centre of
       their label (scikit-learn's centres are those of its last update, ours the means of the final clusters).
@@ -51,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=20, help="most Lloyd iterations, for both methods")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of every pool, both methods")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of both k-means runs")
+    parser.add_argument("--tolerance", type=float, default=0.0, help="ours: stop below this relative inertia decrease")
+    parser.add_argument("--sklearn-tol", type=float, default=0.0, help="scikit-learn's tol (its default is 1e-4)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per method; the fastest counts")
     parser.add_argument("--warm-up", type=int, default=2000, help="rows of the untimed warm-up fit (0: none)")
     parser.add_argument("--child", choices=("ours", "sklearn"), help=argparse.SUPPRESS)
@@ -73,12 +78,14 @@ def fit(method: str, features: np.ndarray, args: argparse.Namespace) -> tuple[np
     if method == "sklearn":
         from sklearn.cluster import KMeans
 
-        model = KMeans(args.k, init="k-means++", n_init=1, max_iter=args.iterations, tol=0.0, random_state=args.seed)
+        model = KMeans(
+            args.k, init="k-means++", n_init=1, max_iter=args.iterations, tol=args.sklearn_tol, random_state=args.seed
+        )
         model.fit(features)
         return model.cluster_centers_, model.labels_, int(model.n_iter_), "lloyd"
     from ccim_lightning.dictionary.kmeans import kmeans
 
-    result = kmeans(features, args.k, seed=args.seed, num_iterations=args.iterations)
+    result = kmeans(features, args.k, seed=args.seed, num_iterations=args.iterations, tolerance=args.tolerance)
     return result.centroids.numpy(), result.assignments.numpy(), result.iterations, result.backend
 
 
@@ -153,6 +160,10 @@ def main(argv: list[str] | None = None) -> None:
                 threads,
                 "--warm-up",
                 str(args.warm_up),
+                "--tolerance",
+                str(args.tolerance),
+                "--sklearn-tol",
+                str(args.sklearn_tol),
             ]
             done = subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
             report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -167,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     reference = rows["sklearn"]
     print(
         f"k-means on {args.n} x {args.dim} ReLU'd mixture of {args.blobs} blobs (float32), k={args.k}, "
-        f"at most {args.iterations} iterations, seed {args.seed}, best of {args.repeats}; {args.threads} thread(s) "
+        f"at most {args.iterations} iterations (ours: tolerance {args.tolerance:g}; scikit-learn: tol "
+        f"{args.sklearn_tol:g}), seed {args.seed}, best of {args.repeats}; {args.threads} thread(s) "
         f"each of {os.cpu_count()} CPUs, warm-up {args.warm_up} rows; load average {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after"
     )

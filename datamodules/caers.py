@@ -183,11 +183,7 @@ class CAERSDataModule(PersonDataModule):
         val_fraction: Share of each training class held out for validation, in (0, 1).
         seed: Seed of the hold-out.
         subject_size: Face crop size, an int or (height, width) (default 96, as CAER-Net-S).
-        **kwargs: The shared arguments of
-            :class:`~ccim_lightning.datamodules.base.PersonDataModule`: ``context_size``, ``flip``,
-            ``batch_size``, ``num_workers``, ``on_bad_sample`` (``"skip"``: leave out, count and report bad lines
-            and images), ``train_transform``, ``eval_transform``,
-            ``reduced_decode``, ``device_normalize``, ``group_by_image``.
+        **kwargs: The shared arguments, documented once in :class:`~ccim_lightning.datamodules.base.PersonDataModule`.
     """
 
     dataset_name = "CAER-S"

@@ -428,11 +428,9 @@ class EmoticDataModule(PersonDataModule):
         annotation_format: ``"auto"``, ``"mat"`` or ``"csv"``.
         use_arrays: Read pixels from the CSV folder's ``{split}_context_arr.npy`` / ``{split}_body_arr.npy``
             instead of decoding images (CSV form only).
-        **kwargs: The shared arguments of :class:`~ccim_lightning.datamodules.base.PersonDataModule`:
-            ``context_size`` (default 224) and ``subject_size`` (default 128) as the EMOTIC baseline, ``flip``,
-            ``batch_size``, ``num_workers``, ``on_bad_sample`` (``"skip"``: leave out, count and report bad rows
-            and images), ``train_transform``, ``eval_transform``,
-            ``reduced_decode``, ``device_normalize``, ``group_by_image``.
+        **kwargs: The shared arguments, documented once in
+            :class:`~ccim_lightning.datamodules.base.PersonDataModule`; here ``context_size`` defaults to 224 and
+            ``subject_size`` to 128, as in the EMOTIC baseline.
     """
 
     dataset_name = "EMOTIC"

@@ -28,9 +28,7 @@ class GroupWalkDataModule(TableDataModule):
         val_fraction: Share of train held out for validation when the table has no ``val`` rows, in (0, 1).
         seed: Seed of that hold-out.
         group_column: Column whose values the hold-out keeps on one side (default ``video``).
-        **kwargs: The shared arguments of :class:`~ccim_lightning.datamodules.base.PersonDataModule`:
-            ``context_size``, ``subject_size``, ``flip``, ``batch_size``, ``num_workers``, ``on_bad_sample``,
-            ``train_transform``, ``eval_transform``, ``reduced_decode``, ``device_normalize``, ``group_by_image``.
+        **kwargs: The shared arguments, documented once in :class:`~ccim_lightning.datamodules.base.PersonDataModule`.
     """
 
     dataset_name = "GroupWalk"

@@ -139,10 +139,7 @@ class TableDataModule(PersonDataModule):
         seed: Seed of that hold-out.
         group_column: Column whose values the hold-out keeps on one side (default ``video``; a table without
             that column is held out by image, as always; an empty cell falls back to the image).
-        **kwargs: The shared arguments of :class:`~ccim_lightning.datamodules.base.PersonDataModule`:
-            ``context_size``, ``subject_size``, ``flip``, ``batch_size``, ``num_workers``, ``on_bad_sample``
-            (``"skip"``: leave out, count and report bad rows and images), ``train_transform``, ``eval_transform``,
-            ``reduced_decode``, ``device_normalize``, ``group_by_image``.
+        **kwargs: The shared arguments, documented once in :class:`~ccim_lightning.datamodules.base.PersonDataModule`.
     """
 
     dataset_name = "table"

@@ -1,10 +1,6 @@
 """The process-group operations the dictionary build needs, written once; each is the identity in one process.
 
-:class:`Collectives` wraps ``torch.distributed``'s default group (or none): sums, gathers of equal and unequal
-tensors, broadcasts of any picklable object, and :meth:`Collectives.agreed`, which makes a failure on one rank end
-every rank at once instead of leaving the healthy ones blocked in their next collective until the process-group
-timeout. Tensors travel on the device the backend needs (the CPU for gloo, CUDA for NCCL) and come back on their
-own device.
+Tensors travel on the device the backend needs (the CPU for gloo, CUDA for NCCL) and come back on their own device.
 """
 
 from __future__ import annotations
@@ -34,7 +30,7 @@ class Collectives:
         world_size: Number of ranks (1 without a process group).
         rank: This rank within the group.
         is_global_zero: Whether this is rank 0.
-        device: Where this rank computes.
+        device: As given, resolved.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str | None = None) -> None:
@@ -49,14 +45,10 @@ class Collectives:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self.device = torch.device(device)
-        if backend == "gloo":
-            self._wire = torch.device("cpu")
-        elif backend == "nccl":
-            self._wire = (
-                self.device if self.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-            )
-        else:  # one process, or a multi-device backend such as "cpu:gloo,cuda:nccl" that takes tensors where they are
-            self._wire = self.device
+        # one process, or a multi-device backend such as "cpu:gloo,cuda:nccl", takes tensors where they are
+        self._wire = torch.device("cpu") if backend == "gloo" else self.device
+        if backend == "nccl" and self.device.type != "cuda":
+            self._wire = torch.device("cuda", torch.cuda.current_device())
 
     @classmethod
     def current(cls, device: torch.device | str | None = None) -> Collectives:
@@ -65,9 +57,6 @@ class Collectives:
 
     def __repr__(self) -> str:
         return f"Collectives(world_size={self.world_size}, rank={self.rank}, device={self.device})"
-
-    def _global(self, rank: int) -> int:
-        return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """The element-wise sum over ranks, as a new tensor on the device of ``tensor``."""
@@ -120,15 +109,15 @@ class Collectives:
         if self.world_size == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=self._global(src), group=self.group, device=self._wire)
+        source = src if self.group is None else dist.get_global_rank(self.group, src)
+        dist.broadcast_object_list(box, src=source, group=self.group, device=self._wire)
         return box[0]
 
     @contextmanager
     def agreed(self, step: str) -> Iterator[None]:
-        """Runs a step, then has all ranks agree it succeeded everywhere before any of them goes on.
+        """Runs a step; a failure on one rank ends every rank at once, not at the process-group timeout.
 
-        An exception on one rank is re-raised there after the agreement; the other ranks raise
-        :class:`RankFailedError` naming ``step``. In one process the step simply runs.
+        The exception is re-raised on its rank after the agreement; the others raise :class:`RankFailedError`.
         """
         if self.world_size == 1:
             yield
@@ -148,7 +137,5 @@ class Collectives:
             )
 
 
-_DTYPES = [
-    getattr(torch, name) for name in "float16 bfloat16 float32 float64 uint8 int8 int16 int32 int64 bool".split()
-]
-"""Dtypes :meth:`Collectives.gather_unequal` names by position when it checks that the ranks agree."""
+# dtypes gather_unequal names by position when it checks that the ranks agree
+_DTYPES = [getattr(torch, n) for n in "float16 bfloat16 float32 float64 uint8 int8 int16 int32 int64 bool".split()]

@@ -1,9 +1,7 @@
 """The scene CNN that turns subject-masked context images into confounder features, and the loop that runs it.
 
-The paper runs a ResNet-152 pre-trained on Places365 over every training image with the target subject masked, and
-keeps the output of the last pooling layer (d = 2048). :class:`ContextFeatureExtractor` is that network for any timm
-architecture, built without a classifier so its forward pass returns the pooled features;
-:func:`extract_context_features` runs it over a loader (:func:`dictionary_loader`) into :class:`ContextFeatures`.
+The paper keeps the last pooling layer's output (d = 2048) of a Places365 ResNet-152 over every training image with
+the subject masked; :class:`ContextFeatureExtractor` is that network for any timm architecture.
 """
 
 from __future__ import annotations
@@ -24,13 +22,7 @@ from ccim_lightning.sample_index import first_of_each_index
 from ccim_lightning.types import CONTEXT, INDEX, SCENE, TARGET
 from ccim_lightning.weights import load_pretrained_weights
 
-__all__ = [
-    "ContextFeatureExtractor",
-    "ContextFeatures",
-    "dictionary_loader",
-    "extract_context_features",
-    "own_rows",
-]
+__all__ = ["ContextFeatureExtractor", "ContextFeatures", "dictionary_loader", "extract_context_features", "own_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +31,20 @@ RANDOM_INIT_SEED = 0
 
 
 class ContextFeatureExtractor(nn.Module):
-    """A frozen timm CNN mapping context images (B, 3, H, W) to pooled features (B, d), float32.
+    """A frozen timm CNN (always eval mode, no gradients) mapping context images (B, 3, H, W) to features (B, d).
 
-    The module stays in eval mode with ``requires_grad=False`` parameters: ``train()`` leaves it in eval mode and
-    re-freezes it. Running it under ``torch.no_grad()`` or ``torch.inference_mode()`` is the caller's job. It works
-    under autocast (the output is cast back to float32) and with ``.to(memory_format=torch.channels_last)``.
+    The output is float32, also under autocast; ``torch.no_grad()`` is the caller's job.
 
     Args:
         model_name: Any timm architecture; the paper uses ``"resnet152"``.
-        weights: Local weights file (a state dict or a checkpoint wrapping one, e.g. the Places365 release; see
-            :func:`~ccim_lightning.weights.load_pretrained_weights`). ``None`` keeps a random initialisation (seeded
-            with :data:`RANDOM_INIT_SEED`), which gives a weak dictionary: a warning is logged.
-        **model_kwargs: Passed to ``timm.create_model`` (e.g. ``global_pool="avg"``); they become part of
-            :attr:`name` because they change the features.
+        weights: Local weights file (:func:`~ccim_lightning.weights.load_pretrained_weights`); ``None`` keeps the
+            random initialisation seeded with :data:`RANDOM_INIT_SEED` (a weak dictionary, warned).
+        **model_kwargs: Passed to ``timm.create_model`` (e.g. ``global_pool="avg"``); part of :attr:`name`.
 
     Attributes:
         model: The timm network, built with ``num_classes=0``.
-        num_features: Feature size d, the width of the output (2048 for ResNet-152, 512 for ResNet-18); link
-            ``confounder_dim`` to it.
-        name: ``model_name``, with the ``model_kwargs`` appended when given; stored in the dictionary's metadata.
+        num_features: Feature size d (2048 for ResNet-152); link ``confounder_dim`` to it.
+        name: ``model_name`` with the ``model_kwargs`` appended; part of the dictionary's key.
         weights_digest: SHA-256 of the weights file, or ``"random-init:<model_name>"``.
         weights_path: The weights file, or ``None``.
     """
@@ -66,23 +53,20 @@ class ContextFeatureExtractor(nn.Module):
         super().__init__()
         if "num_classes" in model_kwargs:
             raise ValueError("ContextFeatureExtractor builds its model with num_classes=0; do not pass num_classes.")
+        # Same random network for the same name and timm version, whatever the global RNG state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_kwargs)
+        self.weights_digest, self.weights_path = f"random-init:{model_name}", None
         if weights is None:
-            # Same random network for the same name and timm version, whatever the global RNG state.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_INIT_SEED)
-                self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_kwargs)
-            self.weights_digest = f"random-init:{model_name}"
-            self.weights_path = None
             log.warning(
                 "The scene CNN %r has random weights: its features give a weak confounder dictionary. The paper "
                 "uses a ResNet-152 pre-trained on Places365; pass a local weights file as `weights`.",
                 model_name,
             )
         else:
-            self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_kwargs)
             info = load_pretrained_weights(self.model, weights, strict=True, ignore_classifier=True)
-            self.weights_digest = info.digest
-            self.weights_path = info.path
+            self.weights_digest, self.weights_path = info.digest, info.path
         # timm's width of the pooled output: ``head_hidden_size`` where a pre-logits layer follows the last stage
         # (e.g. MobileNetV3), else ``num_features``.
         self.num_features: int = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
@@ -92,10 +76,7 @@ class ContextFeatureExtractor(nn.Module):
 
     @property
     def data_config(self) -> dict[str, Any]:
-        """Preprocessing timm expects: ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``.
-
-        Places365 checkpoints were trained with the ImageNet mean and std at 224 px, as timm's ResNet defaults.
-        """
+        """The preprocessing timm expects (``input_size``, ``mean``, ``std``, ...); Places365 weights use ImageNet's."""
         return resolve_model_data_config(self.model)
 
     def train(self, mode: bool = True) -> ContextFeatureExtractor:
@@ -106,14 +87,7 @@ class ContextFeatureExtractor(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled features of a batch of (masked, normalised) context images.
-
-        Args:
-            images: (B, 3, H, W) images, normalised as :attr:`data_config` says.
-
-        Returns:
-            (B, num_features) float32 features.
-        """
+        """(B, num_features) float32 features of (B, 3, H, W) images normalised as :attr:`data_config` says."""
         return self.model(images).float()
 
     def extra_repr(self) -> str:
@@ -149,9 +123,8 @@ class ContextFeatures:
 def own_rows(local: ContextFeatures, world_size: int, rank: int) -> ContextFeatures:
     """This rank's shard without the DistributedSampler's padding repeats, in index order.
 
-    With ``shuffle=False`` the sampler gives sample ``i`` to rank ``i % world_size``; the repeats it appends to make
-    the shards equal belong to another rank (or repeat one of this rank's), so keeping the rows whose index this rank
-    owns leaves every sample on exactly one rank, also when decode-time skips made the shards unequal.
+    With ``shuffle=False`` the sampler gives sample ``i`` to rank ``i % world_size``: keeping the rows this rank owns
+    leaves every sample on exactly one rank, also when decode-time skips made the shards unequal.
     """
     return local.rows(local.indices % world_size == rank).in_index_order()
 
@@ -159,11 +132,7 @@ def own_rows(local: ContextFeatures, world_size: int, rank: int) -> ContextFeatu
 def dictionary_loader(
     dataset: Dataset, *, batch_size: int, num_workers: int, world_size: int = 1, rank: int = 0
 ) -> DataLoader:
-    """A fixed-order loader over ``dataset``, sharded across ranks when ``world_size > 1``.
-
-    The DistributedSampler pads the last shard with repeated samples; :func:`own_rows` removes them by sample index
-    (and copes with shards that differ in size once undecodable images are skipped).
-    """
+    """A fixed-order loader over ``dataset``, sharded across ranks (padding repeats: see :func:`own_rows`)."""
     sampler = None
     if world_size > 1:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
@@ -176,7 +145,6 @@ def dictionary_loader(
         # Datasets that can skip undecodable images (on_bad_sample="skip") bring a collate that drops them.
         collate_fn=getattr(dataset, "collate_fn", None),
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
     )
 
 
@@ -184,36 +152,30 @@ def dictionary_loader(
 def extract_context_features(
     extractor: ContextFeatureExtractor, loader: DataLoader, device: torch.device, *, progress: bool = True
 ) -> ContextFeatures:
-    """Runs the scene CNN over a loader of samples in the shared batch schema.
+    """Runs the scene CNN over the ``context`` images of a loader, keeping ``index`` and any ``target``/``scene``.
 
-    Uses ``batch["context"]`` (the image with the subject filled with zeros, unless the dataset was asked for
-    unmasked images), ``batch["index"]`` and, where present, ``target`` and ``scene``. On CUDA it runs in bfloat16
-    autocast with channels_last, where convolutions are fastest; features come back as float32.
+    On CUDA it runs in bfloat16 autocast with channels_last, where convolutions are fastest.
 
     Returns:
         The features of the samples this loader yields, on ``device``; empty (0 rows) for an empty shard.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import track
 
     on_cuda = device.type == "cuda"
     if on_cuda:
         extractor = extractor.to(memory_format=torch.channels_last)
     parts: dict[str, list[torch.Tensor]] = {"features": [], "indices": [], "targets": [], "scenes": []}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("Confounder dictionary: scene features", total=len(loader))
-        for batch in loader:
-            images = batch[CONTEXT].to(device, non_blocking=True)
-            if on_cuda:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_cuda):
-                parts["features"].append(extractor(images).float())
-            parts["indices"].append(batch[INDEX].to(device).long())
-            if TARGET in batch:
-                parts["targets"].append(batch[TARGET].to(device))
-            if SCENE in batch:
-                parts["scenes"].append(batch[SCENE].to(device).long())
-            bar.advance(task)
+    for batch in track(loader, "Confounder dictionary: scene features", disable=not progress):
+        images = batch[CONTEXT].to(device, non_blocking=True)
+        if on_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_cuda):
+            parts["features"].append(extractor(images).float())
+        parts["indices"].append(batch[INDEX].to(device).long())
+        if TARGET in batch:
+            parts["targets"].append(batch[TARGET].to(device))
+        if SCENE in batch:
+            parts["scenes"].append(batch[SCENE].to(device).long())
     if not parts["features"]:
         return ContextFeatures(
             torch.zeros(0, extractor.num_features, device=device), torch.zeros(0, dtype=torch.long, device=device)

@@ -1,21 +1,10 @@
-"""K-means for the confounder dictionary, one algorithm at every world size.
+"""K-means for the confounder dictionary (the paper's "K-Means++ with PCA"), one algorithm at every world size.
 
-The CCIM paper builds its confounder dictionary Z with "K-Means++ with principal component analysis" over the scene
-features of every training sample: z_i is the centroid of cluster i, P(z_i) its share of the samples. :func:`kmeans`
-is that step. Each rank passes only its own rows; :class:`~ccim_lightning.dictionary.collectives.Collectives`
-carries O(k·d) between ranks (nothing in one process):
-
-1. Checks on every rank at once; the points centred on the global mean (with ``pca_dim``, projected on the leading
-   eigenvectors of the all-reduced covariance), once, in float32.
-2. Seeding of greedy k-means++ quality (:mod:`~ccim_lightning.dictionary.seeding`): every random draw is a fixed
-   function of the seed and the row's *sample id*, never of its position or rank, so any split draws the same.
-3. Lloyd iterations: each rank assigns its points (torch or FAISS, CPU or one GPU); per-cluster sums and counts are
-   all-reduced; empty clusters take the globally farthest points (:func:`empty_cluster_moves`).
-4. The centroids recomputed as the means of the members' *original* features (also with PCA), so that ``centroids``,
-   ``counts``, ``assignments`` and ``inertia`` describe one and the same partition.
-
-A rank holds its rows, one float32 centred copy, per-row scalars and O(k·d) centroids, sums and candidate pool.
-Given the seed, the result depends on the world size only through floating-point summation order.
+Each rank passes its own rows and O(k·d) travels between ranks. Steps: checks on every rank at once; the points
+scaled and centred (optionally PCA-projected) in float32; seeding keyed by sample id (:mod:`.seeding`); Lloyd
+iterations with all-reduced sums, empty clusters refilled (:func:`empty_cluster_moves`); the centroids recomputed as
+means of the *original* features, so that centroids, counts, assignments and inertia describe one partition. The
+world size changes the result only through floating-point summation order.
 """
 
 from __future__ import annotations
@@ -33,7 +22,7 @@ import numpy as np
 import torch
 
 from ccim_lightning.dictionary.collectives import Collectives
-from ccim_lightning.dictionary.seeding import CHUNK_ENTRIES, nearest_centres, seed_centroids
+from ccim_lightning.dictionary.seeding import CHUNK_ENTRIES, nearest_centres, seed_centroids, smallest_keys
 
 __all__ = ["MIN_POINTS_PER_CLUSTER", "KMeansResult", "empty_cluster_moves", "kmeans"]
 
@@ -42,8 +31,7 @@ logger = logging.getLogger(__name__)
 MIN_POINTS_PER_CLUSTER = 39
 """Fewer points per cluster than this (FAISS's own ``min_points_per_centroid``) makes :func:`kmeans` warn."""
 
-_LISTED_ROWS = 10
-"""How many offending rows an error message lists."""
+_LISTED_ROWS = 10  # offending rows an error message names
 
 
 @dataclass(frozen=True)
@@ -74,11 +62,6 @@ class KMeansResult:
     pca_dim: int | None = None
     world_size: int = 1
 
-    @property
-    def num_clusters(self) -> int:
-        """Number of clusters k."""
-        return int(self.centroids.shape[0])
-
 
 @torch.no_grad()
 def kmeans(
@@ -87,6 +70,7 @@ def kmeans(
     *,
     seed: int = 0,
     num_iterations: int = 25,
+    tolerance: float = 0.0,
     pca_dim: int | None = None,
     sample_ids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
     collectives: Collectives | None = None,
@@ -96,34 +80,31 @@ def kmeans(
     """Clusters the rows of every rank into ``num_clusters`` groups; call it on every rank with its own rows.
 
     Args:
-        features: (n_r, d) this rank's features, a torch tensor (any float dtype, any device) or a numpy array. Ranks
-            may hold different numbers of rows, down to zero.
+        features: (n_r, d) this rank's rows, any float tensor or a numpy array; ranks may hold any number, even 0.
         num_clusters: k, at most the number of rows over all ranks.
         seed: Seed of every random draw of the seeding.
         num_iterations: Most Lloyd iterations; they stop early once no assignment changes.
+        tolerance: Also stop when an iteration lowers the inertia by less than this share (0: off); not a fixed point.
         pca_dim: Cluster on the first ``pca_dim`` principal components; the centroids are still original-space means.
         sample_ids: The rows' dataset indices, distinct over all ranks: they key the random draws (any split gives the
             same clusters) and name rows in errors. Default: the row's position in the rows of all ranks in order.
         collectives: The process group; default :meth:`Collectives.current`.
-        device: Where the assignment step runs. Defaults to the device of ``features`` (CPU for numpy arrays). An
-            integer means that CUDA device.
-        backend: ``"auto"``: torch on the CPU (its matrix product outran FAISS's flat search 2-3x there, measured
-            on 20,000 x 2048 against 256 centroids); on a CUDA device FAISS's GPU index when the installed FAISS has
-            GPU support, else torch on that GPU. ``"faiss"``: FAISS (raises on a CUDA device without FAISS GPU
-            support). ``"torch"``: torch on ``device``.
+        device: Where the assignment step runs (an int: that CUDA device); default: where ``features`` are.
+        backend: ``"auto"``: torch on the CPU (its matrix product outran FAISS's flat search 2-3x on 20,000 x
+            2048 against 256 centroids); on CUDA FAISS's GPU index if installed, else torch. ``"faiss"`` or
+            ``"torch"``: that library on ``device``.
 
     Returns:
         This rank's :class:`KMeansResult` (global centroids, counts and inertia; this rank's assignments).
 
     Raises:
-        ValueError: On every rank, when any rank's features are not 2-D, dimensions differ, there are NaN/inf values
-            (the message lists sample ids), fewer rows in all than ``num_clusters``, or an argument is out of range.
+        ValueError: On every rank, for bad shapes, NaN/inf (naming sample ids), too few rows or bad arguments.
         RuntimeError: ``backend="faiss"`` on a CUDA device while the installed FAISS has no GPU support.
     """
     start = time.perf_counter()
     group = collectives if collectives is not None else Collectives.current()
     x = _as_tensor(features)
-    _check_arguments(num_clusters, num_iterations, backend)
+    _check_arguments(num_clusters, num_iterations, tolerance, backend)
     ids, total, largest = _check_rows(x, num_clusters, pca_dim, sample_ids, group)
     target = _resolve_device(device, x)
     backend_name = _resolve_backend(backend, target)
@@ -135,28 +116,27 @@ def kmeans(
         )
     x = x.to(target)
     _warn_if_degenerate(x, num_clusters, total, group)
-    points = _centred_points(x, largest, total, pca_dim, group)  # float32, on target
+    points, mean = _centred_points(x, largest, total, pca_dim, group)  # float32, on target
     ids = ids.to(target)
     seeding_start = time.perf_counter()
     centroids = seed_centroids(points, ids, num_clusters, seed, total, group)
     lloyd_start = time.perf_counter()
     assign = _assignment_step(points, backend_name, target)
     distances, assignments = assign(centroids)
-    iterations = num_iterations
+    iterations, lloyd_inertia = num_iterations, math.inf
     for iteration in range(1, num_iterations + 1):
         filled = _refill(assignments, distances, ids, num_clusters, group)
         sums, counts = _sums(points, filled, num_clusters, group)
         centroids = (sums / counts.clamp_min(1).unsqueeze(1)).float()
         previous = assignments
         distances, assignments = assign(centroids)
-        if int(group.all_reduce((assignments != previous).sum())) == 0:
+        last, lloyd_inertia = lloyd_inertia, float(group.all_reduce(distances.double().sum())) if tolerance else 0.0
+        if int(group.all_reduce((assignments != previous).sum())) == 0 or last - lloyd_inertia < tolerance * last:
             iterations = iteration
             break
     assignments = _refill(assignments, distances, ids, num_clusters, group)
     del points, distances
-    sums, counts = _sums(x, assignments, num_clusters, group, exact=True)
-    centroids = (sums / counts.unsqueeze(1)).float()
-    inertia = float(group.all_reduce(_inertia(x, assignments, centroids)))
+    centroids, counts, inertia = _means_and_inertia(x, assignments, num_clusters, mean, group)
     seconds = time.perf_counter() - start
     if group.is_global_zero:
         logger.info(
@@ -178,7 +158,6 @@ def kmeans(
     )
 
 
-# ------------------------------------------------------------------------------------------------------- checks
 def _as_tensor(features: torch.Tensor | np.ndarray) -> torch.Tensor:
     """The features as a floating-point tensor (numpy arrays are wrapped on the CPU without a copy if float32)."""
     if isinstance(features, torch.Tensor):
@@ -191,12 +170,14 @@ def _as_tensor(features: torch.Tensor | np.ndarray) -> torch.Tensor:
     return x if x.is_floating_point() else x.float()
 
 
-def _check_arguments(num_clusters: int, num_iterations: int, backend: str) -> None:
+def _check_arguments(num_clusters: int, num_iterations: int, tolerance: float, backend: str) -> None:
     """Raises ValueError for out-of-range arguments (the same on every rank, so no agreement is needed)."""
     if isinstance(num_clusters, bool) or not isinstance(num_clusters, (int, np.integer)) or num_clusters < 1:
         raise ValueError(f"num_clusters must be a positive integer; got {num_clusters!r}")
     if num_iterations < 1:
         raise ValueError(f"num_iterations must be at least 1; got {num_iterations}")
+    if not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"tolerance must be in [0, 1); got {tolerance}")
     if backend not in ("auto", "faiss", "torch"):
         raise ValueError(f"backend must be 'auto', 'faiss' or 'torch'; got {backend!r}")
 
@@ -304,33 +285,23 @@ def _warn_if_degenerate(x: torch.Tensor, num_clusters: int, total: int, group: C
 
 def _resolve_device(device: torch.device | str | int | None, x: torch.Tensor) -> torch.device:
     """The device to run on; a CUDA device without CUDA falls back to the CPU (logged)."""
-    if device is None:
-        target = x.device
-    elif isinstance(device, int):
-        target = torch.device("cuda", device)
-    else:
-        target = torch.device(device)
-    if target.type == "cuda":
-        if not torch.cuda.is_available():
-            logger.warning("k-means: %s requested but CUDA is not available; falling back to the CPU", target)
-            return torch.device("cpu")
-        if target.index is None:
-            target = torch.device("cuda", torch.cuda.current_device())
-    return target
-
-
-def _faiss_has_gpu() -> bool:
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    target = x.device if device is None else torch.device("cuda", device) if isinstance(device, int) else device
+    target = torch.device(target)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        logger.warning("k-means: %s requested but CUDA is not available; falling back to the CPU", target)
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if str(target) == "cuda" else target
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
     """The backend name for a requested backend and the resolved device."""
+    torch_name = "torch-gpu" if device.type == "cuda" else f"torch-{device.type}"
     if backend == "torch" or (backend == "auto" and device.type == "cpu"):
-        return "torch-gpu" if device.type == "cuda" else f"torch-{device.type}"
+        return torch_name
     if device.type == "cpu":
         return "faiss-cpu"
     if device.type == "cuda":
-        if _faiss_has_gpu():
+        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             return "faiss-gpu"
         if backend == "faiss":
             raise RuntimeError(
@@ -338,34 +309,26 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
                 "the installed FAISS is CPU-only. Use backend='auto' to run the assignment step in torch on the GPU"
             )
         logger.info("k-means: the installed FAISS has no GPU support; the assignment step runs in torch on %s", device)
-        return "torch-gpu"
-    if backend == "faiss":
+    elif backend == "faiss":
         raise RuntimeError(f"backend='faiss' runs on the CPU or a CUDA device, not on {device}")
-    return f"torch-{device.type}"
+    return torch_name
 
 
-# ------------------------------------------------------------------------------------------ centring and PCA
 def _centred_points(
     x: torch.Tensor, largest: float, total: int, pca_dim: int | None, group: Collectives
-) -> torch.Tensor:
-    """This rank's rows scaled, centred on the global mean and optionally projected by PCA: (n_r, d or p) float32.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows scaled, centred and optionally PCA-projected, (n_r, d or p) float32; the (d,) float64 mean.
 
-    Squared distances overflow float32 from |x| ~ 1e19 (FAISS then finds no nearest centroid and aborts the process)
-    and underflow below |x| ~ 1e-19. Scaling by a power of two is exact and k-means is scale-invariant, so the
-    clustering runs on x / 2^e with entries below 1 in magnitude. Centring keeps |x|^2 + |c|^2 - 2 x.c from cancelling
-    on the large common component of non-negative (ReLU) features in float32.
+    Squared distances overflow float32 from |x| ~ 1e19 (FAISS then aborts the process) and underflow below 1e-19:
+    scaling by a power of two is exact and k-means scale-invariant, so it runs on x / 2^e with entries below 1.
+    Centring keeps |x|^2 + |c|^2 - 2 x.c from cancelling on the common component of ReLU features in float32.
     """
     scale = 1.0 if largest == 0.0 else math.ldexp(1.0, -math.frexp(largest)[1])
     points = x.to(torch.float32) * scale  # always a copy: the caller's features are never modified
-    chunk = max(1, CHUNK_ENTRIES // max(1, points.shape[1]))
-    mean = sum(
-        (rows.double().sum(0) for rows in points.split(chunk)),
-        torch.zeros(points.shape[1], dtype=torch.float64, device=points.device),
-    )
-    mean = group.all_reduce(mean) / total
+    mean = group.all_reduce(points.sum(0, dtype=torch.float64)) / total
     points -= mean.float()
     if pca_dim is None:
-        return points
+        return points, mean / scale
     start = time.perf_counter()
     # Written on the covariance rather than with faiss.PCAMatrix, which needs every row in one process: the (d, d)
     # sums of the ranks add up exactly to those of the concatenated rows. float32 products, float64 accumulation.
@@ -377,10 +340,9 @@ def _centred_points(
     projection = group.broadcast(torch.linalg.eigh(covariance.cpu()).eigenvectors[:, -pca_dim:].flip(1).float())
     if group.is_global_zero:
         logger.info("k-means: PCA %d -> %d dimensions in %.2f s", points.shape[1], pca_dim, time.perf_counter() - start)
-    return points @ projection.to(points.device)
+    return points @ projection.to(points.device), mean / scale
 
 
-# ---------------------------------------------------------------------------------------------- Lloyd steps
 def _assignment_step(points: torch.Tensor, backend: str, device: torch.device):
     """A function centroids -> (squared distance to, index of) each point's nearest centroid, on the backend."""
     if backend.startswith("torch"):
@@ -404,29 +366,38 @@ def _assignment_step(points: torch.Tensor, backend: str, device: torch.device):
     return search
 
 
-def _sums(x: torch.Tensor, assignments: torch.Tensor, num_clusters: int, group: Collectives, exact: bool = False):
-    """(k, d) float64 per-cluster sums of x's rows over all ranks and (k,) int64 sizes.
-
-    Within a chunk of rows the sums are float32 (fast, and precise enough for the Lloyd steps on unit-scaled points)
-    unless ``exact``: the final means of the original features, whose magnitude may be anything, are float64 sums.
-    """
-    dtype = torch.float64 if exact else torch.float32
+def _sums(x: torch.Tensor, assignments: torch.Tensor, num_clusters: int, group: Collectives):
+    """(k, d) float64 per-cluster sums of the unit-scaled points over all ranks (float32 within a chunk of rows)."""
     sums = torch.zeros(num_clusters, x.shape[1], dtype=torch.float64, device=x.device)
     chunk = max(1, CHUNK_ENTRIES // (4 * max(1, x.shape[1])))
     for rows, labels in zip(x.split(chunk), assignments.split(chunk)):
-        part = torch.zeros(num_clusters, x.shape[1], dtype=dtype, device=x.device)
-        sums += part.index_add_(0, labels, rows.to(dtype)).double()
+        sums += torch.zeros(num_clusters, x.shape[1], device=x.device).index_add_(0, labels, rows).double()
     return group.all_reduce(sums), group.all_reduce(torch.bincount(assignments, minlength=num_clusters))
 
 
-def _inertia(x: torch.Tensor, assignments: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """0-dim float64 sum of squared distances of this rank's original rows to their (float32) centroid."""
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
-    chunk = max(1, CHUNK_ENTRIES // max(1, x.shape[1]))
-    centroids = centroids.double()
+def _means_and_inertia(
+    x: torch.Tensor, assignments: torch.Tensor, num_clusters: int, mean: torch.Tensor, group: Collectives
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The (k, d) float32 member means of the original rows, (k,) sizes, and the inertia to those float32 means.
+
+    One float64 pass instead of a second one for the inertia: per cluster, with S the sum of x - m over its n members
+    and c its float32 mean, sum |x - c|^2 = sum |x - m|^2 - |S|^2 / n + n |S / n - (c - m)|^2 exactly. Taking m as
+    the global mean keeps the subtraction from cancelling on a large common offset.
+    """
+    sums = torch.zeros(num_clusters, x.shape[1], dtype=torch.float64, device=x.device)
+    squares = torch.zeros((), dtype=torch.float64, device=x.device)
+    chunk = max(1, CHUNK_ENTRIES // (4 * max(1, x.shape[1])))
     for rows, labels in zip(x.split(chunk), assignments.split(chunk)):
-        total += (rows.double() - centroids[labels]).square().sum()
-    return total
+        rows = rows.double() - mean
+        sums.index_add_(0, labels, rows)
+        squares += torch.dot(rows.view(-1), rows.view(-1))
+    sums, squares = group.all_reduce(sums), group.all_reduce(squares)
+    counts = group.all_reduce(torch.bincount(assignments, minlength=num_clusters))
+    within = sums / counts.unsqueeze(1)
+    centroids = (mean + within).float()
+    rounding = counts * (within - (centroids.double() - mean)).square().sum(1)
+    inertia = squares - (sums.square().sum(1) / counts).sum() + rounding.sum()
+    return centroids, counts, max(0.0, float(inertia))
 
 
 def _refill(
@@ -434,9 +405,8 @@ def _refill(
 ) -> torch.Tensor:
     """Empty clusters take the globally farthest points (:func:`empty_cluster_moves`); a new tensor if any moved.
 
-    Each rank offers its ``k`` farthest points (a cluster of one never gives its point, so at most one point per
-    non-empty cluster is passed over and ``k`` always suffice); every rank replays the same moves on the gathered
-    candidates, ordered by distance and then by sample id, and applies those of its own points.
+    Each rank offers its ``k`` farthest points (enough: only clusters of one are passed over); every rank replays the
+    same moves on the candidates, ordered by distance then sample id, and applies those of its own points.
     """
     counts = group.all_reduce(torch.bincount(assignments, minlength=num_clusters))
     empty = (counts == 0).nonzero().flatten().tolist()
@@ -444,32 +414,21 @@ def _refill(
         return assignments
     if group.is_global_zero:
         logger.info("k-means: moving the farthest points into %d empty cluster(s)", len(empty))
-    values, local = distances.topk(min(num_clusters, len(distances)))
-    table = torch.stack([values.double(), ids[local].double(), assignments[local].double(), local.double()], 1)
-    table = torch.cat([table, torch.full_like(table[:, :1], group.rank)], 1).cpu()
-    gathered = group.gather_unequal(table)
-    by_id = torch.argsort(gathered[:, 1], stable=True)
-    order = by_id[torch.argsort(-gathered[by_id, 0], stable=True)].tolist()
-    candidates = ((row, int(gathered[row, 2])) for row in order)
+    # (-distance, sample id, local row, rank, cluster) of the farthest points first
+    table = smallest_keys(-distances, ids, num_clusters, group, payload=assignments).tolist()
     moved = assignments.clone()
-    for row, cluster in empty_cluster_moves(empty, counts.tolist(), candidates):
-        if int(gathered[row, 4]) == group.rank:
-            moved[int(gathered[row, 3])] = cluster
+    for row, cluster in empty_cluster_moves(empty, counts.tolist(), ((i, int(r[4])) for i, r in enumerate(table))):
+        if int(table[row][3]) == group.rank:
+            moved[int(table[row][2])] = cluster
     return moved
 
 
 def empty_cluster_moves(
     empty: list[int], sizes: list[int], farthest_first: Iterable[tuple[int, int]]
 ) -> list[tuple[int, int]]:
-    """Which points refill the empty clusters: one ``(point, empty cluster)`` pair per empty cluster.
+    """One ``(point, empty cluster)`` move per cluster of ``empty``, taking points whose cluster keeps a member.
 
-    Walks the candidates farthest from their centroid first and takes a point only if its cluster keeps at least one
-    member, so no cluster empties in turn.
-
-    Args:
-        empty: The empty clusters, in the order they are filled.
-        sizes: Every cluster's size before the moves (not modified).
-        farthest_first: ``(point, its cluster)`` candidates, farthest from their centroid first.
+    ``farthest_first`` holds ``(point, its cluster)`` candidates, farthest first; ``sizes``: before the moves.
 
     Raises:
         ValueError: When the candidates run out first (fewer movable points than empty clusters).

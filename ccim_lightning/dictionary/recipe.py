@@ -1,13 +1,8 @@
 """The confounder dictionary's settings (:class:`DictionaryRecipe`) and its one entry point, ``load_or_build``.
 
-``ConfounderDictionaryCallback`` (before fitting), ``ccim build-dictionary``, ``ccim bias-report`` (cluster mode) and
-``python -m benchmarks.debias`` all call ``recipe.load_or_build(...)``, so all of them build, key and reuse a
-dictionary the same way. The steps, one small function each: the run's
-:class:`~ccim_lightning.dictionary.store.DictionaryKey`
-(:func:`dictionary_key`) -> the cache, decided on rank 0 (:func:`load_cached`) -> the scene CNN over this rank's
-shard of ``datamodule.dictionary_dataset(mask_subject=...)`` (train split, eval transforms, subject filled with
-zeros) -> one k-means over all ranks' rows (:func:`cluster`) -> rank 0 assembles the dictionary, each training
-sample's cluster in sample-index order (:func:`assemble`), saves the cache and broadcasts it.
+Every user builds, keys and reuses a dictionary through it: the key (:func:`dictionary_key`) -> the cache, decided
+on rank 0 (:func:`load_cached`) -> the scene CNN over this rank's shard -> one k-means over all ranks' rows -> rank 0
+assembles the dictionary (:func:`assemble`), saves the cache and broadcasts it.
 """
 
 from __future__ import annotations
@@ -18,7 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -31,7 +26,7 @@ from ccim_lightning.dictionary.features import (
     extract_context_features,
     own_rows,
 )
-from ccim_lightning.dictionary.kmeans import kmeans
+from ccim_lightning.dictionary.kmeans import KMeansResult, kmeans
 from ccim_lightning.dictionary.store import (
     ConfounderDictionary,
     DictionaryFileError,
@@ -90,18 +85,17 @@ class DictionaryRecipe:
         return Path(self.cache).expanduser() if self.cache else None
 
     def load_or_build(
-        self, datamodule: Any, num_prototypes: int, dim: int, collectives: Collectives | None = None
+        self, datamodule: object, num_prototypes: int, dim: int, collectives: Collectives | None = None
     ) -> ConfounderDictionary:
         """The dictionary for this run: from the cache when its key matches, else built; every rank returns the same.
 
-        Every step that can fail on one rank is agreed on across ranks (:meth:`Collectives.agreed`), so a failure
-        ends every rank at once instead of leaving them in a collective until the process-group timeout.
+        A step that fails on one rank ends every rank at once (:meth:`Collectives.agreed`).
 
         Args:
-            datamodule: The data; a :class:`~ccim_lightning.types.DictionaryDataModule`.
+            datamodule: A :class:`~ccim_lightning.types.DictionaryDataModule`.
             num_prototypes: N of the model.
             dim: d of the model (the scene CNN's feature width).
-            collectives: The process group; default: ``Collectives.current()`` (one process without one).
+            collectives: The process group; default: ``Collectives.current()``.
         """
         collectives = collectives if collectives is not None else Collectives.current()
         if self.source == "random":
@@ -116,13 +110,11 @@ class DictionaryRecipe:
                     "ccim CLI links it to --dictionary.extractor)."
                 )
             key = dictionary_key(self, datamodule, dataset, extractor, num_prototypes)
-            cached = None
-            if collectives.is_global_zero:
-                # Rank 0 decides and tells the others: ranks that judged the cache on their own could disagree
-                # (node-local disks, a file being written) and then wait in different collectives forever.
-                cached = load_cached(self.cache_path, key)
-                if cached is None and self.cache_path is not None:
-                    check_cache_path(self.cache_path)  # before hours of extraction, not after
+            # Rank 0 decides and tells the others: ranks that judged the cache on their own could disagree
+            # (node-local disks, a file being written) and then wait in different collectives forever.
+            cached = load_cached(self.cache_path, key) if collectives.is_global_zero else None
+            if cached is None and self.cache_path is not None and collectives.is_global_zero:
+                check_cache_path(self.cache_path)  # before hours of extraction, not after
         cached = collectives.broadcast(cached, src=0)
         if cached is not None:
             return cached
@@ -145,7 +137,7 @@ class DictionaryRecipe:
         return dictionary
 
 
-def training_samples(datamodule: Any, mask_subject: bool) -> Dataset:
+def training_samples(datamodule: object, mask_subject: bool) -> Dataset:
     """The datamodule's dictionary dataset (train split, eval transforms), or a clear error naming what it lacks."""
     if not isinstance(datamodule, DictionaryDataModule):
         raise TypeError(
@@ -158,14 +150,16 @@ def training_samples(datamodule: Any, mask_subject: bool) -> Dataset:
 
 
 def dictionary_key(
-    recipe: DictionaryRecipe, datamodule: Any, dataset: Dataset, extractor: ContextFeatureExtractor, num_prototypes: int
+    recipe: DictionaryRecipe,
+    datamodule: object,
+    dataset: Dataset,
+    extractor: ContextFeatureExtractor,
+    num_prototypes: int,
 ) -> DictionaryKey:
     """The key of the dictionary this run would build, which a cached file must equal to be reused.
 
-    Covers the scene CNN and its weights' digest, N, masking, seed, source, k-means iterations and PCA size, the
-    dictionary transform (:func:`transform_signature`) and the data (:func:`sample_identities`: paths, boxes, and for
-    file-backed data each image's size and modification time; an edit that keeps both is invisible, as is a change
-    to annotation columns that are not identities).
+    The data enter through :func:`sample_identities` (paths, boxes, and for files their size and modification time:
+    an edit that keeps both is invisible, as is a change to annotation columns that are not identities).
     """
     return DictionaryKey(
         extractor=extractor.name,
@@ -176,31 +170,21 @@ def dictionary_key(
         source=recipe.source,
         num_iterations=recipe.num_iterations,
         pca_dim=recipe.pca_dim,
-        transform=transform_signature(datamodule),
+        transform=json.dumps(datamodule.dictionary_signature(), sort_keys=True, default=str),
         dataset_fingerprint=dataset_fingerprint(sample_identities(dataset)),
     )
 
 
 def sample_identities(dataset: Dataset) -> list[str]:
-    """Stable names of a dataset's samples, for the dictionary's dataset fingerprint.
+    """Stable names of a dataset's samples (:class:`~ccim_lightning.types.IdentifiedDataset`) for the fingerprint.
 
-    Datasets that know their samples (image path, box, file size and modification time; or generator seed and
-    index) are :class:`~ccim_lightning.types.IdentifiedDataset`; for any other dataset the class name and position
-    are used, which cannot tell two datasets of the same class and size apart, so a warning says the check is weak.
+    Other datasets are named by class and position, which cannot tell two of the same class and size apart (warned).
     """
     if isinstance(dataset, IdentifiedDataset):
         return [str(identity) for identity in dataset.sample_identities()]
-    log.warning(
-        "%s lacks %s (IdentifiedDataset); the dictionary cache can only check its class and size.",
-        type(dataset).__name__,
-        missing_members(dataset, IdentifiedDataset),
-    )
+    lacks = missing_members(dataset, IdentifiedDataset)
+    log.warning(f"{type(dataset).__name__} lacks {lacks} (IdentifiedDataset); the cache checks only class and size.")
     return [f"{type(dataset).__name__}:{i}" for i in range(len(dataset))]
-
-
-def transform_signature(datamodule: Any) -> str:
-    """Canonical text of the datamodule's dictionary transform (``dictionary_signature()``), for the key."""
-    return json.dumps(datamodule.dictionary_signature(), sort_keys=True, default=str)
 
 
 def load_cached(path: Path | None, key: DictionaryKey) -> ConfounderDictionary | None:
@@ -228,25 +212,23 @@ def build_from_features(
     num_samples: int | None = None,
     collectives: Collectives | None = None,
 ) -> ConfounderDictionary:
-    """The dictionary of this rank's feature rows clustered with all ranks' rows; saved to the cache on rank 0.
+    """The dictionary of this rank's rows clustered with all ranks' rows, the same on every rank; cached on rank 0.
 
     Args:
         recipe: The settings (seed, iterations, PCA, cache).
         rows: This rank's samples, each once (:func:`~ccim_lightning.dictionary.features.own_rows`).
         key: The run's key, recorded in the dictionary.
-        num_samples: Size of the split (samples skipped at decode time get cluster -1); default: the largest index
-            plus one.
+        num_samples: Size of the split (unclustered samples get cluster -1); default: the largest index plus one.
         collectives: The process group; default: one process.
-
-    Returns:
-        The same dictionary on every rank.
     """
     collectives = collectives if collectives is not None else Collectives.current()
     start = time.perf_counter()
     with collectives.agreed("clustering the scene features"):
         if int(collectives.all_reduce(torch.tensor([len(rows.indices)], device=collectives.device))[0]) == 0:
             raise ValueError("No training sample could be read for the confounder dictionary: the split is empty.")
-        result, backend = cluster(rows, key.num_prototypes, recipe, collectives)
+        # the draws follow the sample indices: any split of the rows over ranks gives the same clusters
+        settings = {"seed": recipe.seed, "num_iterations": recipe.num_iterations, "pca_dim": recipe.pca_dim}
+        result = kmeans(rows.features, key.num_prototypes, sample_ids=rows.indices, collectives=collectives, **settings)
     # The per-sample columns (a few numbers per sample) go to rank 0, which assembles the dictionary.
     columns = [rows.indices, result.assignments.to(rows.indices.device).long()]
     if rows.scenes is not None:
@@ -257,77 +239,42 @@ def build_from_features(
     with collectives.agreed("assembling the dictionary"):
         if collectives.is_global_zero:
             size = int(num_samples if num_samples is not None else int(gathered[:, 0].max()) + 1)
-            scenes = gathered[:, 2] if gathered.shape[1] > 2 else None
-            everyone = ContextFeatures(torch.zeros(len(gathered), 0), gathered[:, 0], targets, scenes)
-            extra = {"kmeans_seconds": time.perf_counter() - start, "kmeans_backend": backend}
-            dictionary = assemble(result, everyone, gathered[:, 1], key, size, extra)
+            extra = {"kmeans_seconds": time.perf_counter() - start, "kmeans_backend": result.backend}
+            dictionary = assemble(result, gathered, targets, key, size, extra)
             if recipe.cache_path is not None:
                 dictionary.save(recipe.cache_path)
                 log.info("Confounder dictionary: saved to %s", recipe.cache_path)
     return collectives.broadcast(dictionary, src=0)
 
 
-def cluster(
-    rows: ContextFeatures, num_prototypes: int, recipe: DictionaryRecipe, collectives: Collectives
-) -> tuple[Any, str]:
-    """k-means of all ranks' rows: the global centroids, counts and inertia, and this rank's rows' clusters.
-
-    One call at every world size; the draws follow the sample indices, so any split of the rows over ranks gives
-    the same clusters.
-
-    Returns:
-        The clustering (``centroids``, ``counts``, ``inertia``, ``assignments`` of ``rows``) and its backend's name.
-    """
-    result = kmeans(
-        rows.features,
-        num_prototypes,
-        seed=recipe.seed,
-        num_iterations=recipe.num_iterations,
-        pca_dim=recipe.pca_dim,
-        sample_ids=rows.indices,
-        collectives=collectives,
-    )
-    return result, result.backend
-
-
 def assemble(
-    result: Any, rows: ContextFeatures, assignments: torch.Tensor, key: DictionaryKey, size: int, extra: dict
+    result: KMeansResult, rows: torch.Tensor, targets: torch.Tensor | None, key: DictionaryKey, size: int, extra: dict
 ) -> ConfounderDictionary:
-    """The dictionary of a clustering, with each sample's cluster and target at its index.
+    """The dictionary of a clustering, each sample's cluster and target at its index (cluster -1: not clustered).
 
-    Args:
-        result: The clustering (``centroids``, ``counts``, ``inertia``).
-        rows: The clustered samples' indices, targets and scenes (features unused).
-        assignments: Their clusters, row for row.
-        key: The run's key.
-        size: Samples in the split; those not clustered (skipped at decode time) get cluster -1.
-        extra: Timings and backend, for the logs.
+    ``rows`` holds a (sample index, cluster[, true scene]) row per clustered sample and ``targets`` their targets;
+    ``size`` is the split's size and ``extra`` the timings and backend for the logs.
     """
-    indices, assignments = rows.indices.cpu().long(), assignments.cpu().long()
-    by_index = torch.full((size,), -1, dtype=torch.long)
-    by_index[indices] = assignments
-    targets_by_index = None
-    if rows.targets is not None:
-        targets = rows.targets.cpu()
-        targets_by_index = targets.new_zeros((size, *targets.shape[1:]))
-        targets_by_index[indices] = targets
-    centroids, counts = result.centroids.cpu(), result.counts.cpu()
-    extra = {
-        **extra,
-        "cluster_sizes": counts.tolist(),
-        "feature_dim": int(centroids.shape[1]),
-        "skipped_samples": int(size - len(indices)),
-    }
-    if rows.scenes is not None:
-        extra.update(_scene_statistics(assignments, rows.scenes.cpu().long(), int(centroids.shape[0])))
+    indices, assignments = rows[:, 0], rows[:, 1]
+    extra = extra | {"cluster_sizes": result.counts.tolist(), "feature_dim": int(result.centroids.shape[1])}
+    extra["skipped_samples"] = size - len(indices)
+    if rows.shape[1] > 2:
+        extra |= _scene_statistics(assignments, rows[:, 2], key.num_prototypes)
+
+    def by_index(values: torch.Tensor, fill: int) -> torch.Tensor:
+        out = values.new_full((size, *values.shape[1:]), fill)
+        out[indices] = values
+        return out
+
+    targets = None if targets is None else by_index(targets, 0)
     return ConfounderDictionary.from_clustering(
-        centroids,
-        counts,
+        result.centroids,
+        result.counts,
         key,
         num_samples=len(indices),
-        inertia=float(result.inertia),
-        assignments=by_index,
-        targets=targets_by_index,
+        inertia=result.inertia,
+        assignments=by_index(assignments, -1),
+        targets=targets,
         extra=extra,
     )
 
@@ -347,14 +294,8 @@ def _scene_statistics(assignments: torch.Tensor, scenes: torch.Tensor, num_clust
 
 def dictionary_summary(dictionary: ConfounderDictionary) -> dict[str, float]:
     """The numbers a person checks after a build: samples, N, d, inertia, time, and scene NMI/purity when known."""
-    stats = {
-        "num_samples": float(dictionary.num_samples),
-        "num_prototypes": float(dictionary.num_prototypes),
-        "feature_dim": float(dictionary.dim),
-    }
-    if dictionary.inertia is not None:
-        stats["inertia"] = dictionary.inertia
-    for name in ("build_seconds", "skipped_samples", "scene_nmi", "scene_purity"):
-        if name in dictionary.extra:
-            stats[name] = float(dictionary.extra[name])
-    return stats
+    stats = {"num_samples": dictionary.num_samples, "num_prototypes": dictionary.num_prototypes}
+    stats |= {"feature_dim": dictionary.dim, "inertia": dictionary.inertia}
+    stats |= {name: dictionary.extra.get(name) for name in ("build_seconds", "skipped_samples")}
+    stats |= {name: dictionary.extra.get(name) for name in ("scene_nmi", "scene_purity")}
+    return {name: float(value) for name, value in stats.items() if value is not None}

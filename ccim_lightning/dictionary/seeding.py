@@ -1,8 +1,7 @@
 """Seeding of the one k-means at every world size: k-means|| oversampling reduced by weighted greedy k-means++.
 
-Every random draw of the oversampling is a fixed function of the seed and the row's sample id
-(:func:`sample_uniforms`), so any split of the same rows over any number of ranks draws the same candidates; only
-O(k·d) rows travel between ranks (:class:`~ccim_lightning.dictionary.collectives.Collectives`).
+Every draw is a function of the seed and the row's sample id (:func:`sample_uniforms`), so any split of the rows
+over ranks draws the same candidates; only O(k·d) rows travel between ranks.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import torch
 
 from ccim_lightning.dictionary.collectives import Collectives
 
-__all__ = ["CHUNK_ENTRIES", "nearest_centres", "sample_uniforms", "seed_centroids"]
+__all__ = ["CHUNK_ENTRIES", "nearest_centres", "sample_uniforms", "seed_centroids", "smallest_keys"]
 
 CHUNK_ENTRIES = 1 << 24
 """Entries of the largest temporary (distance block, float64 copy of rows) materialised at once."""
@@ -25,8 +24,6 @@ _LOCAL_TRIALS = 20
 
 _MAX_PAIRWISE_ENTRIES = 1 << 26
 """Largest candidate-by-candidate distance matrix the greedy step precomputes (256 MiB in float32)."""
-
-_MASK64 = (1 << 64) - 1
 
 
 def _splitmix64(values: np.ndarray) -> np.ndarray:
@@ -44,7 +41,7 @@ def sample_uniforms(ids: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
     in them (and thus on the rank holding it). A counter-based draw per sample id is what makes any split of the rows
     over ranks draw the same; SplitMix64 (Steele et al., 2014) is the usual small mixer for that.
     """
-    keys = _splitmix64(np.array([seed & _MASK64, stream], dtype=np.uint64))
+    keys = _splitmix64(np.array([seed & (1 << 64) - 1, stream], dtype=np.uint64))
     z = _splitmix64(_splitmix64(ids.cpu().numpy().astype(np.uint64) ^ keys[0]) ^ keys[1])
     return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0**-53).to(ids.device)
 
@@ -55,31 +52,42 @@ def _squared_distances(a: torch.Tensor, a_norms: torch.Tensor, b: torch.Tensor, 
 
 
 def nearest_centres(x: torch.Tensor, x_norms: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared distance to, and index of, the nearest of ``centres`` for every row of x (row chunks bound memory)."""
+    """Squared distance to, and index of, the nearest of ``centres`` for every row of x (row chunks bound memory).
+
+    The nearest centre minimises |c|^2 - 2 x.c, one fused matrix product; |x|^2 is added to the minimum only.
+    """
     norms = centres.square().sum(1)
     chunk = max(1, CHUNK_ENTRIES // max(1, centres.shape[0]))
     distances = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     indices = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     for start in range(0, x.shape[0], chunk):
         rows = slice(start, start + chunk)
-        distances[rows], indices[rows] = _squared_distances(x[rows], x_norms[rows], centres, norms).min(1)
-    return distances, indices
+        distances[rows], indices[rows] = torch.addmm(norms, x[rows], centres.T, alpha=-2.0).min(1)
+    distances += x_norms
+    return distances.clamp_min_(0.0), indices
+
+
+def smallest_keys(
+    keys: torch.Tensor, ids: torch.Tensor, count: int, group: Collectives, payload: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Every rank's ``count`` rows with the smallest keys, ordered by key then sample id, the same on every rank.
+
+    The ``count`` smallest of all ranks are among them, so only those travel.
+
+    Returns:
+        (m, 4) float64 rows of (key, sample id, local row, rank), plus a fifth column of ``payload`` when given.
+    """
+    local_keys, local_rows = keys.topk(min(count, len(keys)), largest=False)
+    columns = [local_keys.double(), ids[local_rows].double(), local_rows.double()]
+    columns += [torch.full_like(columns[0], group.rank)] + ([] if payload is None else [payload[local_rows].double()])
+    gathered = group.gather_unequal(torch.stack(columns, 1))
+    by_id = torch.argsort(gathered[:, 1], stable=True)
+    return gathered[by_id[torch.argsort(gathered[by_id, 0], stable=True)]]
 
 
 def _draw(keys: torch.Tensor, ids: torch.Tensor, count: int, group: Collectives) -> torch.Tensor:
-    """The ``count`` rows of all ranks with the smallest keys (ties by sample id), in ascending sample id.
-
-    The global winners are among every rank's ``count`` smallest, so only those travel.
-
-    Returns:
-        (count, 4) float64 rows of (key, sample id, local row, rank), the same on every rank.
-    """
-    local_keys, local_rows = keys.topk(min(count, len(keys)), largest=False)
-    table = torch.stack([local_keys.double(), ids[local_rows].double(), local_rows.double()], 1)
-    table = torch.cat([table, torch.full_like(table[:, :1], group.rank)], 1)
-    gathered = group.gather_unequal(table)
-    by_id = torch.argsort(gathered[:, 1], stable=True)
-    winners = gathered[by_id[torch.argsort(gathered[by_id, 0], stable=True)[:count]]]
+    """(count, 4) rows of :func:`smallest_keys`: the ``count`` smallest keys of all ranks, in ascending sample id."""
+    winners = smallest_keys(keys, ids, count, group)[:count]
     return winners[torch.argsort(winners[:, 1])]
 
 
@@ -96,16 +104,12 @@ def seed_centroids(
 ) -> torch.Tensor:
     """(k, d) initial centroids, points of the data of greedy k-means++ quality.
 
-    Hand-written rather than left to FAISS: ``faiss.Clustering`` seeds with random points; FAISS 1.12+ also offers
-    k-means++, but the plain variant (one candidate per step), on the CPU, and on all rows in one process. On
-    clustered 2048-d features with k=256 either start ends Lloyd's iterations several percent above scikit-learn's
-    greedy k-means++, whose own cost is a pass over all points per step and candidate.
-
-    So: k-means|| oversampling, from one point drawn uniformly, ``_SEEDING_ROUNDS`` rounds each draw ``num_clusters``
-    candidates without replacement proportionally to the squared distance to the candidates so far
-    (Efraimidis-Spirakis keys Exp(1) / w from :func:`sample_uniforms`); each candidate is weighted by the number of
-    points it is the nearest candidate of, and weighted greedy k-means++ reduces them to k. When there are no more
-    points than the pool would hold, the greedy step runs on all points with unit weights: greedy k-means++ itself.
+    Hand-written: FAISS seeds with random points or plain k-means++ on all rows in one process, and on clustered
+    2048-d features with k=256 either start ends Lloyd several percent above scikit-learn's greedy k-means++, whose
+    cost is a pass over all points per step and candidate. So: k-means|| oversampling (``_SEEDING_ROUNDS`` rounds of
+    ``num_clusters`` draws without replacement proportional to the squared distance, Efraimidis-Spirakis keys
+    Exp(1) / w), each candidate weighted by the points nearest to it, reduced to k by weighted greedy k-means++ (on
+    all points with unit weights when they are no more than the pool).
     """
     if total <= _SEEDING_ROUNDS * num_clusters + 1:
         table = group.gather_unequal(torch.cat([ids.unsqueeze(1).double(), points.double()], 1))
@@ -113,19 +117,17 @@ def seed_centroids(
         weights = torch.ones(len(pool), dtype=torch.float64, device=points.device)
     else:
         norms = points.square().sum(1)
-        first = _draw(sample_uniforms(ids, seed, 0), ids, 1, group)
-        pool_parts = [_rows_of(points, first, group)]
-        closest = _squared_distances(points, norms, pool_parts[0], pool_parts[0].square().sum(1))[:, 0]
-        if int(first[0, 3]) == group.rank:
-            closest[int(first[0, 2])] = 0.0
+        closest = torch.full((len(points),), torch.inf, device=points.device)
         owner = torch.zeros(len(points), dtype=torch.int64, device=points.device)
-        pool_size = 1
-        for round_ in range(1, _SEEDING_ROUNDS + 1):
+        pool_parts, pool_size = [], 0
+        for round_ in range(_SEEDING_ROUNDS + 1):
             remaining = int(group.all_reduce((closest > 0).sum()))
             if remaining == 0:  # every point coincides with a candidate
                 break
-            keys = -torch.log1p(-sample_uniforms(ids, seed, round_)) / closest.double()  # weight 0 -> key inf
-            winners = _draw(keys, ids, min(num_clusters, remaining), group)
+            uniforms = sample_uniforms(ids, seed, round_)
+            # round 0 draws the first candidate uniformly, later rounds proportionally to the squared distance
+            keys = uniforms if round_ == 0 else -torch.log1p(-uniforms) / closest.double()  # weight 0 -> key inf
+            winners = _draw(keys, ids, 1 if round_ == 0 else min(num_clusters, remaining), group)
             rows = _rows_of(points, winners, group)
             distances, nearest = nearest_centres(points, norms, rows)
             mine = (winners[:, 3] == group.rank).nonzero().flatten().to(points.device)
@@ -146,10 +148,7 @@ def seed_centroids(
 
 
 def _sample_proportional(weights: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` indices drawn with replacement with probability proportional to ``weights`` (inverse CDF).
-
-    The uniform numbers come from the CPU generator whatever the device, so a seed means the same draws everywhere.
-    """
+    """``count`` indices drawn with replacement proportionally to ``weights`` (CPU generator: same on any device)."""
     cumulative = weights.double().cumsum(0)
     uniform = torch.rand(count, generator=generator, dtype=torch.float64).to(weights.device)
     index = torch.searchsorted(cumulative, uniform * cumulative[-1], right=True)
@@ -159,14 +158,10 @@ def _sample_proportional(weights: torch.Tensor, count: int, generator: torch.Gen
 def _greedy_kmeans_plusplus(
     points: torch.Tensor, weights: torch.Tensor, num_clusters: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """Weighted greedy k-means++ (as scikit-learn's, with ``_LOCAL_TRIALS`` candidates per step).
+    """(k,) int64 indices into ``points`` of weighted greedy k-means++ (scikit-learn's, ``_LOCAL_TRIALS`` trials).
 
-    The first centre is drawn proportionally to the weights; each further step draws ``_LOCAL_TRIALS`` candidates
-    proportionally to weight times squared distance to the nearest centre so far and keeps the one that leaves the
-    smallest weighted potential.
-
-    Returns:
-        (k,) int64 indices into ``points``.
+    Each step draws trials proportionally to weight times squared distance and keeps the one leaving the smallest
+    weighted potential.
     """
     count = points.shape[0]
     norms = points.square().sum(1)

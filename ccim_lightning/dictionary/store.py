@@ -1,10 +1,7 @@
-"""The confounder dictionary Z with its prior P(z), the key of the settings it was built with, and its file.
+"""The confounder dictionary Z with its prior P(z), the key of what produced it, and its file.
 
-Paper: every training image, subject masked, goes through a scene CNN; the features are clustered into N clusters;
-z_i is the centroid of cluster i and P(z_i) = N_i / N_m, the cluster's share of the samples. The "random Z" ablation
-replaces the centroids with random vectors. :class:`ConfounderDictionary` holds the two tensors and the
-:class:`DictionaryKey` of everything that produced them, so a cached file is reused only by a run with an equal key
-(:meth:`ConfounderDictionary.mismatches` says which fields differ).
+Paper: z_i is the centroid of cluster i of the masked scenes' features, P(z_i) = N_i / N_m its share of the samples;
+the "random Z" ablation uses random vectors. A cached file is reused only by a run with an equal :class:`DictionaryKey`.
 """
 
 from __future__ import annotations
@@ -21,13 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = [
-    "ConfounderDictionary",
-    "DictionaryFileError",
-    "DictionaryKey",
-    "check_cache_path",
-    "dataset_fingerprint",
-]
+__all__ = ["ConfounderDictionary", "DictionaryFileError", "DictionaryKey", "check_cache_path", "dataset_fingerprint"]
 
 FORMAT_TAG = "ccim-lightning/confounder-dictionary"
 FORMAT_VERSION = 3  # 3: the cache key stored as one typed record (DictionaryKey); 2: key fields among the metadata
@@ -52,8 +43,7 @@ class DictionaryKey:
         source: ``"features"`` (clustered scene features) or ``"random"`` (the random-Z ablation).
         num_iterations: k-means Lloyd iterations (``None`` for random dictionaries).
         pca_dim: PCA size before k-means, or ``None`` (no PCA).
-        transform: Canonical text of the dictionary transform (image size, normalisation, masking fill);
-            ``"none"`` where unknown.
+        transform: Canonical text of the dictionary transform (size, normalisation, mask fill), or ``"none"``.
         dataset_fingerprint: :func:`dataset_fingerprint` of the clustered samples, or ``"none"``.
     """
 
@@ -94,15 +84,7 @@ class DictionaryKey:
         return dataclasses.asdict(self)
 
     def differences(self, wanted: DictionaryKey, *, ignore: Iterable[str] = ()) -> list[str]:
-        """Each field where ``wanted`` differs from this key, with both values; empty when they agree.
-
-        Args:
-            wanted: The run's key.
-            ignore: Field names not compared.
-
-        Returns:
-            Reasons such as ``"num_prototypes: cache has 128, run wants 256"``, in field order.
-        """
+        """Why ``wanted`` differs, e.g. ``"seed: cache has 0, run wants 1"``, per field not in ``ignore``."""
         skipped = set(ignore)
         if unknown := sorted(skipped - {f.name for f in dataclasses.fields(self)}):
             raise KeyError(f"Unknown DictionaryKey fields {unknown}.")
@@ -111,10 +93,6 @@ class DictionaryKey:
             for f in dataclasses.fields(self)
             if f.name not in skipped and getattr(self, f.name) != getattr(wanted, f.name)
         ]
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass(eq=False)
@@ -130,13 +108,10 @@ class ConfounderDictionary:
         key: The settings and data that produced it (:class:`DictionaryKey`).
         num_samples: Number of samples clustered (0 for random ones).
         inertia: Final clustering objective (sum of squared distances to the centroids), if known.
-        assignments: (n,) int64 cluster of every sample of the split, in sample-index order; -1 for a sample that
-            was not clustered (skipped at decode time). ``None`` for random dictionaries.
-        targets: (n,) int64 labels or (n, C) float32 multi-hot targets of the same samples (the debiasing methods'
-            P(y | z) counts), or ``None``.
+        assignments: (n,) int64 cluster of every sample of the split by index (-1: not clustered), or ``None``.
+        targets: (n,) int64 labels or (n, C) float32 multi-hot targets of the same samples, or ``None``.
         created: ISO-8601 UTC time of creation.
-        extra: Free-form information for logs (clustering settings, timings); plain Python values only, so that the
-            file loads with ``torch.load(weights_only=True)``.
+        extra: Information for logs (settings, timings), plain values that ``torch.load(weights_only=True)`` reads.
     """
 
     prototypes: torch.Tensor
@@ -146,7 +121,7 @@ class ConfounderDictionary:
     inertia: float | None = None
     assignments: torch.Tensor | None = None
     targets: torch.Tensor | None = None
-    created: str = field(default_factory=_now)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -209,8 +184,6 @@ class ConfounderDictionary:
         """``"features"`` or ``"random"`` (from the key)."""
         return self.key.source
 
-    # ----------------------------------------------------------------------------------------------- construction
-
     @classmethod
     def from_clustering(
         cls,
@@ -224,17 +197,10 @@ class ConfounderDictionary:
         targets: torch.Tensor | None = None,
         extra: dict[str, Any] | None = None,
     ) -> ConfounderDictionary:
-        """The dictionary of a clustering: z_i = centroid i, P(z_i) = N_i / sum_j N_j (paper, Sec. "Z").
+        """The dictionary of (N, d) centroids and (N,) cluster sizes: z_i = centroid i, P(z_i) = N_i / sum_j N_j.
 
-        Args:
-            centroids: (N, d) cluster centroids (tensor or array).
-            counts: (N,) number of samples assigned to each cluster; empty clusters get prior 0.
-            key: The run's key; its ``source`` must be ``"features"``.
-            num_samples: Number of samples clustered; defaults to ``counts.sum()``.
-            inertia: Final clustering objective, if known.
-            assignments: (n,) cluster of every sample, in sample-index order (-1: not clustered).
-            targets: The samples' targets, in the same order.
-            extra: Free-form information for logs.
+        ``key.source`` must be ``"features"``; ``num_samples`` defaults to ``counts.sum()``; the other arguments
+        are the attributes of the same names.
         """
         if key.source != "features":
             raise ValueError(f"A clustering gives a source='features' dictionary, but the key says {key.source!r}.")
@@ -259,19 +225,10 @@ class ConfounderDictionary:
     def random(
         cls, num_prototypes: int, dim: int, *, seed: int, scale: float = 1.0, extra: dict[str, Any] | None = None
     ) -> ConfounderDictionary:
-        """The paper's "random Z" ablation: random prototypes with a uniform prior.
+        """The paper's "random Z" ablation: i.i.d. N(0, ``scale``^2) prototypes (N, d) with a uniform prior.
 
-        Prototypes are i.i.d. normal with mean 0 and standard deviation ``scale``, drawn from a ``torch.Generator``
-        seeded with ``seed`` (the same on every machine and rank). Pass the standard deviation of real scene
-        features as ``scale`` to match their magnitude; the default is the standard normal. The key is
-        :meth:`DictionaryKey.for_random`: nothing but N and the seed changes the result.
-
-        Args:
-            num_prototypes: N.
-            dim: d, the feature size the head expects.
-            seed: Seed of the generator.
-            scale: Standard deviation of the entries.
-            extra: Free-form information for logs.
+        Drawn from a ``torch.Generator`` seeded with ``seed``, the same on every machine and rank; pass the standard
+        deviation of real scene features as ``scale`` to match their magnitude. Only N and the seed are in the key.
         """
         if num_prototypes < 1 or dim < 1:
             raise ValueError(f"num_prototypes and dim must be positive, got {num_prototypes} and {dim}.")
@@ -286,8 +243,6 @@ class ConfounderDictionary:
             extra={"scale": float(scale), **(extra or {})},
         )
 
-    # ------------------------------------------------------------------------------------------------------ reuse
-
     def mismatches(
         self,
         wanted: DictionaryKey,
@@ -296,16 +251,9 @@ class ConfounderDictionary:
         num_samples: int | None = None,
         ignore: Iterable[str] = (),
     ) -> list[str]:
-        """Why this dictionary cannot be reused by a run whose key is ``wanted``; empty if it can.
+        """Why a run with key ``wanted`` cannot reuse this dictionary, one reason per field; empty if it can.
 
-        Args:
-            wanted: The run's key.
-            dim: The feature size the run needs, checked when given.
-            num_samples: The number of clustered samples the run expects, checked when given.
-            ignore: Key fields not compared (e.g. a report that accepts another N).
-
-        Returns:
-            Human-readable reasons, one per differing field, e.g. ``"num_prototypes: cache has 128, run wants 256"``.
+        ``dim`` and ``num_samples`` are checked when given; ``ignore`` names key fields not compared.
         """
         reasons = self.key.differences(wanted, ignore=ignore)
         for name, want in (("dim", dim), ("num_samples", num_samples)):
@@ -313,17 +261,8 @@ class ConfounderDictionary:
                 reasons.append(f"{name}: cache has {getattr(self, name)!r}, run wants {want!r}")
         return reasons
 
-    # -------------------------------------------------------------------------------------------------------- I/O
-
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the dictionary atomically (temporary file, then ``os.replace``); parent folders are created.
-
-        Args:
-            path: Target file, conventionally ``*.pt``.
-
-        Returns:
-            The path written.
-        """
+        """Writes the dictionary atomically (temporary file, then ``os.replace``); returns the path."""
         path = Path(path).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -351,17 +290,11 @@ class ConfounderDictionary:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ConfounderDictionary:
-        """Read a file written by :meth:`save`, checking it thoroughly.
-
-        Args:
-            path: The file.
-
-        Returns:
-            The dictionary, tensors on the CPU.
+        """Reads a file written by :meth:`save`, checking it thoroughly; tensors on the CPU.
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
-            DictionaryFileError: The file is damaged, not a dictionary file, of another version, or inconsistent.
+            DictionaryFileError: A damaged, foreign, other-version or inconsistent file.
         """
         path = Path(path).expanduser()
         if not path.is_file():
@@ -426,17 +359,7 @@ _METADATA_FIELDS = ("num_samples", "inertia", "created")
 
 
 def check_cache_path(path: str | os.PathLike) -> Path:
-    """Checks, before any work, that a dictionary can be written to ``path``; removes stale temporary files.
-
-    A build takes minutes to hours: finding only at the end that the path is a folder or the folder is read-only
-    wastes it. Temporary files of :meth:`ConfounderDictionary.save` left by a killed process (``.<name>.<pid>.tmp``
-    whose process is gone) are deleted.
-
-    Args:
-        path: The cache file.
-
-    Returns:
-        The path, expanded.
+    """``path`` expanded, once checked writable before a build of hours; deletes stale ``.<name>.<pid>.tmp`` files.
 
     Raises:
         DictionaryFileError: ``path`` is a folder, or its folder cannot be created or written.
@@ -469,26 +392,20 @@ def _process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
+        pass
     return True
 
 
 def _plain(value: Any, where: str) -> Any:
-    """``value`` as plain Python types, which ``torch.load(weights_only=True)`` reads.
-
-    Numpy scalars become Python numbers, tuples become lists, tensors are moved to the CPU.
-    """
+    """``value`` as plain types ``torch.load(weights_only=True)`` reads (numpy scalars, tuples, tensors converted)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, (str, int)):
-                raise TypeError(f"{where} has a key of type {type(k).__name__}; use str keys.")
-            out[k] = _plain(v, f"{where}[{k!r}]")
-        return out
+        if odd := [k for k in value if not isinstance(k, (str, int))]:
+            raise TypeError(f"{where} has a key of type {type(odd[0]).__name__}; use str keys.")
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
     item = getattr(value, "item", None)  # numpy scalars
@@ -501,28 +418,14 @@ def _plain(value: Any, where: str) -> Any:
 
 
 def dataset_fingerprint(identities: Iterable[str | os.PathLike]) -> str:
-    """A fingerprint of a set of samples: their number and a SHA-256 over their identities.
+    """``"n=<count>;sha256=<hex>"`` of one stable name per sample (e.g. image path and box, or ``"train:17"``).
 
-    The digest does not depend on the order of the identities (each is hashed, the hashes are sorted, then hashed
-    together), so the same split read by a differently ordered or sharded loader gives the same fingerprint;
-    repeated identities count as often as they occur.
-
-    Args:
-        identities: One string per sample that names it stably, e.g. its image path plus its subject box, or
-            ``"train:17"``.
-
-    Returns:
-        ``"n=<count>;sha256=<hex>"``.
+    Order-free (the sorted per-identity hashes are hashed), so any loader order or sharding of a split gives the same
+    fingerprint; repeated identities count as often as they occur.
     """
     hashes = []
-    for identity in identities:
-        if isinstance(identity, os.PathLike):
-            identity = os.fspath(identity)
+    for identity in map(lambda i: os.fspath(i) if isinstance(i, os.PathLike) else i, identities):
         if not isinstance(identity, str):
             raise TypeError(f"Sample identities must be strings (e.g. image paths), got {type(identity).__name__}.")
         hashes.append(hashlib.sha256(identity.encode("utf-8")).digest())
-    hashes.sort()
-    total = hashlib.sha256()
-    for digest in hashes:
-        total.update(digest)
-    return f"n={len(hashes)};sha256={total.hexdigest()}"
+    return f"n={len(hashes)};sha256={hashlib.sha256(b''.join(sorted(hashes))).hexdigest()}"

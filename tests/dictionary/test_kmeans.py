@@ -187,12 +187,31 @@ def test_sample_ids_must_match_rows():
     [
         ({"pca_dim": 9}, r"pca_dim must be between 1 and .* feature dimension \(8\) and the number of points \(500\)"),
         ({"num_iterations": 0}, "num_iterations must be at least 1"),
+        ({"tolerance": -0.1}, r"tolerance must be in \[0, 1\); got -0.1"),
+        ({"tolerance": 1.0}, r"tolerance must be in \[0, 1\); got 1.0"),
         ({"backend": "cuml"}, "backend must be"),
     ],
 )
 def test_argument_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         kmeans(np.random.default_rng(0).random((500, 8), dtype=np.float32), 4, **kwargs)
+
+
+def test_tolerance_stops_on_a_small_relative_inertia_decrease():
+    features = relu_mixture()
+    exact = kmeans(features, 32, seed=0, num_iterations=50)
+    assert exact.iterations > 2  # a problem that needs several Lloyd iterations to reach a fixed point
+    # A decrease below half the inertia happens from the second iteration on: that is where a 0.5 tolerance stops.
+    coarse = kmeans(features, 32, seed=0, num_iterations=50, tolerance=0.5)
+    assert coarse.iterations == 2
+    check_partition(coarse, features, 32)  # still the members' means, sizes and their inertia
+    assert exact.inertia <= coarse.inertia <= 1.05 * exact.inertia
+    # The inertia after each iteration, written out: the first iteration whose relative decrease is below 1e-3.
+    inertias = [kmeans(features, 32, seed=0, num_iterations=i).inertia for i in range(1, exact.iterations + 1)]
+    decreases = [(before - after) / before for before, after in zip(inertias, inertias[1:])]
+    expected = next((i + 2 for i, share in enumerate(decreases) if share < 1e-3), exact.iterations)
+    fine = kmeans(features, 32, seed=0, num_iterations=50, tolerance=1e-3)
+    assert abs(fine.iterations - expected) <= 1
 
 
 def test_few_points_per_cluster_warns_and_enough_does_not():
