@@ -119,14 +119,17 @@ def check_int(where: str, name: str, value: Any, low: int | None = None, high: i
     allowed = _interval(low, high, False, False)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(
-            f"{where}: {name} must be an integer ({allowed}), got {type(value).__name__} {value!r}; pass a whole number."
+            f"{where}: {name} must be an integer ({allowed}), got {type(value).__name__} {value!r}; "
+            "pass a whole number."
         )
     if _outside(int(value), low, high, False, False):
         raise ValueError(f"{where}: {name} must be an integer {allowed}, got {value!r}; pass a value in that range.")
     return int(value)
 
 
-def check_optional_int(where: str, name: str, value: Any, low: int | None = None, high: int | None = None) -> int | None:
+def check_optional_int(
+    where: str, name: str, value: Any, low: int | None = None, high: int | None = None
+) -> int | None:
     """:func:`check_int` for an argument that may be None (None is returned unchanged)."""
     return None if value is None else check_int(where, name, value, low, high)
 

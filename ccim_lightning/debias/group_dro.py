@@ -90,8 +90,7 @@ class GroupDRO(DebiasMethod):
 
     @property
     def q(self) -> torch.Tensor:
-        """The group weights ``q`` (G,), summing to 1 (a view of the ``log_q`` buffer; groups below float32's
-        range read 0)."""
+        """The group weights ``q`` (G,), summing to 1: the softmax of the ``log_q`` buffer (tiny groups read 0)."""
         return torch.softmax(self.log_q, dim=0)
 
     def fit_clusters(self, clusters: torch.Tensor, targets: torch.Tensor) -> None:
