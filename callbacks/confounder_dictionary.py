@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from ccim_lightning.arguments import check_int, check_optional_int
 from ccim_lightning.dictionary.recipe import DictionaryRecipe, dictionary_summary
 from ccim_lightning.dictionary.store import ConfounderDictionary
 
@@ -58,6 +59,12 @@ class ConfounderDictionaryCallback(Callback):
     ) -> None:
         # The arguments are the recipe's fields, one for one (spelled out above for LightningCLI's --dictionary.*).
         settings = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        where = type(self).__name__
+        check_int(where, "seed", seed, 0)
+        check_optional_int(where, "batch_size", batch_size, 1)
+        check_optional_int(where, "num_workers", num_workers, 0)
+        check_int(where, "num_iterations", num_iterations, 1)
+        check_optional_int(where, "pca_dim", pca_dim, 1)
         self.recipe = DictionaryRecipe(**settings)
         self.last_dictionary: ConfounderDictionary | None = None
 

@@ -42,6 +42,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from ccim_lightning.arguments import check_float
 from ccim_lightning.types import (
     INDEX,
     PROBABILITIES,
@@ -265,8 +266,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def __init__(self, path: str | None = None, threshold: float = 0.5, overwrite: bool = False) -> None:
         super().__init__(write_interval="batch_and_epoch")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        check_float(type(self).__name__, "threshold", threshold, 0.0, 1.0)
         self.path = Path(path) if path else None
         self.threshold = threshold
         self.overwrite = overwrite
