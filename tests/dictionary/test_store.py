@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from ccim_lightning.dictionary.store import (
     CACHE_KEY_FIELDS,
     ConfounderDictionary,
     DictionaryFileError,
+    UnsafeDictionaryError,
     dataset_fingerprint,
 )
 
@@ -126,6 +128,39 @@ def test_damaged_file_is_rejected(tmp_path, damage):
     with pytest.raises(DictionaryFileError, match="cannot be read") as excinfo:
         ConfounderDictionary.load(path)
     assert str(path) in str(excinfo.value) and "rebuild" in str(excinfo.value)
+
+
+class _MakesAFolder:
+    """Unpickling this runs ``os.mkdir(folder)``: a stand-in for any code a hostile file could run."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def __reduce__(self):
+        return os.mkdir, (self.folder,)
+
+
+def write_hostile_dictionary(path, marker):
+    """A real dictionary's payload with one value that runs code when unpickled."""
+    _clustered().save(path)
+    payload = torch.load(path, weights_only=True)
+    payload["extra"] = {"note": _MakesAFolder(marker)}
+    torch.save(payload, path)
+    return path
+
+
+def test_a_hostile_file_is_refused_as_unsafe_naming_the_globals_in_one_line(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = write_hostile_dictionary(tmp_path / "z.pt", marker)
+    with pytest.raises(UnsafeDictionaryError) as excinfo:
+        ConfounderDictionary.load(path)
+    message = str(excinfo.value)
+    assert message.startswith(
+        f"Refused confounder dictionary file {str(path)!r}: its pickle needs the Python global(s)"
+    )
+    assert f"{os.mkdir.__module__}.mkdir" in message and "damaged" not in message and "\n" not in message
+    assert isinstance(excinfo.value, DictionaryFileError)  # callers that catch file errors still catch it
+    assert not marker.exists()  # nothing ran
 
 
 def test_foreign_torch_file_is_rejected(tmp_path):
