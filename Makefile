@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/ccim test --config configs/synthetic.yaml --ckpt_path last
 	# Side by side (seed 0, scratch folder, the fit's 1,000-sample test sets): baseline, the CCIM model just fitted
 	# (tested, not trained again), the best debiasing method, the oracle.
-	$(BIN)/python benchmarks/debias.py --quick --jobs 2 --test-size 1000 \
+	$(BIN)/python -m benchmarks.debias --quick --jobs 2 --test-size 1000 \
 		--ccim-checkpoint runs/synthetic/lightning_logs/version_0/checkpoints/last.ckpt
 
 test: $(STAMP)

@@ -28,6 +28,16 @@ in the preprocessed CSV form. Every timed pass is preceded by an untimed one, so
 Method: for each worker count, the loaders alternate for ``--repeats`` timed passes; the table reports the median
 samples per second of each and its ratio to plain (goal for ``ours``: >= 1.3).
 
+Prepared data (``prepared_dir``, ``ccim_lightning.datamodules.prepared``): ``prepared`` is the training loader of
+``EmoticDataModule(prepared_dir=...)``: each person was decoded once, before the timed passes, into memory-mapped
+uint8 crops; a pass reads them (shuffled) and, counted in its time, flips half the batch and normalises and masks it
+(``flip_batch`` + ``normalize_batch``, what ``on_after_batch_transfer`` runs on the device; here on this CPU).
+``prepared, uint8 batches only`` leaves that batch transform to the device. The prepare step's time (with the
+largest worker count) and the folder's size are reported per 1,000 persons (goal: ``prepared`` >= 4x plain at 2
+workers). ``--litdata`` adds the storage comparison behind the choice of a memory map: the same crops written with
+LitData's ``optimize`` and read with its ``StreamingDataset`` (``litdata, pixels``) against the memory-mapped
+arrays read by a dataset giving the same three keys (``memmap, pixels``).
+
 Example:
     python benchmarks/data.py                          # 256 images, workers 0 and 2, batch 32
     python benchmarks/data.py --images 1024 --workers 0 4 8
@@ -54,6 +64,7 @@ from torch.utils.data import DataLoader, Dataset
 from ccim_lightning.datamodules.dataset import ImageGroupedSampler, collate_skipping_none
 from ccim_lightning.datamodules.decode import context_reduction
 from ccim_lightning.datamodules.emotic import CATEGORIES, EmoticDataModule
+from ccim_lightning.datamodules.prepared import PreparedPersonDataset, flip_batch
 
 WIDTH, HEIGHT = 640, 480
 
@@ -71,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=1, help="torch threads of the main process (workers always use 1); 0 = leave"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--no-prepared", action="store_true", help="leave out the prepared-data rows")
+    parser.add_argument("--no-variants", action="store_true", help="leave out the three 'ours' variants")
+    parser.add_argument("--litdata", action="store_true", help="also compare LitData storage (pip install litdata)")
     return parser.parse_args(argv)
 
 
@@ -143,6 +157,82 @@ class PlainDecodeResize(Dataset):
         return torch.from_numpy(np.asarray(image).copy())
 
 
+class MemmapPixels(Dataset):
+    """The memory-mapped side of ``--litdata``: subject, context and index of a prepared folder, nothing else."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.arrays = None
+        self.size = len(np.load(folder / "ok.npy"))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self.arrays is None:
+            self.arrays = [np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in ("subject", "context")]
+        subject, context = (torch.from_numpy(np.array(array[index])) for array in self.arrays)
+        return {"subject": subject, "context": context, "index": torch.tensor(index)}
+
+
+def _litdata_sample(item: tuple[str, int]) -> dict:
+    folder, index = item
+    subject, context = (np.load(Path(folder) / f"{name}.npy", mmap_mode="r") for name in ("subject", "context"))
+    return {"index": index, "subject": np.array(subject[index]), "context": np.array(context[index])}
+
+
+def write_litdata(folder: Path, out: Path, workers: int) -> float:
+    """LitData ``optimize`` of a prepared folder's crops into ``out``; returns the seconds it took."""
+    import litdata  # optional: only for --litdata
+
+    start = time.perf_counter()
+    inputs = [(str(folder), i) for i in range(len(np.load(folder / "ok.npy")))]
+    litdata.optimize(fn=_litdata_sample, inputs=inputs, output_dir=str(out), chunk_bytes="64MB",
+                     num_workers=max(workers, 1))  # fmt: skip
+    return time.perf_counter() - start
+
+
+def prepared_loaders(dm: EmoticDataModule, args: argparse.Namespace, workers: int, litdata_dir: Path | None) -> dict:
+    """``prepared`` rows (module docstring) as (loader, batch transform or None)."""
+    common = dict(batch_size=args.batch_size, num_workers=workers, collate_fn=collate_skipping_none, shuffle=True)
+    dataset = dm.train_dataset.with_output("uint8")
+    assert isinstance(dataset, PreparedPersonDataset) and dataset.augment
+    loader = DataLoader(dataset, **common)
+    out = {
+        "prepared": (loader, lambda batch: dm.normalize_batch(flip_batch(batch))),
+        "prepared, uint8 batches only": (loader, None),
+    }
+    if litdata_dir is not None:
+        import litdata
+
+        out["memmap, pixels"] = (DataLoader(MemmapPixels(dataset.folder), **common), None)
+        streaming = litdata.StreamingDataset(str(litdata_dir), shuffle=True)
+        out["litdata, pixels"] = (litdata.StreamingDataLoader(streaming, batch_size=args.batch_size,
+                                                              num_workers=workers), None)  # fmt: skip
+    return out
+
+
+def prepare(root: Path, args: argparse.Namespace, workers: int) -> tuple[EmoticDataModule, dict]:
+    """Builds the prepared folder (timed) and its LitData copy (``--litdata``); returns the datamodule and figures."""
+    sizes = dict(context_size=args.context_size, subject_size=args.subject_size, batch_size=args.batch_size)
+    dm = EmoticDataModule(str(root), num_workers=workers, prepared_dir=str(root / "prepared"), **sizes)
+    dm.table("train")  # annotations and image headers: the same setup work as without prepared data
+    start = time.perf_counter()
+    dm.prepare_data()
+    seconds = time.perf_counter() - start
+    dm.setup("fit")
+    persons = len(dm.train_dataset) + len(dm.val_dataset)
+    folder = dm.train_dataset.folder
+    size = sum(f.stat().st_size for f in (root / "prepared").rglob("*") if f.is_file())
+    figures = {"prepare_s_per_1000": seconds / persons * 1000, "disk_mb_per_1000": size / 2**20 / persons * 1000}
+    figures["prepare_workers"] = workers
+    if args.litdata:
+        figures["litdata_optimize_s"] = write_litdata(folder, root / "litdata", workers)
+        figures["litdata_mb"] = sum(f.stat().st_size for f in (root / "litdata").rglob("*") if f.is_file()) / 2**20
+        figures["memmap_pixels_mb"] = sum((folder / f"{n}.npy").stat().st_size for n in ("subject", "context")) / 2**20
+    return dm, figures
+
+
 def timed_pass(loader: DataLoader, finish=None) -> float:
     """Samples per second of one pass over ``loader`` (worker start-up and the batch transform ``finish`` included)."""
     start = time.perf_counter()
@@ -165,6 +255,8 @@ def loaders(root: Path, args: argparse.Namespace, workers: int) -> dict[str, tup
         "ours, full decode": dict(grouped=True, reduced=False, uint8=True),
         "previous": dict(grouped=False, reduced=False, uint8=False),
     }
+    if args.no_variants:
+        settings = {"ours": settings["ours"]}
     for name, setting in settings.items():
         dm = EmoticDataModule(str(root), num_workers=workers, reduced_decode=setting["reduced"], **sizes)
         dm.setup("fit")
@@ -225,8 +317,20 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{args.images} JPEGs {WIDTH}x{HEIGHT} (mean {mean_kb:.0f} KB), {persons} persons, "
               f"written in {time.perf_counter() - start:.1f} s")  # fmt: skip
         print(f"load before: {os.getloadavg()[0]:.2f} (1-min average over {os.cpu_count()} CPUs)")
+        dm = None
+        if not args.no_prepared:
+            dm, figures = prepare(root, args, max(args.workers))
+            results["prepared"] = figures
+            per_1000 = f"{figures['prepare_s_per_1000']:.1f} s and {figures['disk_mb_per_1000']:.0f} MB"
+            print(f"prepare (decode once, {figures['prepare_workers']} workers): {per_1000} per 1,000 persons")
+            if args.litdata:
+                sizes_mb = f"{figures['litdata_mb']:.0f} MB (memmap pixels {figures['memmap_pixels_mb']:.0f} MB)"
+                print(f"litdata optimize of the same crops: {figures['litdata_optimize_s']:.1f} s, {sizes_mb}")
         for workers in args.workers:
             chosen = loaders(root, args, workers)
+            if dm is not None:
+                litdata_dir = root / "litdata" if args.litdata else None
+                chosen.update(prepared_loaders(dm, args, workers, litdata_dir))
             for loader, finish in chosen.values():  # warm the page cache and the code paths
                 timed_pass(loader, finish)
             speeds: dict[str, list[float]] = {name: [] for name in chosen}
@@ -252,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"load after: {os.getloadavg()[0]:.2f}")
         for row in results["rows"]:
             print(f"ours / plain at {row['workers']} workers: {row['ratio']['ours']:.2f}")
+            if "prepared" in row["ratio"]:
+                print(f"prepared / plain at {row['workers']} workers: {row['ratio']['prepared']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results

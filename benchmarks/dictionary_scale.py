@@ -1,7 +1,7 @@
-"""Per-rank peak memory, wall time and inertia of ``distributed_kmeans`` on 1, 2 and 4 gloo CPU ranks.
+"""Per-rank peak memory, wall time and inertia of ``kmeans`` on 1, 2 and 4 gloo CPU ranks.
 
 The dictionary build under DDP clusters features that stay on the rank that extracted them
-(``ccim_lightning.dictionary.distributed.distributed_kmeans``). This measures whether memory per rank shrinks with
+(``ccim_lightning.dictionary.kmeans.kmeans`` over ``Collectives``). This measures whether memory per rank shrinks with
 the ranks and what the collectives cost in time and in clustering quality.
 
 Method:
@@ -19,12 +19,13 @@ Method:
       and a warm-up clustering of a small random set has run (library code pages, the collectives' connections),
       each rank returns free heap pages (``malloc_trim``), resets its high-water
       mark (``echo 5 > /proc/self/clear_refs``) and notes its resident size, generates its shard, resets the
-      high-water mark again (the generator's temporaries do not count) and runs ``distributed_kmeans``. Its figure is
+      high-water mark again (the generator's temporaries do not count) and runs ``kmeans``. Its figure is
       ``VmHWM`` minus the resident size noted before the shard: the shard plus every page the clustering touched
       (the collectives' buffers included). The table shows the largest rank's figure.
-    * Time: wall time of the ``distributed_kmeans`` call (the slowest rank), without generating the data.
-    * Inertia: as the call returns it (float64, all-reduced). The reference row is the one-process FAISS
-      ``kmeans`` of the whole set (same seed and iterations), in a process of its own, measured the same way.
+    * Time: wall time of the ``kmeans`` call (the slowest rank), without generating the data.
+    * Inertia: as the call returns it (float64, all-reduced). The reference row is ``kmeans`` of the whole set in a
+      process without a process group (same seed and iterations), measured the same way; the draws follow global
+      row numbers, so every world size should report its inertia up to summation order.
     * Ratios are against one rank; the goal for memory is ``1/W + 0.05``.
 
 Example:
@@ -108,7 +109,6 @@ def _rank(rank: int, world_size: int, port: int, args: argparse.Namespace, out: 
     """One rank (or the one-process FAISS reference): generate the shard, cluster, report to ``out``."""
     import torch.distributed as dist
 
-    from ccim_lightning.dictionary.distributed import distributed_kmeans
     from ccim_lightning.dictionary.kmeans import kmeans
 
     threads = args.threads
@@ -124,7 +124,7 @@ def _rank(rank: int, world_size: int, port: int, args: argparse.Namespace, out: 
             warnings.simplefilter("ignore")
             kmeans(warm_up, args.k, seed=args.seed, num_iterations=2)
     else:
-        distributed_kmeans(warm_up, args.k, seed=args.seed, num_iterations=2)
+        kmeans(warm_up, args.k, seed=args.seed, num_iterations=2)
         dist.barrier()
     del warm_up
     base = _reset_peak()
@@ -132,10 +132,7 @@ def _rank(rank: int, world_size: int, port: int, args: argparse.Namespace, out: 
     shard = generate_rows(start, stop, args.dim, args.blobs, args.seed)
     _reset_peak()  # the generator's temporaries are not the clustering's: the peak counts from here, above `base`
     clock = time.perf_counter()
-    if faiss_reference:
-        result = kmeans(shard, args.k, seed=args.seed, num_iterations=args.iterations)
-    else:
-        result = distributed_kmeans(shard, args.k, seed=args.seed, num_iterations=args.iterations)
+    result = kmeans(shard, args.k, seed=args.seed, num_iterations=args.iterations)
     seconds = time.perf_counter() - clock
     peak = status_kib("VmHWM") * 1024 - base
     report = {
@@ -187,7 +184,7 @@ def table(rows: list[dict], reference: dict | None, args: argparse.Namespace, lo
     """The results as a markdown table with a header line."""
     one = next(row for row in rows if row["ranks"] == 1)
     lines = [
-        f"distributed_kmeans on {args.n:,} x {args.dim} ReLU'd mixture of {args.blobs} blobs (float32, "
+        f"kmeans on {args.n:,} x {args.dim} ReLU'd mixture of {args.blobs} blobs (float32, "
         f"{args.n * args.dim * 4 / 2**20:.0f} MiB in all), k={args.k}, at most {args.iterations} iterations, seed "
         f"{args.seed}; gloo ranks on {os.cpu_count()} CPUs; load average {loads[0]:.1f} before, {loads[1]:.1f} after. "
         "Peak = resident-set high-water mark above the rank's baseline (shard + clustering), largest rank.",

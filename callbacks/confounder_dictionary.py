@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from ccim_lightning.arguments import check_int, check_optional_int
+from ccim_lightning.dictionary.collectives import Collectives
 from ccim_lightning.dictionary.recipe import DictionaryRecipe, dictionary_summary
 from ccim_lightning.dictionary.store import ConfounderDictionary
+from ccim_lightning.types import DictionaryModel, missing_members
 
 log = logging.getLogger(__name__)
 
@@ -30,53 +30,28 @@ class ConfounderDictionaryCallback(Callback):
     (not in checkpoints, not touched by SyncBatchNorm). In the ``ccim`` CLI its options are ``--dictionary.*``.
 
     Args:
-        extractor: timm model name of the scene CNN (the paper: ``resnet152`` on Places365).
-        weights: Local weights file for the scene CNN (e.g. ``resnet152_places365.pth.tar``); None = random init.
-        source: ``"features"`` (the method) or ``"random"`` (the paper's random-Z ablation; seeded, uniform prior).
-        mask_subject: Fill the subject box with zeros (False = the paper's "without masking" ablation).
-        seed: k-means (or random dictionary) seed.
-        batch_size: Extraction batch size; defaults to the datamodule's ``batch_size`` or 64.
-        num_workers: Extraction loader workers; defaults to the datamodule's ``num_workers`` or 0.
-        num_iterations: k-means Lloyd iterations.
-        pca_dim: Optional PCA size before k-means.
-        cache: A dictionary file: reused when its cache key matches this run, (re)written after a build.
-        progress: Show a progress bar while extracting.
+        recipe: The dictionary's settings (scene CNN, weights, source, masking, seed, k-means, cache, ...); the
+            defaults of :class:`~ccim_lightning.dictionary.recipe.DictionaryRecipe` when None.
     """
 
-    def __init__(
-        self,
-        extractor: str = "resnet152",
-        weights: str | None = None,
-        source: Literal["features", "random"] = "features",
-        mask_subject: bool = True,
-        seed: int = 0,
-        batch_size: int | None = None,
-        num_workers: int | None = None,
-        num_iterations: int = 25,
-        pca_dim: int | None = None,
-        cache: str | None = None,
-        progress: bool = True,
-    ) -> None:
-        # The arguments are the recipe's fields, one for one (spelled out above for LightningCLI's --dictionary.*).
-        settings = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
-        where = type(self).__name__
-        check_int(where, "seed", seed, 0)
-        check_optional_int(where, "batch_size", batch_size, 1)
-        check_optional_int(where, "num_workers", num_workers, 0)
-        check_int(where, "num_iterations", num_iterations, 1)
-        check_optional_int(where, "pca_dim", pca_dim, 1)
-        self.recipe = DictionaryRecipe(**settings)
+    def __init__(self, recipe: DictionaryRecipe | None = None) -> None:
+        if recipe is not None and not isinstance(recipe, DictionaryRecipe):
+            raise TypeError(
+                f"ConfounderDictionaryCallback takes a DictionaryRecipe, got {type(recipe).__name__}: build one with "
+                "DictionaryRecipe(extractor=..., cache=...)."
+            )
+        self.recipe = recipe if recipe is not None else DictionaryRecipe()
         self.last_dictionary: ConfounderDictionary | None = None
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        needs = getattr(pl_module, "needs_dictionary", None)
-        if needs is None:
+        if not isinstance(pl_module, DictionaryModel):
             raise TypeError(
                 f"ConfounderDictionaryCallback fills a CCIMLightningModule's dictionary; {type(pl_module).__name__} "
-                "has no `needs_dictionary` / `set_dictionary`. Subclass CCIMLightningModule or drop the callback."
+                f"lacks {missing_members(pl_module, DictionaryModel)} (the DictionaryModel protocol). Subclass "
+                "CCIMLightningModule or drop the callback."
             )
-        if not needs:
+        if not pl_module.needs_dictionary:
             log.info("Confounder dictionary: not needed (attention='none' and no debiasing method reads clusters).")
             return
         if pl_module.has_dictionary:
@@ -84,7 +59,8 @@ class ConfounderDictionaryCallback(Callback):
             return
         num_prototypes, dim = pl_module.dictionary_shape
         start = time.perf_counter()
-        dictionary = self.recipe.load_or_build(trainer.strategy, trainer.datamodule, num_prototypes, dim)
+        collectives = Collectives.current(trainer.strategy.root_device)
+        dictionary = self.recipe.load_or_build(trainer.datamodule, num_prototypes, dim, collectives)
         pl_module.set_dictionary(dictionary)
         self.last_dictionary = dictionary
         self._report(trainer, dictionary, time.perf_counter() - start)

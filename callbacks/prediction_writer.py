@@ -42,7 +42,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from ccim_lightning.arguments import check_float
+from ccim_lightning.arguments import check_optional_float
+from ccim_lightning.sample_index import first_of_each_index
+from ccim_lightning.thresholds import DEFAULT_THRESHOLD
 from ccim_lightning.types import (
     INDEX,
     PROBABILITIES,
@@ -77,7 +79,7 @@ def predictions_frame(
     probabilities: np.ndarray | torch.Tensor,
     class_names: Sequence[str],
     task: str = "multiclass",
-    threshold: float = 0.5,
+    threshold: float | Sequence[float] | np.ndarray = 0.5,
     sample_table: pd.DataFrame | None = None,
     target: np.ndarray | torch.Tensor | None = None,
 ) -> pd.DataFrame:
@@ -89,7 +91,7 @@ def predictions_frame(
         class_names: The C class names: the probability columns' names.
         task: ``"multiclass"`` (the prediction is the arg-max class) or ``"multilabel"`` (every class with a
             probability of at least ``threshold``, joined by ``"|"``).
-        threshold: Decision threshold of multilabel predictions.
+        threshold: Decision threshold of multilabel predictions: one for every class, or one per class (C,).
         sample_table: Identity columns, one row per sample of the dataset in index order (see the module
             docstring); None for ``index`` alone.
         target: The ground truth, row ``i`` for sample ``index[i]``: (M,) class indices (multiclass) or (M, C)
@@ -111,13 +113,16 @@ def predictions_frame(
     if len(class_names) != probabilities.shape[1]:
         raise ValueError(f"{len(class_names)} class names for {probabilities.shape[1]} probability columns")
     check_task(task, where="predictions_frame")
+    threshold = np.asarray(threshold, dtype=np.float64)
+    if threshold.ndim > 1 or (threshold.ndim == 1 and threshold.shape != (len(class_names),)):
+        raise ValueError(f"threshold must be one number or one per class ({len(class_names)}), got {threshold.shape}")
 
     if target is not None:
         target = torch.as_tensor(target).cpu().numpy()
         if target.ndim == 0 or target.shape[0] != index.shape[0]:
             raise ValueError(f"target must have one row per index (M={index.shape[0]}), got {target.shape}")
 
-    _, first = np.unique(index, return_index=True)  # sorted distinct indices, first occurrence of each
+    first = first_of_each_index(index)  # sorted distinct indices, first occurrence of each
     index, probabilities = index[first], probabilities[first]
     names = np.asarray(class_names, dtype=object)
     truth = None if target is None else _truth_columns(target[first], index, names, task)
@@ -256,7 +261,8 @@ class PredictionWriter(BasePredictionWriter):
         path: The CSV file; default :func:`default_predictions_path` (inside the run's folder). Parent folders
             are created.
         threshold: Decision threshold of multilabel predictions (a class is predicted when its probability is at
-            least this).
+            least this). Default: the model's per-class ``decision_thresholds`` (chosen on the validation split
+            during fitting, ``ccim_lightning.thresholds``), and 0.5 for a class (or a model) without one.
         overwrite: Replace an existing file. Without it, a prediction run whose file exists stops before
             predicting, with an error naming the file.
 
@@ -264,9 +270,9 @@ class PredictionWriter(BasePredictionWriter):
         written: The files written by the last prediction run (filled on rank 0 only).
     """
 
-    def __init__(self, path: str | None = None, threshold: float = 0.5, overwrite: bool = False) -> None:
+    def __init__(self, path: str | None = None, threshold: float | None = None, overwrite: bool = False) -> None:
         super().__init__(write_interval="batch_and_epoch")
-        check_float(type(self).__name__, "threshold", threshold, 0.0, 1.0)
+        check_optional_float(type(self).__name__, "threshold", threshold, 0.0, 1.0)
         self.path = Path(path) if path else None
         self.threshold = threshold
         self.overwrite = overwrite
@@ -339,7 +345,7 @@ class PredictionWriter(BasePredictionWriter):
                 probabilities,
                 self._class_names(pl_module, probabilities.shape[1]),
                 task=pl_module.task if isinstance(pl_module, ClassifierModel) else "multiclass",
-                threshold=self.threshold,
+                threshold=self._threshold(pl_module, probabilities.shape[1]),
                 sample_table=table,
                 target=target,
             )
@@ -360,6 +366,15 @@ class PredictionWriter(BasePredictionWriter):
                 )
         self._parts = {}
         trainer.strategy.barrier("PredictionWriter")
+
+    def _threshold(self, pl_module: L.LightningModule, num_classes: int) -> float | np.ndarray:
+        """The writer's threshold, else the model's per-class ``decision_thresholds`` (0.5 until chosen), else 0.5."""
+        if self.threshold is not None:
+            return self.threshold
+        chosen = getattr(pl_module, "decision_thresholds", None)
+        if not isinstance(chosen, torch.Tensor) or chosen.shape != (num_classes,):
+            return DEFAULT_THRESHOLD
+        return chosen.detach().double().cpu().numpy()
 
     def _merged(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loader_idx: int

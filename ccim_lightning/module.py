@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
@@ -12,14 +13,20 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import ClasswiseWrapper, Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MultilabelAveragePrecision,
+    MultilabelPrecisionRecallCurve,
+)
 from typing_extensions import override
 
 from ccim_lightning.arguments import check_finite_settings, check_float, check_int
 from ccim_lightning.compat import instantiated_by_cli
+from ccim_lightning.datamodules.inputs import INPUT_SETTINGS_KEY, settings_entry
 from ccim_lightning.debias.base import DebiasMethod
 from ccim_lightning.dictionary.store import ConfounderDictionary
 from ccim_lightning.head import HEAD_OPTIONS, ContextualCausalIntervention
+from ccim_lightning.thresholds import DEFAULT_THRESHOLD, best_f1_thresholds
 from ccim_lightning.types import (
     CONTEXT,
     INDEX,
@@ -193,6 +200,12 @@ class CCIMLightningModule(L.LightningModule):
         # Each training sample's dictionary cluster (sample-index order; -1: not clustered), for the debiasing
         # methods. Its length is the training split's, known only after the build: resized in on_load_checkpoint.
         self.register_buffer("train_clusters", torch.zeros(0, dtype=torch.long))
+        # Multilabel decision thresholds, per class, chosen for the best F1 on the validation probabilities at each
+        # validation epoch end (``ccim_lightning.thresholds``); 0.5 with ``thresholds_chosen`` False until then (and
+        # always for multiclass).
+        self.register_buffer("decision_thresholds", torch.full((num_classes,), DEFAULT_THRESHOLD))
+        self.register_buffer("thresholds_chosen", torch.tensor(False))
+        self.threshold_curve = MultilabelPrecisionRecallCurve(num_classes) if task == "multilabel" else None
         self.continuous_loss = continuous_loss
         self.continuous_weight = check_float(type(self).__name__, "continuous_weight", continuous_weight, 0.0)
         continuous_dim = check_int(type(self).__name__, "continuous_dim", continuous_dim, 1)
@@ -280,9 +293,21 @@ class CCIMLightningModule(L.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before the state dict is loaded: give the variable-length buffer the checkpoint's length.
-        saved = checkpoint.get("state_dict", {}).get("train_clusters")
+        state = checkpoint.get("state_dict", {})
+        saved = state.get("train_clusters")
         if saved is not None:
             self.train_clusters = torch.zeros_like(saved, device=self.train_clusters.device)
+        if "state_dict" in checkpoint and "decision_thresholds" not in state:  # saved before thresholds existed
+            state["decision_thresholds"] = torch.full_like(self.decision_thresholds, DEFAULT_THRESHOLD, device="cpu")
+            state["thresholds_chosen"] = torch.tensor(False)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The evaluation input settings of the datamodule, for ``ccim_lightning.inference.Predictor``.
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        entry = settings_entry(datamodule)
+        if entry is not None:
+            checkpoint[INPUT_SETTINGS_KEY] = entry
 
     def _batch_clusters(self, batch: Batch) -> torch.Tensor | None:
         if self.debias is None or not self.debias.needs_clusters:
@@ -369,6 +394,8 @@ class CCIMLightningModule(L.LightningModule):
         )
         if self.task == "multilabel":
             self._metrics(stage, per_class=True).update(scores, target)
+            if stage == "val":
+                self.threshold_curve.update(self.predict_probabilities(scores), target)
         return loss
 
     def _elementwise_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -451,6 +478,21 @@ class CCIMLightningModule(L.LightningModule):
     @override
     def on_validation_epoch_end(self) -> None:
         self._log_per_class(["val"])
+        self._choose_thresholds()
+
+    def _choose_thresholds(self) -> None:
+        """Multilabel: per class, the threshold of best validation F1 into ``decision_thresholds`` (all ranks)."""
+        curve = self.threshold_curve
+        if curve is None or not curve.update_called:
+            return
+        if not self.trainer.sanity_checking:  # the sanity check's few batches do not choose anything
+            with warnings.catch_warnings():  # a class without validation positives keeps the default threshold
+                warnings.filterwarnings("ignore", message="No positive samples found in target")
+                precision, recall, thresholds = curve.compute()  # synchronised over the ranks by torchmetrics
+            chosen = best_f1_thresholds(precision, recall, thresholds)
+            self.decision_thresholds.copy_(chosen.to(self.decision_thresholds.device))
+            self.thresholds_chosen.fill_(True)
+        curve.reset()
 
     @override
     def on_test_epoch_end(self) -> None:

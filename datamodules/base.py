@@ -39,6 +39,14 @@ from ccim_lightning.datamodules.dataset import (
     normalize_batch,
 )
 from ccim_lightning.datamodules.decode import DECODE_RULE
+from ccim_lightning.datamodules.inputs import InputSettings, UnsupportedInputsError
+from ccim_lightning.datamodules.prepared import (
+    PreparedPersonDataset,
+    check_prepared_root,
+    flip_batch,
+    prepared_dataset,
+    same_pixels,
+)
 from ccim_lightning.datamodules.transforms import ContextTransform
 from ccim_lightning.types import DescribedTransform, NormalizingTransform, ReducingTransform
 
@@ -108,6 +116,13 @@ class PersonDataModule(L.LightningDataModule):
             refused, naming the row, as are relative paths that climb out of the root through ``..``
             (``common.path_outside_root``): an annotation file should not choose which files on the machine are
             read.
+        prepared_dir: Decode each person once into this folder (``prepare_data``; uint8 subject and context crops
+            of the evaluation transform, ``ccim_lightning.datamodules.prepared``), and read every split, the
+            dictionary's included, from there: no decoding in the epochs. Training flips run on the batch, on the
+            device. Samples equal the on-the-fly evaluation samples; changed sizes, decode settings or image files
+            give a new folder (never a stale one). Under DDP one process per node writes (Lightning's
+            ``prepare_data``); a shared or node-local folder both work. Needs ``ContextTransform``-style train and
+            evaluation transforms that differ only in ``flip``. ``--data.init_args.prepared_dir DIR``.
     """
 
     dataset_name = "dataset"
@@ -130,6 +145,7 @@ class PersonDataModule(L.LightningDataModule):
         device_normalize: bool = True,
         group_by_image: bool = True,
         allow_absolute_paths: bool = False,
+        prepared_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         check_on_bad_sample(on_bad_sample)
@@ -146,6 +162,10 @@ class PersonDataModule(L.LightningDataModule):
         self.allow_absolute_paths = allow_absolute_paths
         self.train_transform = train_transform or ContextTransform(context_size, subject_size, flip=flip)
         self.eval_transform = eval_transform or ContextTransform(context_size, subject_size, flip=False)
+        self.prepared_dir = None if prepared_dir is None else Path(prepared_dir).expanduser()
+        if self.prepared_dir is not None:
+            check_prepared_root(self.prepared_dir)
+            same_pixels(self.train_transform, self.eval_transform, reduced_decode)
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
@@ -165,7 +185,12 @@ class PersonDataModule(L.LightningDataModule):
         return str(self.root)
 
     def make_dataset(self, split: str, transform: Callable, mask_subject: bool) -> Dataset:
-        """The dataset of a split (default: images decoded from :attr:`image_root`)."""
+        """The dataset of a split (default: images decoded from :attr:`image_root`, or read from ``prepared_dir``)."""
+        if self.prepared_dir is not None:
+            # a single process builds a missing folder itself; under DDP prepare_data has written it
+            single = self.trainer is None or self.trainer.world_size == 1
+            augment = transform is self.train_transform and bool(getattr(transform, "flip", False))
+            return self.prepared_split(split, mask_subject, augment, build=single)
         return PersonImageDataset(
             self.image_root,
             self.table(split),
@@ -176,6 +201,31 @@ class PersonDataModule(L.LightningDataModule):
             failures=self.failure_flags(split),
             reduced_decode=self.reduced_decode,
         )
+
+    def prepared_split(
+        self, split: str, mask_subject: bool = True, augment: bool = False, build: bool = True
+    ) -> PreparedPersonDataset:
+        """``split`` read from ``prepared_dir`` (written first when missing and ``build``); see ``prepared.py``."""
+        if self.prepared_dir is None:
+            raise RuntimeError(f"{type(self).__name__}: prepared_split needs prepared_dir")
+        # the evaluation transform, masked: its uint8 samples carry the mask box; masking itself happens on read
+        source = PersonImageDataset(
+            self.image_root, self.table(split), self.eval_transform, True, self.on_bad_sample,
+            f"{self.dataset_name} {split}", failures=self.failure_flags(split), reduced_decode=self.reduced_decode,
+        )  # fmt: skip
+        return prepared_dataset(
+            self.prepared_dir, source, split, type(self).__name__, mask_subject=mask_subject, augment=augment,
+            build=build, num_workers=self.num_workers,
+        )  # fmt: skip
+
+    def prepare_data(self) -> None:
+        """With ``prepared_dir``: decodes the splits the run needs into it (Lightning: one process per node)."""
+        if self.prepared_dir is None:
+            return
+        stage = self.trainer.state.fn if self.trainer is not None else None
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in splits.get(str(stage.value) if stage is not None else "", ("train", "val", "test")):
+            self.prepared_split(split)
 
     @property
     def image_root(self) -> Path:
@@ -280,12 +330,12 @@ class PersonDataModule(L.LightningDataModule):
 
     @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Lightning hook: normalises and masks uint8 batches on the device (see ``device_normalize``)."""
-        return self.normalize_batch(batch)
+        """Lightning hook: flips prepared training batches, normalises and masks uint8 batches, on the device."""
+        return self.normalize_batch(flip_batch(batch))
 
     def _device_side(self, dataset: Dataset) -> bool:
         """Whether ``dataset``'s loader may give uint8 batches: only where this datamodule's hook will see them."""
-        if not (self.device_normalize and isinstance(dataset, PersonImageDataset)):
+        if not (self.device_normalize and isinstance(dataset, (PersonImageDataset, PreparedPersonDataset))):
             return False
         transform = dataset.transform
         if not isinstance(transform, ReducingTransform):  # cannot give uint8 pixels
@@ -392,6 +442,35 @@ class PersonDataModule(L.LightningDataModule):
         if not (self.reduced_decode and isinstance(transform, ReducingTransform)):
             return "full"
         return {"rule": DECODE_RULE, "subject_size": list(transform.subject_size)}
+
+    def input_settings(self) -> InputSettings:
+        """The test split's input settings, stored in checkpoints for ``ccim_lightning.inference.Predictor``.
+
+        Raises:
+            UnsupportedInputsError: The evaluation transform was replaced by one that is not a ``ContextTransform``
+                (its pixels cannot be rebuilt from settings).
+        """
+        transform = self.eval_transform
+        if not isinstance(transform, ContextTransform):
+            raise UnsupportedInputsError(
+                f"{type(self).__name__} was trained with eval_transform={transform!r}, not a ContextTransform, so "
+                "its evaluation inputs cannot be rebuilt from a checkpoint; preprocess new images with that "
+                "transform yourself and call the model"
+            )
+        return InputSettings(
+            datamodule=type(self).__name__,
+            context_size=transform.context_size,
+            subject_size=transform.subject_size,
+            mean=transform.mean,
+            std=transform.std,
+            reducing_gap=transform.reducing_gap,
+            mask_subject=True,  # setup() masks the val/test splits
+            mask_fill=MASK_FILL,
+            reduced_decode=self.reduced_decode,
+            decoder=DECODER,
+            decode_rule=DECODE_RULE if self.reduced_decode else "full",
+            pixel_source=self.pixel_source(),
+        )
 
     def pixel_source(self) -> str:
         """How pixels are obtained (default: image files decoded by :data:`~.dataset.DECODER`)."""

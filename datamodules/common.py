@@ -3,7 +3,7 @@
 Every reader (EMOTIC, CAER-S, a user's table) turns its annotations into a :class:`PersonTable` (one row per
 annotated person: image path, box, target, extras). :func:`scan_images` checks the images once at setup (exists,
 header readable) and clips each box to the image's decoded size; ``ccim_lightning.datamodules.dataset`` then
-decodes them into the suite's batch schema (``ccim_lightning.datamodules.schema``).
+decodes them into the suite's batch schema (``ccim_lightning.types``).
 
 Box rules (one place, shared by all datasets): a box must be four finite numbers (NaN or infinite coordinates in an
 annotation are a bad sample naming the file, row and field). Boxes are clipped to ``[0, width] x [0, height]`` of

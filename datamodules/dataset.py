@@ -2,7 +2,7 @@
 
 ``PersonImageDataset`` decodes with PIL (:func:`~ccim_lightning.datamodules.decode.load_rgb`; JPEGs at reduced
 size where the outputs allow it, ``ccim_lightning.datamodules.decode``) and applies a ``ContextTransform``-style
-transform; :func:`sample_dict` assembles a sample of the schema (``ccim_lightning.datamodules.schema``) and masks
+transform; :func:`sample_dict` assembles a sample of the schema (``ccim_lightning.types``) and masks
 the subject box in ``context``.
 
 Two output paths, equal within float rounding (tested):

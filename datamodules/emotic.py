@@ -454,6 +454,8 @@ class EmoticDataModule(PersonDataModule):
         self.annotations = annotations
         self.annotation_format = annotation_format
         self.use_arrays = use_arrays
+        if use_arrays and self.prepared_dir is not None:
+            raise ValueError("use_arrays=True reads already-prepared arrays; drop prepared_dir or use_arrays")
         self._mat_tables: dict[str, tuple[PersonTable, BadSamples]] | None = None
         self._source: tuple[str, Path] | None = None
 

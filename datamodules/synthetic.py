@@ -43,6 +43,7 @@ from typing_extensions import override
 from ccim_lightning.arguments import check_float, check_int
 from ccim_lightning.datamodules._drawing import EXPRESSIONS, SKIN_DARK, SKIN_LIGHT, choice, composite_person, hsv_to_rgb
 from ccim_lightning.datamodules.base import train_drop_last
+from ccim_lightning.datamodules.inputs import InputSettings, rendered_input_settings
 from ccim_lightning.types import BOX, CONTEXT, INDEX, SCENE, SUBJECT, TARGET
 
 log = logging.getLogger(__name__)
@@ -562,6 +563,11 @@ class SyntheticContextDataModule(L.LightningDataModule):
             "std": list(IMAGENET_DEFAULT_STD),
             "mask_fill": 0.0,
         }
+
+    def input_settings(self) -> InputSettings:
+        """For photos (``inference.Predictor``): see ``inputs.rendered_input_settings``."""
+        size, subject = self.settings.image_size, self.settings.subject_size
+        return rendered_input_settings(type(self).__name__, size, subject, f"synthetic-v{GENERATOR_VERSION}")
 
     def dictionary_dataloader(self, batch_size: int | None = None, mask_subject: bool = True) -> DataLoader:
         """A non-shuffled loader over ``dictionary_dataset(mask_subject)``; wrap the dataset yourself for a sampler.

@@ -1,8 +1,21 @@
+"""Shared fixtures, and the one place the markers of setup.cfg act: ``ddp`` implies ``slow``, ``cuda`` skips without
+a CUDA device."""
+
+import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
+# One OpenMP thread for torch and FAISS, here and in every process a test starts (the variable is inherited): the
+# tests' tensors are tiny, so a thread pool only adds its synchronisation, and on a CPU shared with other work each
+# parallel region waits for a descheduled thread (measured: half the CPU time, a third of the wall time under load).
+# Set before torch is imported; a value the caller exported wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 BACKGROUND = (40, 160, 90)
 SUBJECT = (220, 30, 200)
@@ -42,3 +55,17 @@ def colours():
     """The ImageNet-normalised BACKGROUND and SUBJECT colours of ``write_image`` images, as (3,) arrays."""
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     return tuple((np.asarray(colour) / 255.0 - mean) / std for colour in (BACKGROUND, SUBJECT))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own `-m` selection, so `-m "not slow"` leaves the ddp tests out
+def pytest_collection_modifyitems(config, items):
+    """Every ``ddp`` test is also ``slow``: several processes each importing torch and Lightning take minutes."""
+    for item in items:
+        if item.get_closest_marker("ddp") is not None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_runtest_setup(item):
+    """A ``cuda`` test is skipped, with the reason, where no CUDA device is visible."""
+    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (marked `cuda`); none is visible to torch here")

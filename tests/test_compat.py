@@ -3,7 +3,7 @@
 import contextvars
 from pathlib import Path
 
-from ccim_lightning.cli import build_cli
+from ccim_lightning.commands.cli import build_cli
 from ccim_lightning.compat import _given_hyperparameters, instantiated_by_cli
 
 SYNTHETIC = str(Path(__file__).parents[1] / "configs" / "synthetic.yaml")

@@ -14,16 +14,37 @@ PACKAGES = {
     "datamodules": "ccim_lightning.datamodules",
     "callbacks": "ccim_lightning.callbacks",
 }
-#: Layers, lowest first; a module may import its own layer or lower ones at import time, never a higher one.
-#: Anything else under ccim_lightning (head, hosts, losses, weights, checkpoints, compat, logs) is layer 0.
+#: Layers, lowest first: a module may import its own layer or lower ones, never a higher one, also inside functions.
+#: Every module must fall under one of these names (the longest matching prefix decides).
 LAYERS = {
-    "ccim_lightning.dictionary": 1,
-    "ccim_lightning.debias": 1,
-    "ccim_lightning.datamodules": 2,
-    "ccim_lightning.module": 3,
-    "ccim_lightning.callbacks": 3,
-    "ccim_lightning.cli": 4,
-    "ccim_lightning.analysis": 4,
+    "ccim_lightning.types": 0,
+    **dict.fromkeys(
+        (
+            f"ccim_lightning.{name}"
+            for name in (
+                "head",
+                "hosts",
+                "losses",
+                "weights",
+                "checkpoints",
+                "compat",
+                "logs",
+                "sample_index",
+                "thresholds",
+            )
+        ),
+        1,
+    ),
+    "ccim_lightning.dictionary": 2,
+    "ccim_lightning.debias": 2,
+    "ccim_lightning.datamodules": 3,
+    "ccim_lightning.module": 4,
+    "ccim_lightning.callbacks": 4,
+    "ccim_lightning.analysis": 5,
+    "ccim_lightning.inference": 5,
+    "ccim_lightning.commands": 6,
+    # The package index re-exports the model side (module, layer 4) and the Predictor (layer 5).
+    "ccim_lightning": 5,
 }
 MAX_LINES = 600
 
@@ -43,65 +64,146 @@ def _modules() -> dict[str, Path]:
 
 
 def layer(module: str) -> int:
+    """The layer of a module (or of the module an import names); KeyError for one the table does not place."""
     matches = [prefix for prefix in LAYERS if module == prefix or module.startswith(prefix + ".")]
-    return LAYERS[max(matches, key=len)] if matches else 0
+    if not matches:
+        raise KeyError(f"{module} is in no layer of tests/test_layout.py's LAYERS: add it there and to the README.")
+    return LAYERS[max(matches, key=len)]
 
 
-def _import_time_imports(path: Path) -> list[str]:
-    """The ccim_lightning modules a file imports when it is imported.
+def _is_type_checking(test: ast.expr) -> bool:
+    """``if TYPE_CHECKING:`` or ``if typing.TYPE_CHECKING:``."""
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
-    Module-level imports, also inside ``try``/``with``/``if`` blocks and class bodies; imports inside functions run
-    later and ``if TYPE_CHECKING:`` blocks never run, so neither counts.
+
+def _project_imports(path: Path, module: str = "") -> list[str]:
+    """The ccim_lightning modules a file imports, anywhere in it: at module level, in blocks, classes and functions.
+
+    Only ``if TYPE_CHECKING:`` bodies are left out (they never run). An import inside a function runs later, but
+    it is a dependency all the same: an upward one there is a hidden cycle. Relative imports are resolved against
+    ``module`` (the file's installed name).
     """
     names: list[str] = []
 
-    def visit(statements: list[ast.stmt]) -> None:
-        for node in statements:
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names.append(node.module)
-            elif isinstance(node, ast.Import):
-                names.extend(alias.name for alias in node.names)
-            elif isinstance(node, ast.If):
-                typing_only = isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
-                visit(node.orelse if typing_only else [*node.body, *node.orelse])
-            elif isinstance(node, ast.Try):
-                visit([*node.body, *[s for h in node.handlers for s in h.body], *node.orelse, *node.finalbody])
-            elif isinstance(node, (ast.With, ast.ClassDef)):
-                visit(node.body)
+    class Visitor(ast.NodeVisitor):
+        def visit_If(self, node: ast.If) -> None:
+            for statement in node.orelse if _is_type_checking(node.test) else [*node.body, *node.orelse]:
+                self.visit(statement)
+            self.visit(node.test)
 
-    visit(ast.parse(path.read_text()).body)
-    return [name for name in names if name.startswith("ccim_lightning")]
+        def visit_Import(self, node: ast.Import) -> None:
+            names.extend(alias.name for alias in node.names)
+
+        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+            base = node.module or ""
+            if node.level:  # from . import x / from ..a import b, relative to this module's package
+                package = module.split(".")[: -node.level] if module else []
+                base = ".".join([*package, base] if base else package)
+            # The imported name may be a module or an object in one; the longest layer prefix places either.
+            names.extend(f"{base}.{alias.name}" for alias in node.names)
+
+    Visitor().visit(ast.parse(path.read_text()))
+    return [name for name in names if name == "ccim_lightning" or name.startswith("ccim_lightning.")]
 
 
-def test_import_scan_sees_blocks_but_not_functions(tmp_path):
+def test_import_scan_sees_blocks_and_functions_but_not_type_checking(tmp_path):
     source = tmp_path / "sample.py"
     source.write_text(
-        "from typing import TYPE_CHECKING\n"
+        "import typing\nfrom typing import TYPE_CHECKING\n"
         "try:\n    import ccim_lightning.a\nexcept ImportError:\n    from ccim_lightning.b import x\n"
-        "if TYPE_CHECKING:\n    import ccim_lightning.typing_only\n"
+        "if TYPE_CHECKING:\n    import ccim_lightning.typing_only\nelse:\n    import ccim_lightning.runtime\n"
+        "if typing.TYPE_CHECKING:\n    import ccim_lightning.typing_only_too\n"
         "class C:\n    from ccim_lightning.c import y\n"
-        "def f():\n    import ccim_lightning.later\n"
+        "    def method(self):\n        import ccim_lightning.in_method\n"
+        "def f():\n    import ccim_lightning.later\n    if True:\n        from ccim_lightning.nested import z\n"
+        "g = lambda: __import__('os')\n"
     )
-    assert _import_time_imports(source) == ["ccim_lightning.a", "ccim_lightning.b", "ccim_lightning.c"]
+    assert _project_imports(source) == [
+        "ccim_lightning.a",
+        "ccim_lightning.b.x",
+        "ccim_lightning.runtime",
+        "ccim_lightning.c.y",
+        "ccim_lightning.in_method",
+        "ccim_lightning.later",
+        "ccim_lightning.nested.z",
+    ]
+
+
+def test_relative_imports_are_resolved(tmp_path):
+    source = tmp_path / "sample.py"
+    source.write_text("from . import sibling\nfrom ..dictionary import store\nfrom .inner import thing\n")
+    assert _project_imports(source, "ccim_lightning.analysis.sample") == [
+        "ccim_lightning.analysis.sibling",
+        "ccim_lightning.dictionary.store",
+        "ccim_lightning.analysis.inner.thing",
+    ]
+
+
+def test_an_upward_import_inside_a_function_is_reported(tmp_path):
+    # A dictionary module that reaches up into the datamodules only when a function runs: the scan must see it.
+    source = tmp_path / "recipe.py"
+    source.write_text(
+        "from ccim_lightning.dictionary.store import ConfounderDictionary\n\n\n"
+        "def build(datamodule):\n    from ccim_lightning.datamodules.base import PersonDataModule\n"
+        "    return isinstance(datamodule, PersonDataModule)\n"
+    )
+    assert upward_imports({"ccim_lightning.dictionary.recipe": source}) == [
+        "ccim_lightning.dictionary.recipe (layer 2) imports ccim_lightning.datamodules.base.PersonDataModule (layer 3)"
+    ]
 
 
 def test_layers_of_hand_picked_modules():
-    names = ("ccim_lightning.head", "ccim_lightning.dictionary.recipe", "ccim_lightning.cli")
-    assert [layer(name) for name in names] == [0, 1, 4]
-    assert layer("ccim_lightning.datamodules.schema") == 2 and layer("ccim_lightning.callbacks") == 3
+    names = ("ccim_lightning.types", "ccim_lightning.head", "ccim_lightning.dictionary.recipe",
+             "ccim_lightning.datamodules.base", "ccim_lightning.callbacks", "ccim_lightning.analysis.report",
+             "ccim_lightning.commands.main")  # fmt: skip
+    assert [layer(name) for name in names] == [0, 1, 2, 3, 4, 5, 6]
+    with pytest.raises(KeyError, match="ccim_lightning_extra"):
+        layer("ccim_lightning_extra.x")
 
 
-def test_imports_point_one_way():
-    modules = _modules()
-    assert "ccim_lightning.dictionary.recipe" in modules and "ccim_lightning.datamodules.base" in modules
+def test_every_module_has_a_layer():
+    unplaced = []
+    for name in _modules():
+        try:
+            layer(name)
+        except KeyError:
+            unplaced.append(name)
+    assert unplaced == []
+
+
+def upward_imports(modules: dict[str, Path]) -> list[str]:
+    """Every import of a higher layer by these modules, as readable lines."""
     upward = []
     for name, path in modules.items():
         if path.name == "__init__.py":
             continue  # a package's index re-exports its parts
-        for target in _import_time_imports(path):
+        for target in _project_imports(path, name):
             if layer(target) > layer(name):
                 upward.append(f"{name} (layer {layer(name)}) imports {target} (layer {layer(target)})")
-    assert upward == []
+    return upward
+
+
+def test_imports_point_one_way():
+    modules = _modules()
+    assert "ccim_lightning.dictionary.recipe" in modules and "ccim_lightning.commands.main" in modules
+    assert upward_imports(modules) == []
+
+
+def test_analysis_is_pure_numpy_pandas_matplotlib():
+    heavy = []
+    for name, path in _modules().items():
+        if name.startswith("ccim_lightning.analysis"):
+            for statement in ast.walk(ast.parse(path.read_text())):
+                if isinstance(statement, ast.Import):
+                    roots = [alias.name.split(".")[0] for alias in statement.names]
+                elif isinstance(statement, ast.ImportFrom) and statement.module:
+                    roots = [statement.module.split(".")[0]]
+                else:
+                    continue
+                heavy += [f"{name} imports {root}" for root in roots if root in ("torch", "torchmetrics", "lightning")]
+    assert heavy == []
 
 
 def test_no_module_over_the_size_limit_and_no_test_tooling_in_the_package():
@@ -142,7 +244,7 @@ def readme_layout() -> set[str]:
 def test_readme_layout_parser_reads_folders_and_asides():
     listed = readme_layout()
     for path in ("ccim_lightning/head.py", "ccim_lightning/dictionary/kmeans.py", "datamodules/_drawing.py",
-                 "benchmarks/debias_report.py", "benchmarks/gpu_check.sh"):  # fmt: skip
+                 "benchmarks/debias/report.py", "benchmarks/gpu_check.sh"):  # fmt: skip
         assert path in listed, path
     assert "ccim_lightning/kmeans.py" not in listed and "datamodules/head.py" not in listed
 
@@ -154,3 +256,14 @@ def test_readme_layout_lists_every_module(folder):
     assert files
     listed = readme_layout()
     assert [f for f in files if f not in listed] == []
+
+
+def test_setup_cfg_installs_every_package_folder():
+    """A wheel holds only the packages setup.cfg lists: every folder of the package with an __init__.py."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    folders = {module for module, path in _modules().items() if path.name == "__init__.py"}
+    assert folders <= listed, f"setup.cfg [options] packages lacks {sorted(folders - listed)}"

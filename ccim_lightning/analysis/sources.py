@@ -1,12 +1,12 @@
-"""Where the bias report's contexts come from: an annotation table's column, or each sample's dictionary cluster.
+"""The bias report's input, :class:`ContextLabels`, from an annotation table or from labels given as arrays.
 
 - :func:`read_annotation_table`: a context column and a label column of a CSV/TSV table (e.g. EMOTIC's ``Folder``
   and ``Categorical_Labels``); no images are read.
-- :func:`cluster_contexts`: each training sample of a built ``ccim`` CLI goes to its nearest confounder-dictionary
-  prototype in scene-feature space. It is the only function of :mod:`ccim_lightning.analysis` that uses the
-  dictionary machinery (the callback's settings, the scene CNN, feature extraction, the cache, k-means).
+- :func:`label_matrix`: class ids or multi-hot rows as the report's 0/1 matrix. ``ccim bias-report`` uses it for
+  each training sample's confounder-dictionary cluster (:mod:`ccim_lightning.commands.dictionary_contexts`, where
+  the torch side lives).
 
-Both return :class:`ContextLabels` for :func:`~ccim_lightning.analysis.statistics.compute_bias_report`.
+Both feed :func:`~ccim_lightning.analysis.statistics.compute_bias_report`.
 """
 
 from __future__ import annotations
@@ -17,24 +17,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-__all__ = [
-    "ContextLabels",
-    "check_dictionary_file",
-    "cluster_contexts",
-    "nearest_prototype",
-    "read_annotation_table",
-]
+__all__ = ["ContextLabels", "label_matrix", "read_annotation_table"]
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------------- table-only mode
 
 
 @dataclass
@@ -147,197 +136,23 @@ def _natural_key(label: str) -> tuple[int, float, str]:
         return (1, 0.0, label)
 
 
-def nearest_prototype(features: Any, prototypes: Any, chunk_size: int = 8192) -> np.ndarray:
-    """Index of the nearest prototype (Euclidean) of each feature row.
+def label_matrix(targets: np.ndarray, num_classes: int | None = None) -> tuple[np.ndarray, bool]:
+    """(n, C) 0/1 labels from class ids (single-label) or multi-hot rows (multi-label, present where > 0.5).
 
     Args:
-        features: (n, d) features (tensor or array).
-        prototypes: (N, d) prototypes.
-        chunk_size: Rows per distance computation (bounds memory at chunk_size x N).
+        targets: (n,) integer class ids or (n, C) multi-hot scores.
+        num_classes: C for class ids; default: the largest id + 1.
 
     Returns:
-        (n,) int64 cluster ids.
-    """
-    features = torch.as_tensor(features, dtype=torch.float32)
-    prototypes = torch.as_tensor(prototypes, dtype=torch.float32, device=features.device)
-    if features.ndim != 2 or prototypes.ndim != 2 or features.shape[1] != prototypes.shape[1]:
-        raise ValueError(
-            f"Features {list(features.shape)} and prototypes {list(prototypes.shape)} must be (n, d) and (N, d) "
-            "with the same d: was the dictionary built with this scene CNN?"
-        )
-    parts = [torch.cdist(block, prototypes).argmin(1) for block in features.split(chunk_size)]
-    return torch.cat(parts).cpu().numpy().astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
-
-
-class _TargetRecorder:
-    """Passes a loader's batches through and keeps their ``target`` and ``index`` (one pass for features + labels)."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-        self.targets: list[Any] = []
-        self.indices: list[Any] = []
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.targets.append(batch["target"].cpu())
-            self.indices.append(batch["index"].cpu())
-            yield batch
-
-
-# ----------------------------------------------------------------------------------------------- cluster mode
-
-
-def check_dictionary_file(path: str | os.PathLike) -> Any:
-    """Loads a dictionary file given by the user, refusing a random-Z one (its prototypes are no scene clusters).
-
-    Cheap (no images, no model): the command calls it before building anything, so a wrong file fails at once.
-
-    Args:
-        path: A :meth:`~ccim_lightning.dictionary.store.ConfounderDictionary.save` file.
-
-    Returns:
-        The :class:`~ccim_lightning.dictionary.store.ConfounderDictionary`.
+        The matrix and whether the labels are multi-label.
 
     Raises:
-        ValueError: The file is not a dictionary file (``DictionaryFileError``), or a random-Z one.
+        ValueError: A class id outside ``0..num_classes - 1``.
     """
-    from ccim_lightning.dictionary.store import ConfounderDictionary
-
-    dictionary = ConfounderDictionary.load(path)
-    if dictionary.source == "random":
-        raise ValueError(
-            f"Dictionary {str(path)!r} is a random-Z ablation dictionary: its prototypes are not scene "
-            "clusters, so a bias report over them means nothing. Pass a clustered dictionary."
-        )
-    return dictionary
-
-
-def cluster_contexts(
-    cli: Any,
-    dictionary_path: str | os.PathLike | None = None,
-    *,
-    device: str = "auto",
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    progress: bool = True,
-) -> ContextLabels:
-    """Each training sample's confounder-dictionary cluster and its label, for a built ``ccim`` CLI.
-
-    The CLI's datamodule gives the training split (``dictionary_dataset(mask_subject=...)``); its trainer's
-    ``ConfounderDictionaryCallback`` (or the callback's defaults) gives the scene CNN, its weights, the masking, the
-    seed and the cache; its model's head gives the number of prototypes. The dictionary is the file at
-    ``dictionary_path`` when given, else the callback's ``cache`` file when it matches this run, else built as the
-    callback would (k-means; saved to the ``cache`` file when one is set). Each sample goes to its nearest prototype
-    in feature space. All use of the dictionary machinery in the bias report is in this function.
-
-    Args:
-        cli: ``ccim_lightning.cli.build_cli([...], run=False)``, with ``datamodule``, ``trainer`` and ``model``.
-        dictionary_path: A dictionary file (:meth:`ConfounderDictionary.save`), e.g. the callback's cache.
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        batch_size: Extraction batch size; default: the callback's, else the datamodule's, else 64.
-        num_workers: Loader workers; default: the callback's, else the datamodule's, else 0.
-        progress: Show a progress bar.
-
-    Returns:
-        Cluster ids (as contexts) and labels of the training samples.
-    """
-    import dataclasses
-
-    from lightning.pytorch.strategies import SingleDeviceStrategy
-
-    from ccim_lightning.callbacks import ConfounderDictionaryCallback
-    from ccim_lightning.dictionary.features import ContextFeatureExtractor
-    from ccim_lightning.dictionary.recipe import dictionary_loader, extract_context_features, in_index_order
-
-    given = None if dictionary_path is None else check_dictionary_file(dictionary_path)  # fail before the slow part
-    datamodule = cli.datamodule
-    (callback,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ConfounderDictionaryCallback)]
-    recipe = callback.recipe  # the run's --dictionary.* settings
-    recipe = dataclasses.replace(
-        recipe,
-        batch_size=batch_size or recipe.batch_size,
-        num_workers=_first_set(num_workers, recipe.num_workers, getattr(datamodule, "num_workers", 0)),
-        progress=progress,
-        source="features",
-    )
-    dataset = _training_samples(datamodule, recipe.mask_subject)
-    torch_device = _device(device)
-    num_prototypes, dim = cli.model.dictionary_shape
-    names = list(getattr(datamodule, "class_names", None) or [])
-    if given is None:
-        # The recipe's own dictionary (the cache when it matches, else built and cached): each training sample's
-        # cluster is recorded in it.
-        dictionary = recipe.load_or_build(SingleDeviceStrategy(torch_device), datamodule, num_prototypes, dim)
-        known = dictionary.assignments >= 0
-        clusters = dictionary.assignments[known].numpy()
-        matrix, multi_label = _target_matrix(dictionary.targets[known], getattr(datamodule, "num_classes", None))
-        names = names or [f"class {i}" for i in range(matrix.shape[1])]
-        return ContextLabels(clusters, matrix, names, multi_label, "cluster")
-
-    extractor = ContextFeatureExtractor(recipe.extractor, recipe.weights).to(torch_device)
-    loader = dictionary_loader(
-        dataset, batch_size=recipe.batch_size or getattr(datamodule, "batch_size", 64), num_workers=recipe.num_workers
-    )
-    recorder = _TargetRecorder(loader)  # one pass gives the features and the labels
-    features = in_index_order(extract_context_features(extractor, recorder, torch_device, progress=progress))
-    wanted = recipe.cache_key(datamodule, dataset, extractor, num_prototypes)
-    # Another N, seed or k-means setting is fine for a report; other data, scene CNN or masking means other clusters.
-    ignored = ("num_prototypes", "seed", "num_iterations", "pca_dim", "source")
-    reasons = [r for r in given.mismatches(wanted) if not r.startswith(ignored)]
-    if reasons:
-        log.warning(
-            "Dictionary %s was not built for this config's data and scene CNN (%s); assigning anyway.",
-            dictionary_path,
-            "; ".join(reasons),
-        )
-    dictionary = given
-    clusters = nearest_prototype(features.features.cpu(), dictionary.prototypes)
-    matrix, multi_label = _target_matrix(_targets_in_index_order(recorder), getattr(datamodule, "num_classes", None))
-    names = names or [f"class {i}" for i in range(matrix.shape[1])]
-    if len(clusters) != len(matrix):
-        raise RuntimeError(f"{len(clusters)} features but {len(matrix)} labels: the loader repeated or lost samples.")
-    return ContextLabels(clusters, matrix, names, multi_label, "cluster")
-
-
-def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
-def _first_set(*values: int | None) -> int:
-    return next(v for v in values if v is not None)
-
-
-def _training_samples(datamodule: Any, mask_subject: bool) -> Any:
-    """The datamodule's training split as the dictionary callback sees it."""
-    if callable(getattr(datamodule, "prepare_data", None)):
-        datamodule.prepare_data()
-    datamodule.setup("fit")
-    if not callable(getattr(datamodule, "dictionary_dataset", None)):
-        raise TypeError(
-            f"{type(datamodule).__name__} has no dictionary_dataset(mask_subject=...): cannot list the "
-            "training samples. Use a ccim_lightning datamodule or add that method."
-        )
-    return datamodule.dictionary_dataset(mask_subject=mask_subject)
-
-
-def _targets_in_index_order(recorder: _TargetRecorder) -> torch.Tensor:
-    """The recorded targets, one per sample, sorted by sample index (the order of the gathered features)."""
-    indices, targets = torch.cat(recorder.indices), torch.cat(recorder.targets)
-    order = torch.argsort(indices, stable=True)
-    keep = torch.ones(len(order), dtype=torch.bool)
-    keep[1:] = indices[order][1:] != indices[order][:-1]
-    return targets[order[keep]]
-
-
-def _target_matrix(targets: torch.Tensor, num_classes: int | None) -> tuple[np.ndarray, bool]:
-    """(n, C) 0/1 labels from int class targets (single-label) or multi-hot float targets (multi-label)."""
-    array = targets.cpu().numpy()
-    if array.ndim == 2:
-        return (array > 0.5).astype(np.float64), True
-    classes = array.astype(np.int64)
+    targets = np.asarray(targets)
+    if targets.ndim == 2:
+        return (targets > 0.5).astype(np.float64), True
+    classes = targets.astype(np.int64)
     num_classes = num_classes or (int(classes.max()) + 1 if classes.size else 0)
     if classes.size and (classes.min() < 0 or classes.max() >= num_classes):
         raise ValueError(

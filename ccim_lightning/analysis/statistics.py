@@ -22,18 +22,17 @@ h(p) = -p ln p - (1 - p) ln(1 - p) the binary entropy in nats:
   share of e's uncertainty that the context removes (Theil's uncertainty coefficient).
 - Single-label data also get the categorical I(K; Y) and the normalised mutual information
   NMI = I(K; Y) / ((H(K) + H(Y)) / 2), the arithmetic-mean normalisation of scikit-learn's
-  ``normalized_mutual_info_score``. Both are torchmetrics' clustering scores (float32: about 1e-6 relative); the
-  per-emotion and per-cell values are float64 numpy (see :func:`_emotion_mi` for why).
+  ``normalized_mutual_info_score``. All values are float64 numpy/SciPy.
 
 All estimates are plug-in (empirical frequencies), which overestimate mutual information when contexts are many or
 small. Each report therefore also gives the same statistics with the context values randomly permuted over the
 samples (the ``null_*`` values): a chance level to compare with. Rankings and histograms only count contexts with
 at least ``min_count`` samples, so tiny contexts (whose entropies are 0 by chance) do not dominate them.
 
-This module is the numpy/pandas (and torchmetrics) core: :func:`compute_bias_report` turns context values and
+This module is the numpy/pandas/SciPy core: :func:`compute_bias_report` turns context values and
 labels into a :class:`~ccim_lightning.analysis.report.BiasReport`. Where the contexts come from is
 :mod:`~ccim_lightning.analysis.sources`; writing and plotting are :mod:`~ccim_lightning.analysis.report` and
-:mod:`~ccim_lightning.analysis.plots`; the command is :mod:`~ccim_lightning.analysis.command`.
+:mod:`~ccim_lightning.analysis.plots`; the command is :mod:`~ccim_lightning.commands.bias_report`.
 """
 
 from __future__ import annotations
@@ -45,8 +44,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from torchmetrics.functional.clustering import mutual_info_score, normalized_mutual_info_score
+from scipy.stats import entropy
+from scipy.stats.contingency import crosstab
 
 from ccim_lightning.analysis.report import BiasReport
 
@@ -96,11 +95,11 @@ def _categorical_entropy(counts: np.ndarray) -> float:
 
 
 def categorical_mutual_information(codes: np.ndarray, classes: np.ndarray) -> tuple[float, float]:
-    """I(K; Y) in nats and the arithmetic NMI of two labelings of the same samples, by torchmetrics.
+    """I(K; Y) in nats and the arithmetic NMI of two labelings of the same samples, in float64.
 
-    torchmetrics computes in the default float dtype (float32) from integer labels, so the values agree with a
-    float64 computation to about 1e-6 relative. NMI follows scikit-learn's convention of 1 when both labelings are
-    constant (torchmetrics returns 0 there, since I(K; Y) = 0).
+    I(K; Y) = H(K) + H(Y) - H(K, Y), from SciPy's contingency table (``crosstab``) and ``entropy``. No library
+    function takes this module's inputs without torch (torchmetrics) or a dev-only dependency (scikit-learn), and
+    the combination is one line. NMI follows scikit-learn's convention of 1 when both labelings are constant.
 
     Args:
         codes: (n,) integer context codes.
@@ -111,20 +110,17 @@ def categorical_mutual_information(codes: np.ndarray, classes: np.ndarray) -> tu
     """
     if len(np.unique(codes)) == 1 and len(np.unique(classes)) == 1:
         return 0.0, 1.0
-    k, y = torch.as_tensor(codes, dtype=torch.int64), torch.as_tensor(classes, dtype=torch.int64)
-    # torchmetrics builds its contingency table as a sparse tensor; saying we skip the invariant checks (its
-    # indices are valid by construction) keeps torch's once-per-process warning about them out of the report.
-    with torch.sparse.check_sparse_tensor_invariants(enable=False):
-        mi = float(mutual_info_score(k, y))
-        nmi = float(normalized_mutual_info_score(k, y, average_method="arithmetic"))
-    return max(mi, 0.0), nmi
+    joint = crosstab(np.asarray(codes), np.asarray(classes)).count.astype(np.float64)
+    h_k, h_y = entropy(joint.sum(1)), entropy(joint.sum(0))
+    mi = max(h_k + h_y - entropy(joint.ravel()), 0.0)
+    return float(mi), float(mi / ((h_k + h_y) / 2))
 
 
 def _emotion_mi(counts: np.ndarray, positives: np.ndarray) -> np.ndarray:
     """I(K; e) in nats per emotion, from the per-context sample counts (K,) and positives (K, C).
 
-    numpy, not torchmetrics' ``mutual_info_score``: that takes one pair of labelings per call (C contingency tables
-    per report and per permutation), and this closed form over the grouped counts, in float64, is the same sum as
+    Not one :func:`categorical_mutual_information` call per emotion (C contingency tables per report and per
+    permutation): this closed form over the grouped counts, in float64, is the same sum as
     the per-cell contributions of the report, so those add up to it exactly.
     """
     n = counts.sum()

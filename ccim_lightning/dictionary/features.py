@@ -1,24 +1,36 @@
-"""The scene CNN that turns subject-masked context images into confounder features.
+"""The scene CNN that turns subject-masked context images into confounder features, and the loop that runs it.
 
 The paper runs a ResNet-152 pre-trained on Places365 over every training image with the target subject masked, and
 keeps the output of the last pooling layer (d = 2048). :class:`ContextFeatureExtractor` is that network for any timm
-architecture, built without a classifier so its forward pass returns the pooled features.
+architecture, built without a classifier so its forward pass returns the pooled features;
+:func:`extract_context_features` runs it over a loader (:func:`dictionary_loader`) into :class:`ContextFeatures`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import timm
 import torch
 from timm.data import resolve_model_data_config
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
+from ccim_lightning.sample_index import first_of_each_index
+from ccim_lightning.types import CONTEXT, INDEX, SCENE, TARGET
 from ccim_lightning.weights import load_pretrained_weights
 
-__all__ = ["ContextFeatureExtractor"]
+__all__ = [
+    "ContextFeatureExtractor",
+    "ContextFeatures",
+    "dictionary_loader",
+    "extract_context_features",
+    "own_rows",
+]
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +118,105 @@ class ContextFeatureExtractor(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, num_features={self.num_features}, weights_digest={self.weights_digest!r}"
+
+
+@dataclass
+class ContextFeatures:
+    """Scene features of a split's samples.
+
+    Attributes:
+        features: (n, d) float32 features.
+        indices: (n,) int64 sample index in the split.
+        targets: (n,) int64 labels or (n, C) float multi-hot targets, or ``None`` where the batches have none.
+        scenes: (n,) int64 true scene ids where the dataset knows them (synthetic data), else ``None``.
+    """
+
+    features: torch.Tensor
+    indices: torch.Tensor
+    targets: torch.Tensor | None = None
+    scenes: torch.Tensor | None = None
+
+    def rows(self, rows: torch.Tensor) -> ContextFeatures:
+        """The subset of these rows."""
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return ContextFeatures(self.features[rows], self.indices[rows], pick(self.targets), pick(self.scenes))
+
+    def in_index_order(self) -> ContextFeatures:
+        """The rows sorted by sample index, each sample once (a loader that repeats samples counts them once)."""
+        return self.rows(torch.from_numpy(first_of_each_index(self.indices)).to(self.indices.device))
+
+
+def own_rows(local: ContextFeatures, world_size: int, rank: int) -> ContextFeatures:
+    """This rank's shard without the DistributedSampler's padding repeats, in index order.
+
+    With ``shuffle=False`` the sampler gives sample ``i`` to rank ``i % world_size``; the repeats it appends to make
+    the shards equal belong to another rank (or repeat one of this rank's), so keeping the rows whose index this rank
+    owns leaves every sample on exactly one rank, also when decode-time skips made the shards unequal.
+    """
+    return local.rows(local.indices % world_size == rank).in_index_order()
+
+
+def dictionary_loader(
+    dataset: Dataset, *, batch_size: int, num_workers: int, world_size: int = 1, rank: int = 0
+) -> DataLoader:
+    """A fixed-order loader over ``dataset``, sharded across ranks when ``world_size > 1``.
+
+    The DistributedSampler pads the last shard with repeated samples; :func:`own_rows` removes them by sample index
+    (and copes with shards that differ in size once undecodable images are skipped).
+    """
+    sampler = None
+    if world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        sampler=sampler,
+        num_workers=num_workers,
+        # Datasets that can skip undecodable images (on_bad_sample="skip") bring a collate that drops them.
+        collate_fn=getattr(dataset, "collate_fn", None),
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
+
+
+@torch.no_grad()
+def extract_context_features(
+    extractor: ContextFeatureExtractor, loader: DataLoader, device: torch.device, *, progress: bool = True
+) -> ContextFeatures:
+    """Runs the scene CNN over a loader of samples in the shared batch schema.
+
+    Uses ``batch["context"]`` (the image with the subject filled with zeros, unless the dataset was asked for
+    unmasked images), ``batch["index"]`` and, where present, ``target`` and ``scene``. On CUDA it runs in bfloat16
+    autocast with channels_last, where convolutions are fastest; features come back as float32.
+
+    Returns:
+        The features of the samples this loader yields, on ``device``; empty (0 rows) for an empty shard.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        extractor = extractor.to(memory_format=torch.channels_last)
+    parts: dict[str, list[torch.Tensor]] = {"features": [], "indices": [], "targets": [], "scenes": []}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("Confounder dictionary: scene features", total=len(loader))
+        for batch in loader:
+            images = batch[CONTEXT].to(device, non_blocking=True)
+            if on_cuda:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_cuda):
+                parts["features"].append(extractor(images).float())
+            parts["indices"].append(batch[INDEX].to(device).long())
+            if TARGET in batch:
+                parts["targets"].append(batch[TARGET].to(device))
+            if SCENE in batch:
+                parts["scenes"].append(batch[SCENE].to(device).long())
+            bar.advance(task)
+    if not parts["features"]:
+        return ContextFeatures(
+            torch.zeros(0, extractor.num_features, device=device), torch.zeros(0, dtype=torch.long, device=device)
+        )
+    cat = lambda name: torch.cat(parts[name]) if parts[name] else None  # noqa: E731
+    return ContextFeatures(cat("features"), cat("indices"), cat("targets"), cat("scenes"))

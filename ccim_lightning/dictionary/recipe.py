@@ -1,12 +1,12 @@
-"""The one owner of the confounder dictionary: its settings, its cache key, and load-or-build on every rank.
+"""The confounder dictionary's settings (:class:`DictionaryRecipe`) and its one entry point, ``load_or_build``.
 
-:class:`DictionaryRecipe` is used by ``ConfounderDictionaryCallback`` (before fitting), ``ccim build-dictionary``,
-``ccim bias-report`` (cluster mode) and ``benchmarks/debias.py``, so all of them build, key and reuse a dictionary
-the same way. The build: the datamodule's ``dictionary_dataset(mask_subject=...)`` (train split, eval transforms,
-subject filled with zeros) -> the scene CNN on this rank's device, each rank over its own shard -> features gathered
-from all ranks (shards may differ in size), the sampler's padding repeats removed -> k-means once on rank 0 ->
-broadcast. Every rank returns the same :class:`~ccim_lightning.dictionary.store.ConfounderDictionary`, with each
-training sample's cluster in sample-index order.
+``ConfounderDictionaryCallback`` (before fitting), ``ccim build-dictionary``, ``ccim bias-report`` (cluster mode) and
+``benchmarks/debias.py`` all call ``recipe.load_or_build(...)``, so all of them build, key and reuse a dictionary the
+same way. The steps, one small function each: the run's :class:`~ccim_lightning.dictionary.store.DictionaryKey`
+(:func:`dictionary_key`) -> the cache, decided on rank 0 (:func:`load_cached`) -> the scene CNN over this rank's
+shard of ``datamodule.dictionary_dataset(mask_subject=...)`` (train split, eval transforms, subject filled with
+zeros) -> one k-means over all ranks' rows (:func:`cluster`) -> rank 0 assembles the dictionary, each training
+sample's cluster in sample-index order (:func:`assemble`), saves the cache and broadcasts it.
 """
 
 from __future__ import annotations
@@ -15,195 +15,38 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import Dataset
 
-from ccim_lightning.dictionary.distributed import all_gather_variable, distributed_kmeans
-from ccim_lightning.dictionary.features import ContextFeatureExtractor
+from ccim_lightning.arguments import check_int, check_optional_int
+from ccim_lightning.dictionary.collectives import Collectives
+from ccim_lightning.dictionary.features import (
+    ContextFeatureExtractor,
+    ContextFeatures,
+    dictionary_loader,
+    extract_context_features,
+    own_rows,
+)
 from ccim_lightning.dictionary.kmeans import kmeans
 from ccim_lightning.dictionary.store import (
     ConfounderDictionary,
     DictionaryFileError,
+    DictionaryKey,
     check_cache_path,
     dataset_fingerprint,
 )
+from ccim_lightning.types import DictionaryDataModule, IdentifiedDataset, missing_members
 
 log = logging.getLogger(__name__)
 
 
-class Collectives(Protocol):
-    """What the recipe needs from the process group: a Lightning ``Strategy`` (``trainer.strategy``) has it all."""
-
-    @property
-    def root_device(self) -> torch.device: ...
-
-    @property
-    def world_size(self) -> int: ...
-
-    @property
-    def global_rank(self) -> int: ...
-
-    @property
-    def is_global_zero(self) -> bool: ...
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any: ...
-
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor: ...
-
-    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool: ...
-
-
-class RankFailedError(RuntimeError):
-    """Another rank failed during a step of the dictionary build; its own log holds the cause."""
-
-
-@dataclass
-class ContextFeatures:
-    """Scene features of a split's samples.
-
-    Attributes:
-        features: (n, d) float32 features.
-        indices: (n,) int64 sample index in the split.
-        targets: (n,) int64 labels or (n, C) float multi-hot targets, or ``None`` where the batches have none.
-        scenes: (n,) int64 true scene ids where the dataset knows them (synthetic data), else ``None``.
-    """
-
-    features: torch.Tensor
-    indices: torch.Tensor
-    targets: torch.Tensor | None = None
-    scenes: torch.Tensor | None = None
-
-    def rows(self, rows: torch.Tensor) -> ContextFeatures:
-        """The subset of these rows."""
-        pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return ContextFeatures(self.features[rows], self.indices[rows], pick(self.targets), pick(self.scenes))
-
-
-def sample_identities(dataset: Dataset) -> list[str]:
-    """Stable names of a dataset's samples, for the dictionary's dataset fingerprint.
-
-    Datasets that know their samples (image path, box, file size and modification time; or generator seed and
-    index) define ``sample_identities()``; for any other dataset the class name and position are used, which cannot
-    tell two datasets of the same class and size apart, so a warning says the cache check is weak.
-    """
-    identities = getattr(dataset, "sample_identities", None)
-    if callable(identities):
-        return [str(identity) for identity in identities()]
-    log.warning(
-        "%s has no sample_identities(); the dictionary cache can only check its class and size.",
-        type(dataset).__name__,
-    )
-    return [f"{type(dataset).__name__}:{i}" for i in range(len(dataset))]
-
-
-def dictionary_loader(
-    dataset: Dataset, *, batch_size: int, num_workers: int, world_size: int = 1, rank: int = 0
-) -> DataLoader:
-    """A fixed-order loader over ``dataset``, sharded across ranks when ``world_size > 1``.
-
-    The DistributedSampler pads the last shard with repeated samples; :func:`gather_features` removes the repeats by
-    sample index (and copes with shards that differ in size once undecodable images are skipped).
-    """
-    sampler = None
-    if world_size > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        sampler=sampler,
-        num_workers=num_workers,
-        # Datasets that can skip undecodable images (on_bad_sample="skip") bring a collate that drops them.
-        collate_fn=getattr(dataset, "collate_fn", None),
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
-    )
-
-
-@torch.no_grad()
-def extract_context_features(
-    extractor: ContextFeatureExtractor, loader: DataLoader, device: torch.device, *, progress: bool = True
-) -> ContextFeatures:
-    """Runs the scene CNN over a loader of samples in the shared batch schema.
-
-    Uses ``batch["context"]`` (the image with the subject filled with zeros, unless the dataset was asked for
-    unmasked images), ``batch["index"]`` and, where present, ``target`` and ``scene``. On CUDA it runs in bfloat16
-    autocast with channels_last, where convolutions are fastest; features come back as float32.
-
-    Returns:
-        The features of the samples this loader yields, on ``device``; empty (0 rows) for an empty shard.
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    on_cuda = device.type == "cuda"
-    if on_cuda:
-        extractor = extractor.to(memory_format=torch.channels_last)
-    parts: dict[str, list[torch.Tensor]] = {"features": [], "indices": [], "targets": [], "scenes": []}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("Confounder dictionary: scene features", total=len(loader))
-        for batch in loader:
-            images = batch["context"].to(device, non_blocking=True)
-            if on_cuda:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_cuda):
-                parts["features"].append(extractor(images).float())
-            parts["indices"].append(batch["index"].to(device).long())
-            if "target" in batch:
-                parts["targets"].append(batch["target"].to(device))
-            if "scene" in batch:
-                parts["scenes"].append(batch["scene"].to(device).long())
-            bar.advance(task)
-    if not parts["features"]:
-        return ContextFeatures(
-            torch.zeros(0, extractor.num_features, device=device), torch.zeros(0, dtype=torch.long, device=device)
-        )
-    cat = lambda name: torch.cat(parts[name]) if parts[name] else None  # noqa: E731
-    return ContextFeatures(cat("features"), cat("indices"), cat("targets"), cat("scenes"))
-
-
-def in_index_order(local: ContextFeatures) -> ContextFeatures:
-    """The rows sorted by sample index, each sample once (a loader that repeats samples counts them once)."""
-    order = torch.argsort(local.indices, stable=True)
-    indices = local.indices[order]
-    keep = torch.ones_like(indices, dtype=torch.bool)
-    keep[1:] = indices[1:] != indices[:-1]
-    return local.rows(order[keep])
-
-
-def own_rows(local: ContextFeatures, world_size: int, rank: int) -> ContextFeatures:
-    """This rank's shard without the DistributedSampler's padding repeats.
-
-    With ``shuffle=False`` the sampler gives sample ``i`` to rank ``i % world_size``; the repeats it appends to make
-    the shards equal belong to another rank (or repeat one of this rank's), so keeping the rows whose index this rank
-    owns leaves every sample on exactly one rank, also when decode-time skips made the shards unequal.
-    """
-    return in_index_order(local.rows(local.indices % world_size == rank))
-
-
-def _scene_statistics(assignments: torch.Tensor, scenes: torch.Tensor, num_clusters: int) -> dict[str, float]:
-    from torchmetrics.functional.clustering import normalized_mutual_info_score
-
-    with warnings.catch_warnings():  # torch's notice about sparse invariant checks, from inside torchmetrics
-        warnings.filterwarnings("ignore", message="Sparse invariant checks")
-        nmi = float(normalized_mutual_info_score(assignments, scenes))
-    # NMI is capped well below 1 when there are more clusters than scenes; purity (the share of samples whose
-    # cluster's most common scene is theirs) says directly whether clusters mix scenes.
-    joint = torch.zeros(num_clusters, int(scenes.max()) + 1, dtype=torch.long)
-    joint.index_put_((assignments, scenes), torch.ones_like(scenes), accumulate=True)
-    return {"scene_nmi": nmi, "scene_purity": float(joint.max(dim=1).values.sum() / len(scenes))}
-
-
 @dataclass
 class DictionaryRecipe:
-    """How a confounder dictionary is made, keyed and reused.
+    """How a confounder dictionary is made, keyed and reused: settings only, checked on construction.
 
     Args:
         extractor: timm model name of the scene CNN (the paper: ``resnet152`` on Places365).
@@ -215,7 +58,7 @@ class DictionaryRecipe:
         pca_dim: Optional PCA size before k-means (the paper mentions PCA without a size).
         batch_size: Extraction batch size; defaults to the datamodule's ``batch_size`` or 64.
         num_workers: Extraction loader workers; defaults to the datamodule's ``num_workers`` or 0.
-        cache: A dictionary file: reused when its cache key matches this run, (re)written after a build.
+        cache: A dictionary file: reused when its key matches this run, (re)written after a build.
         progress: Show a progress bar while extracting.
     """
 
@@ -233,102 +76,50 @@ class DictionaryRecipe:
 
     def __post_init__(self) -> None:
         if self.source not in ("features", "random"):
-            raise ValueError(f"source must be 'features' or 'random', got {self.source!r}")
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be at least 1, got {self.num_iterations}")
+            raise ValueError(f"DictionaryRecipe.source must be 'features' or 'random', got {self.source!r}")
+        check_int("DictionaryRecipe", "seed", self.seed, 0)
+        check_int("DictionaryRecipe", "num_iterations", self.num_iterations, 1)
+        for name in ("pca_dim", "batch_size"):
+            check_optional_int("DictionaryRecipe", name, getattr(self, name), 1)
+        check_optional_int("DictionaryRecipe", "num_workers", self.num_workers, 0)
 
     @property
     def cache_path(self) -> Path | None:
         """``cache`` as a path, or None."""
         return Path(self.cache).expanduser() if self.cache else None
 
-    # ------------------------------------------------------------------------------------------------ the key
-    def cache_key(self, datamodule: Any, dataset: Dataset, extractor: ContextFeatureExtractor, num_prototypes: int):
-        """What a cached dictionary's metadata must say to be reused by this run.
-
-        Covers the scene CNN and its weights' digest, N, masking, seed, source, k-means iterations and PCA size, the
-        dictionary transform (``datamodule.dictionary_signature()``: sizes, normalisation, masking fill) and the
-        data (:func:`sample_identities`: paths, boxes, and for file-backed data each image's size and modification
-        time; an edit that keeps both is invisible, as is a change to annotation columns that are not identities).
-        """
-        return {
-            "extractor": extractor.name,
-            "weights_digest": extractor.weights_digest,
-            "num_prototypes": num_prototypes,
-            "mask_subject": self.mask_subject,
-            "seed": self.seed,
-            "source": self.source,
-            "num_iterations": self.num_iterations,
-            "pca_dim": self.pca_dim,
-            "transform": transform_signature(datamodule),
-            "dataset_fingerprint": dataset_fingerprint(sample_identities(dataset)),
-        }
-
-    def load_cache(self, wanted: dict[str, Any]) -> ConfounderDictionary | None:
-        """The cached dictionary if ``cache`` exists and its cache key equals ``wanted``; else None (logs why)."""
-        path = self.cache_path
-        if path is None or not path.exists():
-            return None
-        if path.is_dir():
-            check_cache_path(path)  # raises: a folder
-        try:
-            cached = ConfounderDictionary.load(path)
-        except DictionaryFileError as error:
-            raise DictionaryFileError(f"{error} (the `cache` of the dictionary recipe)") from error
-        reasons = cached.mismatches(wanted)
-        if reasons:
-            log.info(
-                "Confounder dictionary: cache %s does not match this run, rebuilding: %s", path, "; ".join(reasons)
-            )
-            return None
-        log.info("Confounder dictionary: reusing %s", path)
-        return cached
-
-    # ---------------------------------------------------------------------------------------------- the build
     def load_or_build(
-        self, collectives: Collectives, datamodule: Any, num_prototypes: int, dim: int
+        self, datamodule: Any, num_prototypes: int, dim: int, collectives: Collectives | None = None
     ) -> ConfounderDictionary:
-        """The dictionary for this run: from the cache when it matches, else built; every rank returns the same.
+        """The dictionary for this run: from the cache when its key matches, else built; every rank returns the same.
 
-        Every step that can fail on one rank is followed by an agreement on success across ranks, so a failure ends
-        every rank at once (:class:`RankFailedError` on the others) instead of leaving them in a collective until
-        the process-group timeout.
+        Every step that can fail on one rank is agreed on across ranks (:meth:`Collectives.agreed`), so a failure
+        ends every rank at once instead of leaving them in a collective until the process-group timeout.
 
         Args:
-            collectives: The process group (``trainer.strategy``).
-            datamodule: The data; must have ``dictionary_dataset(mask_subject=...)``.
+            datamodule: The data; a :class:`~ccim_lightning.types.DictionaryDataModule`.
             num_prototypes: N of the model.
             dim: d of the model (the scene CNN's feature width).
+            collectives: The process group; default: ``Collectives.current()`` (one process without one).
         """
+        collectives = collectives if collectives is not None else Collectives.current()
         if self.source == "random":
             return ConfounderDictionary.random(num_prototypes, dim, seed=self.seed)
-        with _agreed(collectives, "preparing the dictionary build"):
-            # The contract lives with the datamodules (imported here, not at module level: the data layer sits
-            # above this one).
-            from ccim_lightning.datamodules.schema import DictionaryDataModule, missing_members
-
-            if not isinstance(datamodule, DictionaryDataModule):
-                raise TypeError(
-                    f"The confounder dictionary needs a datamodule with dictionary_dataset(mask_subject=...) (the "
-                    f"train split with eval transforms) and dictionary_signature(); {type(datamodule).__name__} lacks "
-                    f"{missing_members(datamodule, DictionaryDataModule)}. Use a ccim_lightning datamodule or add them "
-                    "(ccim_lightning.datamodules.schema.DictionaryDataModule)."
-                )
-            dataset = datamodule.dictionary_dataset(mask_subject=self.mask_subject)
-            device = collectives.root_device
-            extractor = ContextFeatureExtractor(self.extractor, self.weights).to(device)
+        with collectives.agreed("preparing the dictionary build"):
+            dataset = training_samples(datamodule, self.mask_subject)
+            extractor = ContextFeatureExtractor(self.extractor, self.weights).to(collectives.device)
             if extractor.num_features != dim:
                 raise ValueError(
                     f"The scene CNN {extractor.name!r} gives {extractor.num_features}-dim features but the model's "
                     f"confounder_dim is {dim}: set model.init_args.confounder_dim: {extractor.num_features} (the "
                     "ccim CLI links it to --dictionary.extractor)."
                 )
-            wanted = self.cache_key(datamodule, dataset, extractor, num_prototypes)
+            key = dictionary_key(self, datamodule, dataset, extractor, num_prototypes)
             cached = None
             if collectives.is_global_zero:
                 # Rank 0 decides and tells the others: ranks that judged the cache on their own could disagree
                 # (node-local disks, a file being written) and then wait in different collectives forever.
-                cached = self.load_cache(wanted)
+                cached = load_cached(self.cache_path, key)
                 if cached is None and self.cache_path is not None:
                     check_cache_path(self.cache_path)  # before hours of extraction, not after
         cached = collectives.broadcast(cached, src=0)
@@ -336,176 +127,228 @@ class DictionaryRecipe:
             return cached
 
         start = time.perf_counter()
-        with _agreed(collectives, "extracting scene features"):
+        with collectives.agreed("extracting scene features"):
             loader = dictionary_loader(
                 dataset,
                 batch_size=self.batch_size or getattr(datamodule, "batch_size", 64),
                 num_workers=self.num_workers if self.num_workers is not None else getattr(datamodule, "num_workers", 0),
                 world_size=collectives.world_size,
-                rank=collectives.global_rank,
+                rank=collectives.rank,
             )
             show = self.progress and collectives.is_global_zero
-            local = extract_context_features(extractor, loader, device, progress=show)
+            local = extract_context_features(extractor, loader, collectives.device, progress=show)
         del extractor
-        if collectives.world_size == 1:
-            dictionary = self.cluster(in_index_order(local), num_prototypes, wanted, num_samples=len(dataset))
-        else:
-            dictionary = self._cluster_shards(local, collectives, num_prototypes, wanted, len(dataset))
+        rows = own_rows(local, collectives.world_size, collectives.rank)
+        dictionary = build_from_features(self, rows, key, len(dataset), collectives)
         dictionary.extra["build_seconds"] = time.perf_counter() - start
         return dictionary
 
-    def _cluster_shards(
-        self, local: ContextFeatures, collectives: Collectives, num_prototypes: int, wanted: dict, size: int
-    ) -> ConfounderDictionary:
-        """k-means over the ranks' shards: no rank holds more than its shard's features plus O(k·d).
 
-        The per-sample clusters, targets and scenes (a few numbers per sample) are gathered; rank 0 assembles the
-        dictionary, writes the cache and broadcasts it.
-        """
-        if self.pca_dim is not None:
-            raise ValueError(
-                "pca_dim is not supported by the distributed dictionary build: unset it, or build the dictionary "
-                "once in one process (`ccim build-dictionary --dictionary.cache FILE`) and reuse it through `cache`."
-            )
-        local = own_rows(local, collectives.world_size, collectives.global_rank)
-        start = time.perf_counter()
-        result = distributed_kmeans(local.features, num_prototypes, seed=self.seed, num_iterations=self.num_iterations)
-        columns = [local.indices, result.assignments.to(local.indices.device)]
-        if local.scenes is not None:
-            columns.append(local.scenes)
-        gathered = all_gather_variable(torch.stack(columns, dim=1)).cpu()
-        targets = None if local.targets is None else all_gather_variable(local.targets).cpu()
-        dictionary = None
-        with _agreed(collectives, "assembling the dictionary"):
-            if collectives.is_global_zero:
-                scenes = gathered[:, 2] if gathered.shape[1] > 2 else None
-                rows = ContextFeatures(torch.zeros(len(gathered), 0), gathered[:, 0], targets, scenes)
-                extra = {"kmeans_seconds": time.perf_counter() - start, "kmeans_backend": "distributed-torch"}
-                dictionary = self._assemble(result, rows, gathered[:, 1], wanted, size, extra)
-        return collectives.broadcast(dictionary, src=0)
-
-    def cluster(
-        self, gathered: ContextFeatures, num_prototypes: int, wanted: dict[str, Any], num_samples: int | None = None
-    ) -> ConfounderDictionary:
-        """k-means of gathered features with this recipe's settings; saved to ``cache`` when one is set.
-
-        Args:
-            gathered: Every training sample's scene features, once each, in index order.
-            num_prototypes: N.
-            wanted: The run's cache key (:meth:`cache_key`), recorded in the dictionary.
-            num_samples: Size of the split (samples skipped at decode time get cluster -1); default: the rows.
-        """
-        if gathered.features.shape[0] == 0:
-            raise ValueError("No training sample could be read for the confounder dictionary: the split is empty.")
-        start = time.perf_counter()
-        result = kmeans(
-            gathered.features,
-            num_prototypes,
-            seed=self.seed,
-            num_iterations=self.num_iterations,
-            pca_dim=self.pca_dim,
-            sample_ids=gathered.indices.tolist(),
+def training_samples(datamodule: Any, mask_subject: bool) -> Dataset:
+    """The datamodule's dictionary dataset (train split, eval transforms), or a clear error naming what it lacks."""
+    if not isinstance(datamodule, DictionaryDataModule):
+        raise TypeError(
+            f"The confounder dictionary needs a datamodule with dictionary_dataset(mask_subject=...) (the train split "
+            f"with eval transforms) and dictionary_signature(); {type(datamodule).__name__} lacks "
+            f"{missing_members(datamodule, DictionaryDataModule)}. Use a ccim_lightning datamodule or add them "
+            "(ccim_lightning.types.DictionaryDataModule)."
         )
-        size = int(num_samples if num_samples is not None else int(gathered.indices.max()) + 1)
-        extra = {"kmeans_seconds": time.perf_counter() - start, "kmeans_backend": result.backend}
-        return self._assemble(result, gathered, result.assignments, wanted, size, extra)
+    return datamodule.dictionary_dataset(mask_subject=mask_subject)
 
-    def _assemble(
-        self, result: Any, rows: ContextFeatures, assignments: torch.Tensor, wanted: dict, size: int, extra: dict
-    ) -> ConfounderDictionary:
-        """The dictionary of a clustering, each sample's cluster and target at its index; cached when asked.
 
-        Args:
-            result: The clustering (``centroids``, ``counts``, ``inertia``).
-            rows: The clustered samples' indices, targets and scenes.
-            assignments: Their clusters, row for row.
-            wanted: The run's cache key.
-            size: Samples in the split; those not clustered (skipped at decode time) get cluster -1.
-            extra: Timings and backend, for the logs.
-        """
-        centroids, counts, indices, targets, scenes = (
-            result.centroids,
-            result.counts,
-            rows.indices,
-            rows.targets,
-            rows.scenes,
-        )
-        indices = indices.cpu().long()
-        by_index = torch.full((size,), -1, dtype=torch.long)
-        by_index[indices] = assignments.cpu().long()
-        targets_by_index = None
-        if targets is not None:
-            targets = targets.cpu()
-            targets_by_index = targets.new_zeros((size, *targets.shape[1:]))
-            targets_by_index[indices] = targets
-        extra = {
-            **extra,
-            "cluster_sizes": counts.tolist(),
-            "feature_dim": int(centroids.shape[1]),
-            "skipped_samples": int(size - len(indices)),
-        }
-        if scenes is not None:
-            extra.update(_scene_statistics(assignments.cpu().long(), scenes.cpu().long(), int(centroids.shape[0])))
-        dictionary = ConfounderDictionary.from_clustering(
-            centroids.cpu(),
-            counts.cpu(),
-            extractor=wanted["extractor"],
-            weights_digest=wanted["weights_digest"],
-            mask_subject=self.mask_subject,
-            seed=self.seed,
-            dataset_fingerprint=wanted["dataset_fingerprint"],
-            num_samples=len(indices),
-            inertia=float(result.inertia),
-            num_iterations=self.num_iterations,
-            pca_dim=self.pca_dim,
-            transform=wanted["transform"],
-            assignments=by_index,
-            targets=targets_by_index,
-            extra=extra,
-        )
-        if self.cache_path is not None:
-            dictionary.save(self.cache_path)
-            log.info("Confounder dictionary: saved to %s", self.cache_path)
-        return dictionary
+def dictionary_key(
+    recipe: DictionaryRecipe, datamodule: Any, dataset: Dataset, extractor: ContextFeatureExtractor, num_prototypes: int
+) -> DictionaryKey:
+    """The key of the dictionary this run would build, which a cached file must equal to be reused.
+
+    Covers the scene CNN and its weights' digest, N, masking, seed, source, k-means iterations and PCA size, the
+    dictionary transform (:func:`transform_signature`) and the data (:func:`sample_identities`: paths, boxes, and for
+    file-backed data each image's size and modification time; an edit that keeps both is invisible, as is a change
+    to annotation columns that are not identities).
+    """
+    return DictionaryKey(
+        extractor=extractor.name,
+        weights_digest=extractor.weights_digest,
+        num_prototypes=int(num_prototypes),
+        mask_subject=recipe.mask_subject,
+        seed=recipe.seed,
+        source=recipe.source,
+        num_iterations=recipe.num_iterations,
+        pca_dim=recipe.pca_dim,
+        transform=transform_signature(datamodule),
+        dataset_fingerprint=dataset_fingerprint(sample_identities(dataset)),
+    )
+
+
+def sample_identities(dataset: Dataset) -> list[str]:
+    """Stable names of a dataset's samples, for the dictionary's dataset fingerprint.
+
+    Datasets that know their samples (image path, box, file size and modification time; or generator seed and
+    index) are :class:`~ccim_lightning.types.IdentifiedDataset`; for any other dataset the class name and position
+    are used, which cannot tell two datasets of the same class and size apart, so a warning says the check is weak.
+    """
+    if isinstance(dataset, IdentifiedDataset):
+        return [str(identity) for identity in dataset.sample_identities()]
+    log.warning(
+        "%s lacks %s (IdentifiedDataset); the dictionary cache can only check its class and size.",
+        type(dataset).__name__,
+        missing_members(dataset, IdentifiedDataset),
+    )
+    return [f"{type(dataset).__name__}:{i}" for i in range(len(dataset))]
 
 
 def transform_signature(datamodule: Any) -> str:
-    """Canonical text of the datamodule's dictionary transform (``dictionary_signature()``), for the cache key."""
+    """Canonical text of the datamodule's dictionary transform (``dictionary_signature()``), for the key."""
     return json.dumps(datamodule.dictionary_signature(), sort_keys=True, default=str)
 
 
-@contextmanager
-def _agreed(collectives: Collectives, step: str) -> Iterator[None]:
-    """Runs a step, then has all ranks agree it succeeded everywhere before any of them goes on.
-
-    An exception on one rank is re-raised there after the agreement; the other ranks raise
-    :class:`RankFailedError`. Without this, the healthy ranks would block in the next collective until the
-    process-group timeout (hours with ``configs/trainer/ddp.yaml``).
-    """
-    if collectives.world_size <= 1:
-        yield
-        return
-    error: BaseException | None = None
+def load_cached(path: Path | None, key: DictionaryKey) -> ConfounderDictionary | None:
+    """The dictionary at ``path`` if it exists and its key equals ``key``; else None, logging each differing field."""
+    if path is None or not path.exists():
+        return None
+    if path.is_dir():
+        check_cache_path(path)  # raises: a folder
     try:
-        yield
-    except Exception as exc:  # re-raised below, once every rank knows
-        error = exc
-    if not collectives.reduce_boolean_decision(error is None, all=True):
-        if error is not None:
-            raise error
-        raise RankFailedError(
-            f"Confounder dictionary: another rank failed while {step}; this rank (global rank "
-            f"{collectives.global_rank}) stops too. The failing rank's log has the cause."
-        )
-    if error is not None:  # pragma: no cover - reduce says all succeeded although this rank failed: impossible
-        raise error
+        cached = ConfounderDictionary.load(path)
+    except DictionaryFileError as error:
+        raise DictionaryFileError(f"{error} (the `cache` of the dictionary recipe)") from error
+    reasons = cached.mismatches(key)
+    if reasons:
+        log.info("Confounder dictionary: cache %s does not match this run, rebuilding: %s", path, "; ".join(reasons))
+        return None
+    log.info("Confounder dictionary: reusing %s", path)
+    return cached
+
+
+def build_from_features(
+    recipe: DictionaryRecipe,
+    rows: ContextFeatures,
+    key: DictionaryKey,
+    num_samples: int | None = None,
+    collectives: Collectives | None = None,
+) -> ConfounderDictionary:
+    """The dictionary of this rank's feature rows clustered with all ranks' rows; saved to the cache on rank 0.
+
+    Args:
+        recipe: The settings (seed, iterations, PCA, cache).
+        rows: This rank's samples, each once (:func:`~ccim_lightning.dictionary.features.own_rows`).
+        key: The run's key, recorded in the dictionary.
+        num_samples: Size of the split (samples skipped at decode time get cluster -1); default: the largest index
+            plus one.
+        collectives: The process group; default: one process.
+
+    Returns:
+        The same dictionary on every rank.
+    """
+    collectives = collectives if collectives is not None else Collectives.current()
+    start = time.perf_counter()
+    with collectives.agreed("clustering the scene features"):
+        if int(collectives.all_reduce(torch.tensor([len(rows.indices)], device=collectives.device))[0]) == 0:
+            raise ValueError("No training sample could be read for the confounder dictionary: the split is empty.")
+        result, backend = cluster(rows, key.num_prototypes, recipe, collectives)
+    # The per-sample columns (a few numbers per sample) go to rank 0, which assembles the dictionary.
+    columns = [rows.indices, result.assignments.to(rows.indices.device).long()]
+    if rows.scenes is not None:
+        columns.append(rows.scenes.long())
+    gathered = collectives.gather_unequal(torch.stack(columns, dim=1)).cpu()
+    targets = None if rows.targets is None else collectives.gather_unequal(rows.targets).cpu()
+    dictionary = None
+    with collectives.agreed("assembling the dictionary"):
+        if collectives.is_global_zero:
+            size = int(num_samples if num_samples is not None else int(gathered[:, 0].max()) + 1)
+            scenes = gathered[:, 2] if gathered.shape[1] > 2 else None
+            everyone = ContextFeatures(torch.zeros(len(gathered), 0), gathered[:, 0], targets, scenes)
+            extra = {"kmeans_seconds": time.perf_counter() - start, "kmeans_backend": backend}
+            dictionary = assemble(result, everyone, gathered[:, 1], key, size, extra)
+            if recipe.cache_path is not None:
+                dictionary.save(recipe.cache_path)
+                log.info("Confounder dictionary: saved to %s", recipe.cache_path)
+    return collectives.broadcast(dictionary, src=0)
+
+
+def cluster(
+    rows: ContextFeatures, num_prototypes: int, recipe: DictionaryRecipe, collectives: Collectives
+) -> tuple[Any, str]:
+    """k-means of all ranks' rows: the global centroids, counts and inertia, and this rank's rows' clusters.
+
+    One call at every world size; the draws follow the sample indices, so any split of the rows over ranks gives
+    the same clusters.
+
+    Returns:
+        The clustering (``centroids``, ``counts``, ``inertia``, ``assignments`` of ``rows``) and its backend's name.
+    """
+    result = kmeans(
+        rows.features,
+        num_prototypes,
+        seed=recipe.seed,
+        num_iterations=recipe.num_iterations,
+        pca_dim=recipe.pca_dim,
+        sample_ids=rows.indices,
+        collectives=collectives,
+    )
+    return result, result.backend
+
+
+def assemble(
+    result: Any, rows: ContextFeatures, assignments: torch.Tensor, key: DictionaryKey, size: int, extra: dict
+) -> ConfounderDictionary:
+    """The dictionary of a clustering, with each sample's cluster and target at its index.
+
+    Args:
+        result: The clustering (``centroids``, ``counts``, ``inertia``).
+        rows: The clustered samples' indices, targets and scenes (features unused).
+        assignments: Their clusters, row for row.
+        key: The run's key.
+        size: Samples in the split; those not clustered (skipped at decode time) get cluster -1.
+        extra: Timings and backend, for the logs.
+    """
+    indices, assignments = rows.indices.cpu().long(), assignments.cpu().long()
+    by_index = torch.full((size,), -1, dtype=torch.long)
+    by_index[indices] = assignments
+    targets_by_index = None
+    if rows.targets is not None:
+        targets = rows.targets.cpu()
+        targets_by_index = targets.new_zeros((size, *targets.shape[1:]))
+        targets_by_index[indices] = targets
+    centroids, counts = result.centroids.cpu(), result.counts.cpu()
+    extra = {
+        **extra,
+        "cluster_sizes": counts.tolist(),
+        "feature_dim": int(centroids.shape[1]),
+        "skipped_samples": int(size - len(indices)),
+    }
+    if rows.scenes is not None:
+        extra.update(_scene_statistics(assignments, rows.scenes.cpu().long(), int(centroids.shape[0])))
+    return ConfounderDictionary.from_clustering(
+        centroids,
+        counts,
+        key,
+        num_samples=len(indices),
+        inertia=float(result.inertia),
+        assignments=by_index,
+        targets=targets_by_index,
+        extra=extra,
+    )
+
+
+def _scene_statistics(assignments: torch.Tensor, scenes: torch.Tensor, num_clusters: int) -> dict[str, float]:
+    from torchmetrics.functional.clustering import normalized_mutual_info_score
+
+    with warnings.catch_warnings():  # torch's notice about sparse invariant checks, from inside torchmetrics
+        warnings.filterwarnings("ignore", message="Sparse invariant checks")
+        nmi = float(normalized_mutual_info_score(assignments, scenes))
+    # NMI is capped well below 1 when there are more clusters than scenes; purity (the share of samples whose
+    # cluster's most common scene is theirs) says directly whether clusters mix scenes.
+    joint = torch.zeros(num_clusters, int(scenes.max()) + 1, dtype=torch.long)
+    joint.index_put_((assignments, scenes), torch.ones_like(scenes), accumulate=True)
+    return {"scene_nmi": nmi, "scene_purity": float(joint.max(dim=1).values.sum() / len(scenes))}
 
 
 def dictionary_summary(dictionary: ConfounderDictionary) -> dict[str, float]:
     """The numbers a person checks after a build: samples, N, d, inertia, time, and scene NMI/purity when known."""
     stats = {
         "num_samples": float(dictionary.num_samples),
-        "num_prototypes": float(dictionary.prototypes.shape[0]),
+        "num_prototypes": float(dictionary.num_prototypes),
         "feature_dim": float(dictionary.dim),
     }
     if dictionary.inertia is not None:

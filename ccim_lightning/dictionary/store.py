@@ -1,10 +1,10 @@
-"""The confounder dictionary Z with its prior P(z), and the file it is cached in.
+"""The confounder dictionary Z with its prior P(z), the key of the settings it was built with, and its file.
 
 Paper: every training image, subject masked, goes through a scene CNN; the features are clustered into N clusters;
 z_i is the centroid of cluster i and P(z_i) = N_i / N_m, the cluster's share of the samples. The "random Z" ablation
-replaces the centroids with random vectors. :class:`ConfounderDictionary` holds the two tensors and where they came
-from, so a cached file is reused only by a run that would build the same dictionary (:meth:`~ConfounderDictionary.
-cache_key`, :meth:`~ConfounderDictionary.mismatches`).
+replaces the centroids with random vectors. :class:`ConfounderDictionary` holds the two tensors and the
+:class:`DictionaryKey` of everything that produced them, so a cached file is reused only by a run with an equal key
+(:meth:`ConfounderDictionary.mismatches` says which fields differ).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 import os
 import pickle
 from collections.abc import Iterable, Mapping
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,32 +25,17 @@ import torch
 from ccim_lightning.checkpoints import TRUST_ADVICE, refused_globals
 
 __all__ = [
-    "CACHE_KEY_FIELDS",
     "ConfounderDictionary",
     "DictionaryFileError",
+    "DictionaryKey",
     "UnsafeDictionaryError",
     "check_cache_path",
     "dataset_fingerprint",
 ]
 
 FORMAT_TAG = "ccim-lightning/confounder-dictionary"
-FORMAT_VERSION = 2  # 2: clustering settings and the dictionary transform in the cache key; per-sample clusters
+FORMAT_VERSION = 3  # 3: the cache key stored as one typed record (DictionaryKey); 2: key fields among the metadata
 SOURCES = ("features", "random")
-#: Metadata that must be equal for a cached dictionary to be reused: everything that changes the result.
-CACHE_KEY_FIELDS = (
-    "extractor",
-    "weights_digest",
-    "num_prototypes",
-    "mask_subject",
-    "seed",
-    "source",
-    "num_iterations",
-    "pca_dim",
-    "transform",
-    "dataset_fingerprint",
-)
-#: Keys :meth:`ConfounderDictionary.mismatches` accepts besides the cache key: checked only when given.
-OPTIONAL_CHECKS = ("dim", "num_samples")
 _PRIOR_TOLERANCE = 1e-4
 
 
@@ -62,32 +47,96 @@ class UnsafeDictionaryError(DictionaryFileError):
     """A dictionary file's pickle needs Python globals that a weights-only load refuses to run (named)."""
 
 
+@dataclass(frozen=True)
+class DictionaryKey:
+    """Everything that changes a dictionary: a cached file is reused only by a run whose key is equal.
+
+    Attributes:
+        extractor: Name of the scene CNN (:attr:`ContextFeatureExtractor.name`), ``"none"`` for random dictionaries.
+        weights_digest: SHA-256 of the scene CNN's weights file, ``"random-init:<model>"``, or ``"none"``.
+        num_prototypes: N.
+        mask_subject: Whether the subject box was masked out of the context images.
+        seed: Seed of the clustering (or of the random prototypes).
+        source: ``"features"`` (clustered scene features) or ``"random"`` (the random-Z ablation).
+        num_iterations: k-means Lloyd iterations (``None`` for random dictionaries).
+        pca_dim: PCA size before k-means, or ``None`` (no PCA).
+        transform: Canonical text of the dictionary transform (image size, normalisation, masking fill);
+            ``"none"`` where unknown.
+        dataset_fingerprint: :func:`dataset_fingerprint` of the clustered samples, or ``"none"``.
+    """
+
+    extractor: str
+    weights_digest: str
+    num_prototypes: int
+    mask_subject: bool
+    seed: int
+    source: str
+    num_iterations: int | None
+    pca_dim: int | None
+    transform: str
+    dataset_fingerprint: str
+
+    def __post_init__(self) -> None:
+        kinds = {"extractor": str, "weights_digest": str, "transform": str, "dataset_fingerprint": str}
+        kinds |= {"num_prototypes": int, "seed": int, "mask_subject": bool, "source": str}
+        for name, kind in kinds.items():
+            value = getattr(self, name)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise TypeError(f"DictionaryKey.{name} must be {kind.__name__}, got {value!r}")
+        for name in ("num_iterations", "pca_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise TypeError(f"DictionaryKey.{name} must be a positive int or None, got {value!r}")
+        if self.num_prototypes < 1:
+            raise ValueError(f"DictionaryKey.num_prototypes must be at least 1, got {self.num_prototypes}")
+        if self.source not in SOURCES:
+            raise ValueError(f"DictionaryKey.source must be one of {list(SOURCES)}, got {self.source!r}")
+
+    @classmethod
+    def for_random(cls, num_prototypes: int, seed: int) -> DictionaryKey:
+        """The key of a random dictionary: only N and the seed matter."""
+        return cls("none", "none", int(num_prototypes), False, int(seed), "random", None, None, "none", "none")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (what the file stores)."""
+        return dataclasses.asdict(self)
+
+    def differences(self, wanted: DictionaryKey, *, ignore: Iterable[str] = ()) -> list[str]:
+        """Each field where ``wanted`` differs from this key, with both values; empty when they agree.
+
+        Args:
+            wanted: The run's key.
+            ignore: Field names not compared.
+
+        Returns:
+            Reasons such as ``"num_prototypes: cache has 128, run wants 256"``, in field order.
+        """
+        skipped = set(ignore)
+        if unknown := sorted(skipped - {f.name for f in dataclasses.fields(self)}):
+            raise KeyError(f"Unknown DictionaryKey fields {unknown}.")
+        return [
+            f"{f.name}: cache has {getattr(self, f.name)!r}, run wants {getattr(wanted, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name not in skipped and getattr(self, f.name) != getattr(wanted, f.name)
+        ]
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass(eq=False)
 class ConfounderDictionary:
-    """Prototypes z_i of the confounder (scene context) and their prior P(z_i).
+    """Prototypes z_i of the confounder (scene context), their prior P(z_i), and the key they were built with.
 
     Build one with :meth:`from_clustering` or :meth:`random`; cache it with :meth:`save` / :meth:`load`. The
-    tensors are checked on construction (shapes, finite values, a prior that is a distribution).
+    tensors are checked on construction (shapes, finite values, a prior that is a distribution, N as in the key).
 
     Attributes:
         prototypes: (N, d) float32, z_i (cluster centroids, or random vectors for ``source="random"``).
         prior: (N,) float32, P(z_i) >= 0, summing to 1.
-        extractor: Name of the scene CNN (:attr:`ContextFeatureExtractor.name`), ``"none"`` for random ones.
-        weights_digest: SHA-256 of the scene CNN's weights file, ``"random-init:<model>"``, or ``"none"``.
-        mask_subject: Whether the subject box was masked out of the context images.
-        seed: Seed of the clustering (or of the random prototypes).
-        source: ``"features"`` (clustered scene features) or ``"random"`` (the random-Z ablation).
-        dataset_fingerprint: :func:`dataset_fingerprint` of the samples the features came from, or ``"none"``.
+        key: The settings and data that produced it (:class:`DictionaryKey`).
         num_samples: Number of samples clustered (0 for random ones).
-        num_prototypes: N; filled from ``prototypes`` when not given, checked against it when given.
-        num_iterations: k-means Lloyd iterations (``None`` for random dictionaries).
-        pca_dim: PCA size before k-means, or ``None`` (no PCA).
-        transform: Canonical text of the dictionary transform (image size, normalisation, masking fill), so a
-            changed transform never reuses a file; ``"none"`` where unknown.
         inertia: Final clustering objective (sum of squared distances to the centroids), if known.
         assignments: (n,) int64 cluster of every sample of the split, in sample-index order; -1 for a sample that
             was not clustered (skipped at decode time). ``None`` for random dictionaries.
@@ -100,18 +149,8 @@ class ConfounderDictionary:
 
     prototypes: torch.Tensor
     prior: torch.Tensor
-    _: KW_ONLY
-    extractor: str
-    weights_digest: str
-    mask_subject: bool
-    seed: int
-    source: str
-    dataset_fingerprint: str
-    num_samples: int
-    num_prototypes: int | None = None
-    num_iterations: int | None = None
-    pca_dim: int | None = None
-    transform: str = "none"
+    key: DictionaryKey
+    num_samples: int = 0
     inertia: float | None = None
     assignments: torch.Tensor | None = None
     targets: torch.Tensor | None = None
@@ -128,18 +167,18 @@ class ConfounderDictionary:
         problem = self._problem()
         if problem:
             raise ValueError(f"Invalid confounder dictionary: {problem}.")
-        if self.num_prototypes is None:
-            self.num_prototypes = int(self.prototypes.shape[0])
 
     def _problem(self) -> str | None:
         """What is inconsistent about the fields, or ``None``."""
         z, p = self.prototypes, self.prior
+        if not isinstance(self.key, DictionaryKey):
+            return f"key must be a DictionaryKey, got {type(self.key).__name__}"
         if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] == 0:
             return f"prototypes must have shape (N, d) with N, d > 0, got {list(z.shape)}"
         if p.shape != (z.shape[0],):
             return f"prior must have shape ({z.shape[0]},) to match the prototypes, got {list(p.shape)}"
-        if self.num_prototypes is not None and self.num_prototypes != z.shape[0]:
-            return f"num_prototypes is {self.num_prototypes} but there are {z.shape[0]} prototypes"
+        if self.key.num_prototypes != z.shape[0]:
+            return f"the key says num_prototypes={self.key.num_prototypes} but there are {z.shape[0]} prototypes"
         if not torch.isfinite(z).all():
             return "prototypes contain NaN or infinite values"
         if not torch.isfinite(p).all():
@@ -149,13 +188,10 @@ class ConfounderDictionary:
         total = p.double().sum().item()
         if abs(total - 1.0) > _PRIOR_TOLERANCE:
             return f"prior sums to {total:.6g}, not 1"
-        if self.source not in SOURCES:
-            return f"source must be one of {list(SOURCES)}, got {self.source!r}"
         if self.inertia is not None and not math.isfinite(self.inertia):
             return f"inertia must be finite or None, got {self.inertia!r}"
-        for name, kind in (("extractor", str), ("weights_digest", str), ("dataset_fingerprint", str), ("created", str)):
-            if not isinstance(getattr(self, name), kind):
-                return f"{name} must be a string, got {type(getattr(self, name)).__name__}"
+        if not isinstance(self.created, str):
+            return f"created must be a string, got {type(self.created).__name__}"
         if not isinstance(self.extra, dict):
             return f"extra must be a dict, got {type(self.extra).__name__}"
         if self.assignments is not None:
@@ -171,6 +207,16 @@ class ConfounderDictionary:
         """Feature size d of the prototypes."""
         return int(self.prototypes.shape[1])
 
+    @property
+    def num_prototypes(self) -> int:
+        """N."""
+        return int(self.prototypes.shape[0])
+
+    @property
+    def source(self) -> str:
+        """``"features"`` or ``"random"`` (from the key)."""
+        return self.key.source
+
     # ----------------------------------------------------------------------------------------------- construction
 
     @classmethod
@@ -178,17 +224,10 @@ class ConfounderDictionary:
         cls,
         centroids: torch.Tensor | Any,
         counts: torch.Tensor | Any,
+        key: DictionaryKey,
         *,
-        extractor: str,
-        weights_digest: str,
-        mask_subject: bool,
-        seed: int,
-        dataset_fingerprint: str,
         num_samples: int | None = None,
         inertia: float | None = None,
-        num_iterations: int | None = None,
-        pca_dim: int | None = None,
-        transform: str = "none",
         assignments: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         extra: dict[str, Any] | None = None,
@@ -198,23 +237,15 @@ class ConfounderDictionary:
         Args:
             centroids: (N, d) cluster centroids (tensor or array).
             counts: (N,) number of samples assigned to each cluster; empty clusters get prior 0.
-            extractor: Name of the scene CNN.
-            weights_digest: Its weights' digest.
-            mask_subject: Whether subjects were masked.
-            seed: Seed of the clustering.
-            dataset_fingerprint: :func:`dataset_fingerprint` of the clustered samples.
+            key: The run's key; its ``source`` must be ``"features"``.
             num_samples: Number of samples clustered; defaults to ``counts.sum()``.
             inertia: Final clustering objective, if known.
-            num_iterations: Lloyd iterations of the clustering.
-            pca_dim: PCA size of the clustering, or None.
-            transform: Canonical text of the dictionary transform.
             assignments: (n,) cluster of every sample, in sample-index order (-1: not clustered).
             targets: The samples' targets, in the same order.
             extra: Free-form information for logs.
-
-        Returns:
-            A dictionary with ``source="features"``.
         """
+        if key.source != "features":
+            raise ValueError(f"A clustering gives a source='features' dictionary, but the key says {key.source!r}.")
         counts = torch.as_tensor(counts, dtype=torch.float64).flatten()
         if (counts < 0).any() or not torch.isfinite(counts).all():
             raise ValueError(f"Cluster counts must be finite and non-negative, got {counts.tolist()[:10]}...")
@@ -224,17 +255,9 @@ class ConfounderDictionary:
         return cls(
             torch.as_tensor(centroids, dtype=torch.float32),
             (counts / total).to(torch.float32),
-            extractor=extractor,
-            weights_digest=weights_digest,
-            mask_subject=mask_subject,
-            seed=int(seed),
-            source="features",
-            dataset_fingerprint=dataset_fingerprint,
+            key,
             num_samples=round(total) if num_samples is None else int(num_samples),
             inertia=None if inertia is None else float(inertia),
-            num_iterations=num_iterations,
-            pca_dim=pca_dim,
-            transform=transform,
             assignments=assignments,
             targets=targets,
             extra=dict(extra or {}),
@@ -242,37 +265,21 @@ class ConfounderDictionary:
 
     @classmethod
     def random(
-        cls,
-        num_prototypes: int,
-        dim: int,
-        *,
-        seed: int,
-        scale: float = 1.0,
-        extractor: str = "none",
-        weights_digest: str = "none",
-        mask_subject: bool = False,
-        dataset_fingerprint: str = "none",
-        extra: dict[str, Any] | None = None,
+        cls, num_prototypes: int, dim: int, *, seed: int, scale: float = 1.0, extra: dict[str, Any] | None = None
     ) -> ConfounderDictionary:
         """The paper's "random Z" ablation: random prototypes with a uniform prior.
 
         Prototypes are i.i.d. normal with mean 0 and standard deviation ``scale``, drawn from a ``torch.Generator``
         seeded with ``seed`` (the same on every machine and rank). Pass the standard deviation of real scene
-        features as ``scale`` to match their magnitude; the default is the standard normal.
+        features as ``scale`` to match their magnitude; the default is the standard normal. The key is
+        :meth:`DictionaryKey.for_random`: nothing but N and the seed changes the result.
 
         Args:
             num_prototypes: N.
             dim: d, the feature size the head expects.
             seed: Seed of the generator.
             scale: Standard deviation of the entries.
-            extractor: Recorded as is; random prototypes do not depend on a scene CNN.
-            weights_digest: Recorded as is.
-            mask_subject: Recorded as is.
-            dataset_fingerprint: Recorded as is.
             extra: Free-form information for logs.
-
-        Returns:
-            A dictionary with ``source="random"`` and prior 1/N.
         """
         if num_prototypes < 1 or dim < 1:
             raise ValueError(f"num_prototypes and dim must be positive, got {num_prototypes} and {dim}.")
@@ -283,49 +290,35 @@ class ConfounderDictionary:
         return cls(
             prototypes,
             torch.full((num_prototypes,), 1.0 / num_prototypes, dtype=torch.float32),
-            extractor=extractor,
-            weights_digest=weights_digest,
-            mask_subject=mask_subject,
-            seed=int(seed),
-            source="random",
-            dataset_fingerprint=dataset_fingerprint,
-            num_samples=0,
+            DictionaryKey.for_random(num_prototypes, seed),
             extra={"scale": float(scale), **(extra or {})},
         )
 
     # ------------------------------------------------------------------------------------------------------ reuse
 
-    def cache_key(self) -> dict[str, Any]:
-        """The metadata that must match for this dictionary to be reused by a run (see :data:`CACHE_KEY_FIELDS`)."""
-        return {name: getattr(self, name) for name in CACHE_KEY_FIELDS}
-
-    def mismatches(self, expected: Mapping[str, Any]) -> list[str]:
-        """Why this dictionary cannot be reused by a run that expects ``expected``; empty if it can.
+    def mismatches(
+        self,
+        wanted: DictionaryKey,
+        *,
+        dim: int | None = None,
+        num_samples: int | None = None,
+        ignore: Iterable[str] = (),
+    ) -> list[str]:
+        """Why this dictionary cannot be reused by a run whose key is ``wanted``; empty if it can.
 
         Args:
-            expected: The run's values of every :data:`CACHE_KEY_FIELDS` entry, optionally also ``dim`` and
-                ``num_samples``. A cache-key field the run leaves out counts as a mismatch, so a forgotten key never
-                lets a stale file through.
+            wanted: The run's key.
+            dim: The feature size the run needs, checked when given.
+            num_samples: The number of clustered samples the run expects, checked when given.
+            ignore: Key fields not compared (e.g. a report that accepts another N).
 
         Returns:
-            Human-readable reasons, e.g. ``"num_prototypes: cache has 128, run wants 256"``.
-
-        Raises:
-            KeyError: ``expected`` has a key that is neither a cache-key field nor an optional check.
+            Human-readable reasons, one per differing field, e.g. ``"num_prototypes: cache has 128, run wants 256"``.
         """
-        unknown = sorted(set(expected) - set(CACHE_KEY_FIELDS) - set(OPTIONAL_CHECKS))
-        if unknown:
-            raise KeyError(f"Unknown dictionary fields {unknown}; known: {list(CACHE_KEY_FIELDS + OPTIONAL_CHECKS)}.")
-        reasons = []
-        for name in CACHE_KEY_FIELDS + OPTIONAL_CHECKS:
-            have = getattr(self, name)
-            if name not in expected:
-                if name in CACHE_KEY_FIELDS:
-                    reasons.append(f"{name}: cache has {have!r}, run does not say")
-                continue
-            want = expected[name]
-            if have != want:
-                reasons.append(f"{name}: cache has {have!r}, run wants {want!r}")
+        reasons = self.key.differences(wanted, ignore=ignore)
+        for name, want in (("dim", dim), ("num_samples", num_samples)):
+            if want is not None and getattr(self, name) != want:
+                reasons.append(f"{name}: cache has {getattr(self, name)!r}, run wants {want!r}")
         return reasons
 
     # -------------------------------------------------------------------------------------------------------- I/O
@@ -341,14 +334,14 @@ class ConfounderDictionary:
         """
         path = Path(path).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _TENSOR_FIELDS}
-        metadata["extra"] = _plain(self.extra, "extra")
         payload = {
             "format": FORMAT_TAG,
             "version": FORMAT_VERSION,
             "prototypes": self.prototypes.detach().to("cpu", torch.float32).contiguous().clone(),
             "prior": self.prior.detach().to("cpu", torch.float32).contiguous().clone(),
-            "metadata": metadata,
+            "key": self.key.as_dict(),
+            "metadata": {name: getattr(self, name) for name in _METADATA_FIELDS}
+            | {"extra": _plain(self.extra, "extra")},
         }
         for name in _OPTIONAL_TENSOR_FIELDS:
             value = getattr(self, name)
@@ -376,7 +369,7 @@ class ConfounderDictionary:
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
-            DictionaryFileError: The file is damaged, not a dictionary file, of an unknown version, or inconsistent.
+            DictionaryFileError: The file is damaged, not a dictionary file, of another version, or inconsistent.
         """
         path = Path(path).expanduser()
         if not path.is_file():
@@ -405,30 +398,33 @@ class ConfounderDictionary:
                 f"{where} is not a confounder dictionary: it holds {found} without the format tag {FORMAT_TAG!r}. "
                 f"{remedy}"
             )
-        if payload.get("version") != FORMAT_VERSION:
+        version = payload.get("version")
+        if version != FORMAT_VERSION:
+            age = "an older" if isinstance(version, int) and version < FORMAT_VERSION else "another"
             raise DictionaryFileError(
-                f"{where} has format version {payload.get('version')!r}; this ccim-lightning reads version "
-                f"{FORMAT_VERSION}. {remedy}"
+                f"{where} has format version {version!r}, written by {age} ccim-lightning; this one reads version "
+                f"{FORMAT_VERSION}. Rebuild it: delete the file and run again (or `ccim build-dictionary`)."
             )
-        metadata = payload.get("metadata")
+        return cls._from_payload(payload, where, remedy)
+
+    @classmethod
+    def _from_payload(cls, payload: dict, where: str, remedy: str) -> ConfounderDictionary:
+        metadata, key = payload.get("metadata"), payload.get("key")
         problem = None
-        if not isinstance(metadata, dict):
-            problem = "no metadata dict"
+        if not isinstance(metadata, dict) or not isinstance(key, dict):
+            problem = "no metadata or key dict"
         elif missing := [k for k in ("prototypes", "prior") if not isinstance(payload.get(k), torch.Tensor)]:
             problem = f"no tensor under {missing}"
-        else:
-            known = {f.name for f in dataclasses.fields(cls)} - set(_TENSOR_FIELDS)
-            required = {f.name for f in dataclasses.fields(cls) if f.name in known and _is_required(f)}
-            if unknown := sorted(set(metadata) - known):
-                problem = f"unknown metadata fields {unknown}"
-            elif absent := sorted(required - set(metadata)):
-                problem = f"metadata lacks {absent}"
-        if problem is None and (payload["prototypes"].dtype, payload["prior"].dtype) != (torch.float32,) * 2:
+        elif unknown := sorted(set(metadata) - set(_METADATA_FIELDS) - {"extra"}):
+            problem = f"unknown metadata fields {unknown}"
+        elif absent := sorted(set(_METADATA_FIELDS) - set(metadata)):
+            problem = f"metadata lacks {absent}"
+        elif (payload["prototypes"].dtype, payload["prior"].dtype) != (torch.float32,) * 2:
             problem = f"tensors are {payload['prototypes'].dtype}/{payload['prior'].dtype}, not float32"
-        if problem is None:
+        else:
             try:
                 optional = {name: payload.get(name) for name in _OPTIONAL_TENSOR_FIELDS}
-                return cls(payload["prototypes"], payload["prior"], **optional, **metadata)
+                return cls(payload["prototypes"], payload["prior"], DictionaryKey(**key), **optional, **metadata)
             except (ValueError, TypeError) as exc:
                 problem = str(exc).removeprefix("Invalid confounder dictionary: ").rstrip(".")
         raise DictionaryFileError(f"{where} is inconsistent: {problem}. {remedy}")
@@ -436,9 +432,13 @@ class ConfounderDictionary:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(num_prototypes={self.num_prototypes}, dim={self.dim}, source={self.source!r}, "
-            f"extractor={self.extractor!r}, mask_subject={self.mask_subject}, seed={self.seed}, "
+            f"extractor={self.key.extractor!r}, mask_subject={self.key.mask_subject}, seed={self.key.seed}, "
             f"num_samples={self.num_samples}, created={self.created!r})"
         )
+
+
+_OPTIONAL_TENSOR_FIELDS = ("assignments", "targets")
+_METADATA_FIELDS = ("num_samples", "inertia", "created")
 
 
 def check_cache_path(path: str | os.PathLike) -> Path:
@@ -487,14 +487,6 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
-
-
-_OPTIONAL_TENSOR_FIELDS = ("assignments", "targets")
-_TENSOR_FIELDS = ("prototypes", "prior", *_OPTIONAL_TENSOR_FIELDS)
-
-
-def _is_required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _plain(value: Any, where: str) -> Any:

@@ -1,10 +1,9 @@
-"""Tests for ccim_lightning.analysis.sources: the annotation table reader, the nearest-prototype assignment and the
-dictionary-file check."""
+"""Tests for ccim_lightning.analysis.sources: the annotation table reader and the label matrix."""
 
 import numpy as np
 import pytest
 
-from ccim_lightning.analysis.sources import check_dictionary_file, nearest_prototype, read_annotation_table
+from ccim_lightning.analysis.sources import label_matrix, read_annotation_table
 
 
 def test_table_reader_parses_list_literals_and_names_missing_columns(tmp_path):
@@ -31,22 +30,11 @@ def test_table_reader_single_label_column(tmp_path):
     assert data.labels.tolist() == [[1, 0], [0, 1], [1, 0]]
 
 
-def test_nearest_prototype():
-    prototypes = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
-    features = np.array([[1.0, 1.0], [9.0, -1.0], [-1.0, 12.0], [6.0, 0.0]])
-    assert nearest_prototype(features, prototypes, chunk_size=3).tolist() == [0, 1, 2, 1]
-
-
-def test_check_dictionary_file_refuses_random_z_and_accepts_clustered(tmp_path):
-    import torch
-
-    from ccim_lightning.dictionary.recipe import ContextFeatures, DictionaryRecipe
-    from ccim_lightning.dictionary.store import ConfounderDictionary
-
-    random = ConfounderDictionary.random(4, 8, seed=0).save(tmp_path / "random.pt")
-    with pytest.raises(ValueError, match=r"random\.pt.*random-Z"):
-        check_dictionary_file(random)
-    features = ContextFeatures(torch.randn(40, 8, generator=torch.Generator().manual_seed(0)), torch.arange(40))
-    wanted = {"extractor": "x", "weights_digest": "none", "dataset_fingerprint": "f", "transform": "t"}
-    clustered = DictionaryRecipe(seed=0).cluster(features, 4, wanted).save(tmp_path / "clustered.pt")
-    assert check_dictionary_file(clustered).prototypes.shape == (4, 8)
+def test_label_matrix_from_class_ids_and_multi_hot_rows():
+    matrix, multi_label = label_matrix(np.array([2, 0, 2]), num_classes=4)
+    assert not multi_label and matrix.tolist() == [[0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 1, 0]]
+    assert label_matrix(np.array([1, 0]))[0].shape == (2, 2)  # C from the largest id
+    matrix, multi_label = label_matrix(np.array([[0.9, 0.2], [0.0, 1.0]]))
+    assert multi_label and matrix.tolist() == [[1, 0], [0, 1]]
+    with pytest.raises(ValueError, match=r"0\.\.3 are outside 0\.\.2"):
+        label_matrix(np.array([0, 3]), num_classes=3)

@@ -1,26 +1,23 @@
-"""Tests for benchmarks/debias.py and debias_report.py: a tiny --quick run, determinism, resume, the report's
-statistics against hand and normal-approximation references."""
+"""Tests for the debiasing study (benchmarks.debias): a tiny --quick run, determinism, resume, the report's
+statistics against hand and normal-approximation references, the --ccim-checkpoint row, the committed report."""
 
 import base64
-import importlib.util
 import json
 import logging
 import math
+import runpy
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from benchmarks.debias import checkpoint as checks
+from benchmarks.debias import report
+from benchmarks.debias.cli import COMMAND, DEFAULT_OUT, main
+from benchmarks.debias.data import DataCache, RunConfig
+from benchmarks.debias.settings import BEST, DEFAULT_SEEDS, METHODS, Setting, all_settings, deal, quick_names
 
 
 @pytest.fixture(autouse=True)
@@ -49,12 +46,10 @@ def _table_rows(text: str) -> list[str]:
 
 
 def test_quick_run_records_are_deterministic_and_resumable(tmp_path, capsys):
-    debias = _load("debias")
-    report = _load("debias_report")
-    assert debias.main(["--quick", *TINY, "--out", str(tmp_path)]) == 0
+    assert main(["--quick", *TINY, "--out", str(tmp_path)]) == 0
 
     records = _records(tmp_path)
-    assert [r["setting"] for r in records] == debias.quick_names()
+    assert [r["setting"] for r in records] == quick_names()
     for record in records:
         assert record["seed"] == 0
         for test_set in ("biased", "unbiased"):
@@ -63,52 +58,50 @@ def test_quick_run_records_are_deterministic_and_resumable(tmp_path, capsys):
             assert record[f"{test_set}_acc"] == pytest.approx(right.mean())  # the accuracy is the per-sample mean
         assert record["config"]["data"]["train_size"] == 96
         assert record["config"]["trainer"]["max_epochs"] == 1
-        assert record["reproduce"].startswith(f"python benchmarks/debias.py --only {record['setting']} --seeds 0")
+        assert record["reproduce"].startswith(f"{COMMAND} --only {record['setting']} --seeds 0")
         assert "--train-size 96" in record["reproduce"]
     by_name = {r["setting"]: r for r in records}
     assert by_name["baseline"]["config"]["dictionary"] is None
     assert by_name["oracle"]["config"]["data"]["bias"] == 0.0
     assert by_name["oracle"]["config"]["data"]["test_bias"] == 0.9
-    assert by_name[debias.BEST]["config"]["model"]["debias"] == debias.METHODS[debias.BEST][0]
+    assert by_name[BEST]["config"]["model"]["debias"] == METHODS[BEST][0]
     # CCIM and the cluster method share one dictionary per (seed, bias, N, mask): one cache file.
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [
         "dict_test_efficientnet_seed0_bias0.9_train96_N32_masked.pt"
     ]
 
     table = (tmp_path / "debias.md").read_text()
-    assert [row.split(" | ")[0].strip("| ") for row in _table_rows(table)] == debias.quick_names()
+    assert [row.split(" | ")[0].strip("| ") for row in _table_rows(table)] == quick_names()
     assert "Goal check" in table and (tmp_path / "debias_gap_closed.png").exists()
 
     # --resume skips what is done.
     capsys.readouterr()
-    assert debias.main(["--quick", *TINY, "--out", str(tmp_path), "--resume"]) == 0
+    assert main(["--quick", *TINY, "--out", str(tmp_path), "--resume"]) == 0
     assert capsys.readouterr().out.count("already done, skipped") == 4
     assert len(_records(tmp_path)) == 4
 
     # Determinism: each reproduce command, run alone in a fresh process state, gives the same per-sample results,
     # whether the dictionary is built (first run) or read from the cache (now).
-    for name in ("baseline", "ccim_dot", debias.BEST):
-        command = by_name[name]["reproduce"].split()
-        assert debias.main([*command[2:], "--bootstrap", "200", "--out", str(tmp_path)]) == 0
+    for name in ("baseline", "ccim_dot", BEST):
+        command = by_name[name]["reproduce"].removeprefix(COMMAND).split()
+        assert main([*command, "--bootstrap", "200", "--out", str(tmp_path)]) == 0
         rerun = _records(tmp_path)[-1]
         assert (rerun["setting"], rerun["seed"]) == (name, 0)
         assert rerun["correct"] == by_name[name]["correct"], name
 
     # --report-only rebuilds the same table from the JSON lines.
     table = (tmp_path / "debias.md").read_text()
-    assert debias.main(["--quick", *TINY, "--out", str(tmp_path), "--report-only"]) == 0
+    assert main(["--quick", *TINY, "--out", str(tmp_path), "--report-only"]) == 0
     assert _table_rows((tmp_path / "debias.md").read_text()) == _table_rows(table)
 
 
 def test_quick_never_writes_over_committed_results():
-    debias = _load("debias")
     with pytest.raises(SystemExit, match="never writes over the committed results"):
-        debias.main(["--quick", "--out", str(debias.DEFAULT_OUT)])
+        main(["--quick", "--out", str(DEFAULT_OUT)])
 
 
 def test_settings_cover_the_issue():
-    debias = _load("debias")
-    settings = {s.name: s for s in debias.all_settings()}
+    settings = {s.name: s for s in all_settings()}
     for name in ("baseline", "ccim_dot", "ccim_additive", "random_dictionary", "without_lambda", "without_prior",
                  "without_masking", "oracle"):  # fmt: skip
         assert name in settings
@@ -120,11 +113,11 @@ def test_settings_cover_the_issue():
         heads = sorted(s.attention for s in settings.values() if s.debias == cls and s.group == "method")
         assert heads == ["dot_product", "none"], cls
     sweep = {(s.name.rsplit("_bias", 1)[0], s.bias) for s in settings.values() if s.group == "sweep"}
-    assert {stem for stem, _ in sweep} == {"baseline", "ccim_dot", debias.BEST}
+    assert {stem for stem, _ in sweep} == {"baseline", "ccim_dot", BEST}
     assert len({b for _, b in sweep}) >= 2
-    assert len(debias.DEFAULT_SEEDS) >= 5
+    assert len(DEFAULT_SEEDS) >= 5
     with pytest.raises(SystemExit, match="Unknown setting"):
-        debias.main(["--only", "nope", "--out", "unused"])
+        main(["--only", "nope", "--out", "unused"])
 
 
 # --- the report's statistics ---------------------------------------------------------------------------------------
@@ -150,7 +143,6 @@ def _record(name, seed, biased, unbiased):
 
 
 def test_gap_closed_and_intervals_against_hand_and_normal_references():
-    report = _load("debias_report")
     rng = np.random.default_rng(5)
     n = 4000
     records = []
@@ -194,9 +186,8 @@ def test_gap_closed_and_intervals_against_hand_and_normal_references():
 def test_resampling_variant_draws_by_the_weights():
     import torch
 
-    debias = _load("debias")
-    config = debias.RunConfig(train_size=16, test_size=8, batch_size=8)
-    datamodule = debias.DataCache().datamodule(config, 0, debias.Setting("x", "x", attention="none"))
+    config = RunConfig(train_size=16, test_size=8, batch_size=8)
+    datamodule = DataCache().datamodule(config, 0, Setting("x", "x", attention="none"))
     datamodule.setup()
     weights = torch.zeros(16)
     weights[[3, 11]] = 1.0  # only samples 3 and 11 may be drawn
@@ -204,21 +195,19 @@ def test_resampling_variant_draws_by_the_weights():
     torch.manual_seed(0)
     drawn = torch.cat([batch["index"] for batch in datamodule.train_dataloader()])
     assert len(drawn) == 16 and set(drawn.tolist()) == {3, 11}
-    row = {s.name: s for s in debias.all_settings()}["reweight_sampler"]
+    row = {s.name: s for s in all_settings()}["reweight_sampler"]
     assert row.sampler and row.debias is None and row.needs_dictionary
 
 
 def test_runs_are_dealt_by_expected_cost():
-    debias = _load("debias")
-    settings = {s.name: s for s in debias.all_settings()}
+    settings = {s.name: s for s in all_settings()}
     plan = [(0, "baseline"), (0, "ccim_fit"), (0, "clef"), (0, "oracle")]
     # costs 1, 0.1, 1.6, 1: baseline -> A, ccim_fit -> B, clef -> B (0.1 < 1), oracle -> A (1 < 1.7)
-    assert debias.deal(plan, 2, settings) == [[(0, "baseline"), (0, "oracle")], [(0, "ccim_fit"), (0, "clef")]]
-    assert debias.deal(plan, 1, settings) == [plan]
+    assert deal(plan, 2, settings) == [[(0, "baseline"), (0, "oracle")], [(0, "ccim_fit"), (0, "clef")]]
+    assert deal(plan, 1, settings) == [plan]
 
 
 def test_checkpoint_mismatches_name_each_field_and_both_values():
-    checks = _load("debias_checkpoint")
     model = checks.expected_model(32, 256, 128)
     data = checks.expected_data(0, 0.9, 96, 32)
     steps = checks.training_steps(96, 32, 1)
@@ -267,9 +256,8 @@ def test_checkpoint_mismatches_name_each_field_and_both_values():
 
 
 def test_ccim_fit_checkpoint_is_tested_as_its_own_row(tmp_path, monkeypatch, capsys):
-    from ccim_lightning.cli import build_cli
+    from ccim_lightning.commands.cli import build_cli
 
-    debias = _load("debias")
     monkeypatch.chdir(tmp_path)
     config = str(Path(__file__).parents[2] / "configs" / "synthetic.yaml")
     fit = [f"--data.init_args.{k}={v}" for k, v in (("train_size", 96), ("test_size", 48), ("batch_size", 32))]
@@ -278,9 +266,7 @@ def test_ccim_fit_checkpoint_is_tested_as_its_own_row(tmp_path, monkeypatch, cap
     checkpoint = next(tmp_path.glob("runs/**/checkpoints/last.ckpt"))
     out = tmp_path / "bench"
     assert (
-        debias.main(
-            ["--only", "ccim_fit", "--seeds", "0", *TINY, "--out", str(out), "--ccim-checkpoint", str(checkpoint)]
-        )
+        main(["--only", "ccim_fit", "--seeds", "0", *TINY, "--out", str(out), "--ccim-checkpoint", str(checkpoint)])
         == 0
     )
     (record,) = _records(out)
@@ -291,8 +277,8 @@ def test_ccim_fit_checkpoint_is_tested_as_its_own_row(tmp_path, monkeypatch, cap
     # the same accuracy as the fitted model itself on the benchmark's test sets, counted independently here
     import torch
 
-    cache = sys.modules["debias_data"].DataCache()
-    biased, unbiased = cache.test_sets(debias.RunConfig(96, 48, 32, 1), 0, 0.9)
+    cache = DataCache()
+    biased, unbiased = cache.test_sets(RunConfig(96, 48, 32, 1), 0, 0.9)
     model = fitted.model.eval()
     with torch.inference_mode():
         for dataset, key in ((biased, "biased_acc"), (unbiased, "unbiased_acc")):
@@ -302,22 +288,40 @@ def test_ccim_fit_checkpoint_is_tested_as_its_own_row(tmp_path, monkeypatch, cap
 
     # trained differently (2 epochs asked for, 1 run): an error naming the field before anything is trained
     with pytest.raises(SystemExit, match=r"global_step: checkpoint 3, benchmark 6"):
-        debias.main(["--quick", *TINY, "--epochs", "2", "--out", str(out), "--ccim-checkpoint", str(checkpoint)])
+        main(["--quick", *TINY, "--epochs", "2", "--out", str(out), "--ccim-checkpoint", str(checkpoint)])
     with pytest.raises(SystemExit, match="pass --ccim-checkpoint"):
-        debias.main(["--only", "ccim_fit", *TINY, "--out", str(out)])
+        main(["--only", "ccim_fit", *TINY, "--out", str(out)])
     # one model, one seed: its seed must be run; other seeds get no ccim_fit row
     with pytest.raises(SystemExit, match=r"seed_everything 0, which is not among --seeds \[1\]"):
-        debias.main(
-            ["--only", "ccim_fit", "--seeds", "1", *TINY, "--out", str(out), "--ccim-checkpoint", str(checkpoint)]
-        )
+        main(["--only", "ccim_fit", "--seeds", "1", *TINY, "--out", str(out), "--ccim-checkpoint", str(checkpoint)])
     # the run's recipe is read from its config.yaml: an edited recipe, or no config beside the file, stops the run
     run_config = checkpoint.parents[1] / "config.yaml"
     run_config.write_text(run_config.read_text().replace("mask_subject: true", "mask_subject: false"))
     with pytest.raises(SystemExit, match=r"config.yaml.dictionary.mask_subject: checkpoint False, benchmark True"):
-        debias.main(
-            ["--only", "ccim_fit", "--seeds", "0", *TINY, "--out", str(out), "--ccim-checkpoint", str(checkpoint)]
-        )
+        main(["--only", "ccim_fit", "--seeds", "0", *TINY, "--out", str(out), "--ccim-checkpoint", str(checkpoint)])
     moved = tmp_path / "moved.ckpt"
     moved.write_bytes(checkpoint.read_bytes())
     with pytest.raises(SystemExit, match="config.yaml that `ccim fit` writes"):
-        debias.main(["--only", "ccim_fit", "--seeds", "0", *TINY, "--out", str(out), "--ccim-checkpoint", str(moved)])
+        main(["--only", "ccim_fit", "--seeds", "0", *TINY, "--out", str(out), "--ccim-checkpoint", str(moved)])
+
+
+def test_python_dash_m_runs_the_command_line(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["python -m benchmarks.debias", "--list"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("benchmarks.debias", run_name="__main__")
+    assert exited.value.code == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == [s.name for s in all_settings()]
+
+
+@pytest.mark.slow
+def test_committed_results_regenerate_unchanged_with_report_only(tmp_path):
+    shutil.copy(DEFAULT_OUT / "debias_runs.jsonl", tmp_path)
+    assert main(["--report-only", "--out", str(tmp_path)]) == 0
+    committed, rebuilt = ((folder / "debias.md").read_text().splitlines() for folder in (DEFAULT_OUT, tmp_path))
+    # Only the first paragraph's command differs: it names the scratch folder.
+    assert committed[2].startswith(f"Written by `{COMMAND} --report-only` from")
+    assert rebuilt[2].startswith(f"Written by `{COMMAND} --report-only --out {tmp_path}` from")
+    assert committed[:2] + committed[3:] == rebuilt[:2] + rebuilt[3:]
+    for plot in ("debias_gap_closed.png", "debias_bias_sweep.png"):
+        assert (tmp_path / plot).read_bytes() == (DEFAULT_OUT / plot).read_bytes(), plot

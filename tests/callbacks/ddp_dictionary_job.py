@@ -1,9 +1,10 @@
-"""A fit job run by tests/callbacks/test_confounder_dictionary_ddp.py as a script (the DDP launcher re-runs it per rank).
+"""A fit job run by tests/callbacks/test_confounder_dictionary_ddp.py as a script (the DDP launcher re-runs it per
+rank).
 
-Usage: python tests/callbacks/ddp_dictionary_job.py OUT_DIR DEVICES [--cache FILE] [--uniform] [--fail-rank K]. Each rank
-saves the dictionary its head holds when training starts (and the training samples' clusters) to OUT_DIR/rank<k>.pt.
-``--uniform`` trains the "without lambda" head for two steps under the default DDP strategy; ``--fail-rank K`` makes
-rank K raise while the dictionary build starts.
+Usage: python tests/callbacks/ddp_dictionary_job.py OUT_DIR DEVICES [--cache FILE] [--uniform] [--fail-rank K]. Each
+rank saves the dictionary its head holds when training starts (and the training samples' clusters) to
+OUT_DIR/rank<k>.pt. ``--uniform`` trains the "without lambda" head for two steps under the default DDP strategy;
+``--fail-rank K`` makes rank K raise while the dictionary build starts.
 """
 
 import argparse
@@ -16,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from ccim_lightning import CCIMLightningModule
 from ccim_lightning.callbacks import ConfounderDictionaryCallback
 from ccim_lightning.datamodules import SyntheticContextDataModule
+from ccim_lightning.dictionary.recipe import DictionaryRecipe
 from ccim_lightning.hosts import TwoStreamHost
 
 
@@ -59,7 +61,9 @@ def main(out: Path, devices: int, cache: str | None, uniform: bool, fail_rank: i
     model = CCIMLightningModule(
         TwoStreamHost(feature_dim=16), num_classes=4, num_prototypes=6, confounder_dim=256, uniform_attention=uniform
     )
-    dictionary = ConfounderDictionaryCallback(extractor="test_efficientnet", batch_size=8, cache=cache, progress=False)
+    dictionary = ConfounderDictionaryCallback(
+        DictionaryRecipe(extractor="test_efficientnet", batch_size=8, cache=cache, progress=False)
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,

@@ -7,8 +7,9 @@ import torch
 from ccim_lightning import CCIMLightningModule, ContextFeatureExtractor
 from ccim_lightning.callbacks import ConfounderDictionaryCallback
 from ccim_lightning.datamodules import SyntheticContextDataModule
-from ccim_lightning.dictionary.recipe import ContextFeatures, DictionaryRecipe, own_rows
-from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryFileError
+from ccim_lightning.dictionary.features import ContextFeatures
+from ccim_lightning.dictionary.recipe import DictionaryRecipe, build_from_features
+from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryFileError, DictionaryKey
 from ccim_lightning.hosts import TwoStreamHost
 
 EXTRACTOR = "test_efficientnet"  # timm's tiny test model: 256-d features, fast on CPU
@@ -63,7 +64,7 @@ def independent_features(data, mask_subject=True):
 
 
 def test_builds_dictionary_whose_prior_weighted_mean_is_the_feature_mean(tmp_path):
-    callback = ConfounderDictionaryCallback(extractor=EXTRACTOR, progress=False)
+    callback = ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR, progress=False))
     model = tiny_model()
     fit(tmp_path, model, tiny_data(), callback)
     head = model.head
@@ -88,8 +89,9 @@ def test_cluster_statistics_against_hand_counts():
     features = centres.repeat_interleave(4, dim=0) + 0.01 * torch.randn(8, 2, generator=g)
     scenes = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])
     gathered = ContextFeatures(features, torch.arange(8), targets=torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), scenes=scenes)
-    wanted = {"extractor": "x", "weights_digest": "y", "dataset_fingerprint": "f", "transform": "t"}
-    dictionary = DictionaryRecipe(seed=0).cluster(gathered, 2, wanted)
+    key = DictionaryKey("x", "y", 2, True, 0, "features", 25, None, "t", "f")
+    dictionary = build_from_features(DictionaryRecipe(seed=0), gathered, key)
+    assert dictionary.key == key
     assert dictionary.extra["scene_purity"] == pytest.approx(7 / 8)
     blob = [0, 0, 0, 0, 1, 1, 1, 1]
     assert dictionary.extra["scene_nmi"] == pytest.approx(normalized_mutual_info_score(scenes, blob), abs=1e-6)
@@ -102,7 +104,7 @@ def test_cluster_statistics_against_hand_counts():
 
 
 def test_unmasked_dictionary_uses_unmasked_images(tmp_path):
-    callback = ConfounderDictionaryCallback(extractor=EXTRACTOR, mask_subject=False, progress=False)
+    callback = ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR, mask_subject=False, progress=False))
     model = tiny_model()
     fit(tmp_path, model, tiny_data(), callback)
     masked = independent_features(tiny_data(), mask_subject=True).mean(0)
@@ -116,7 +118,12 @@ def test_random_dictionary_is_seeded_with_uniform_prior(tmp_path):
     models = []
     for _ in range(2):
         model = tiny_model()
-        fit(tmp_path, model, tiny_data(), ConfounderDictionaryCallback(source="random", seed=5, progress=False))
+        fit(
+            tmp_path,
+            model,
+            tiny_data(),
+            ConfounderDictionaryCallback(DictionaryRecipe(source="random", seed=5, progress=False)),
+        )
         models.append(model)
     assert torch.equal(models[0].head.dictionary, models[1].head.dictionary)
     assert torch.allclose(models[0].head.prior, torch.full((6,), 1 / 6))
@@ -127,7 +134,12 @@ def test_filled_dictionary_is_not_rebuilt(tmp_path, caplog):
     prototypes, prior = torch.randn(6, DIM), torch.full((6,), 1 / 6)
     model.head.set_dictionary(prototypes, prior)
     with caplog.at_level(logging.INFO):
-        fit(tmp_path, model, tiny_data(), ConfounderDictionaryCallback(extractor="no_such_model", progress=False))
+        fit(
+            tmp_path,
+            model,
+            tiny_data(),
+            ConfounderDictionaryCallback(DictionaryRecipe(extractor="no_such_model", progress=False)),
+        )
     assert torch.equal(model.head.dictionary, prototypes)
     assert "already filled" in caplog.text
 
@@ -135,7 +147,12 @@ def test_filled_dictionary_is_not_rebuilt(tmp_path, caplog):
 def test_baseline_head_needs_no_dictionary(tmp_path, caplog):
     model = tiny_model(attention="none")
     with caplog.at_level(logging.INFO):
-        fit(tmp_path, model, tiny_data(), ConfounderDictionaryCallback(extractor="no_such_model", progress=False))
+        fit(
+            tmp_path,
+            model,
+            tiny_data(),
+            ConfounderDictionaryCallback(DictionaryRecipe(extractor="no_such_model", progress=False)),
+        )
     assert not bool(model.head.dictionary_filled)
     assert "not needed" in caplog.text
 
@@ -143,7 +160,12 @@ def test_baseline_head_needs_no_dictionary(tmp_path, caplog):
 def test_confounder_dim_mismatch_is_a_clear_error(tmp_path):
     model = tiny_model(confounder_dim=100)
     with pytest.raises(ValueError, match="confounder_dim: 256"):
-        fit(tmp_path, model, tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, progress=False))
+        fit(
+            tmp_path,
+            model,
+            tiny_data(),
+            ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR, progress=False)),
+        )
 
 
 def test_datamodule_without_dictionary_dataset_is_a_clear_error(tmp_path):
@@ -158,7 +180,7 @@ def test_datamodule_without_dictionary_dataset_is_a_clear_error(tmp_path):
         enable_checkpointing=False,
         enable_progress_bar=False,
         num_sanity_val_steps=0,
-        callbacks=[ConfounderDictionaryCallback(extractor=EXTRACTOR, progress=False)],
+        callbacks=[ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR, progress=False))],
     )
     with pytest.raises(TypeError, match="dictionary_dataset.*lacks"):
         trainer.fit(model, train_dataloaders=data.train_dataloader())
@@ -171,11 +193,11 @@ def test_cache_is_reused_when_it_matches_and_rebuilt_when_it_does_not(tmp_path, 
         tmp_path,
         first,
         tiny_data(),
-        ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache), progress=False),
+        ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR, cache=str(cache), progress=False)),
     )
     assert cache.exists()
     saved = ConfounderDictionary.load(cache)
-    assert saved.num_prototypes == 6 and saved.extractor == EXTRACTOR and saved.num_samples == 96
+    assert saved.num_prototypes == 6 and saved.key.extractor == EXTRACTOR and saved.num_samples == 96
 
     import ccim_lightning.dictionary.recipe as module
 
@@ -189,7 +211,7 @@ def test_cache_is_reused_when_it_matches_and_rebuilt_when_it_does_not(tmp_path, 
             tmp_path,
             second,
             tiny_data(),
-            ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache), progress=False),
+            ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR, cache=str(cache), progress=False)),
         )
     assert "reusing" in caplog.text
     assert torch.equal(second.head.dictionary, first.head.dictionary)
@@ -202,7 +224,7 @@ def test_cache_is_reused_when_it_matches_and_rebuilt_when_it_does_not(tmp_path, 
             tmp_path,
             third,
             tiny_data(seed=4),
-            ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache), progress=False),
+            ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR, cache=str(cache), progress=False)),
         )
     assert "does not match" in caplog.text and "dataset_fingerprint" in caplog.text
 
@@ -215,30 +237,8 @@ def test_damaged_cache_is_an_error_not_silently_used(tmp_path):
             tmp_path,
             tiny_model(),
             tiny_data(),
-            ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache), progress=False),
+            ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR, cache=str(cache), progress=False)),
         )
-
-
-def test_own_rows_drop_the_sampler_padding_and_keep_every_sample_once():
-    from torch.utils.data.distributed import DistributedSampler
-
-    # 5 samples over 2 ranks: the sampler gives rank 0 samples 0, 2, 4 and rank 1 samples 1, 3 and a repeat of 0.
-    shards = [list(DistributedSampler(range(5), num_replicas=2, rank=r, shuffle=False)) for r in (0, 1)]
-    assert shards == [[0, 2, 4], [1, 3, 0]]
-    kept = []
-    for rank, shard in enumerate(shards):
-        index = torch.tensor(shard)
-        local = ContextFeatures(index[:, None].float(), index, targets=index * 10)
-        own = own_rows(local, world_size=2, rank=rank)
-        assert torch.equal(own.targets, own.indices * 10) and torch.equal(own.features[:, 0].long(), own.indices)
-        kept += own.indices.tolist()
-    assert sorted(kept) == [0, 1, 2, 3, 4]
-
-
-def test_own_rows_with_unequal_shards():
-    # Rank 1 lost sample 3 to a decode failure: its shard is [1, 0(repeat)], rank 0's is [0, 2, 4].
-    local = ContextFeatures(torch.zeros(2, 1), torch.tensor([1, 0]))
-    assert own_rows(local, world_size=2, rank=1).indices.tolist() == [1]
 
 
 @pytest.mark.parametrize(
@@ -251,10 +251,17 @@ def test_own_rows_with_unequal_shards():
 )
 def test_cache_key_covers_the_clustering_settings(tmp_path, caplog, change, field):
     cache = str(tmp_path / "dictionary.pt")
-    fit(tmp_path, tiny_model(), tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=cache))
+    fit(
+        tmp_path,
+        tiny_model(),
+        tiny_data(),
+        ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR, cache=cache)),
+    )
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        callback = ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=cache, progress=False, **change)
+        callback = ConfounderDictionaryCallback(
+            DictionaryRecipe(extractor=EXTRACTOR, cache=cache, progress=False, **change)
+        )
         fit(tmp_path, tiny_model(), tiny_data(), callback)
     assert "does not match" in caplog.text and f"{field}:" in caplog.text
 
@@ -262,14 +269,19 @@ def test_cache_key_covers_the_clustering_settings(tmp_path, caplog, change, fiel
 def test_cache_key_covers_the_dictionary_transform(tmp_path, caplog):
     cache = str(tmp_path / "dictionary.pt")
     # image_size changes the scene CNN's input but not the samples' identities (same seed, same scenes).
-    fit(tmp_path, tiny_model(), tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=cache))
+    fit(
+        tmp_path,
+        tiny_model(),
+        tiny_data(),
+        ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR, cache=cache)),
+    )
     caplog.clear()
     with caplog.at_level(logging.INFO):
         fit(
             tmp_path,
             tiny_model(),
             tiny_data(image_size=40),
-            ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=cache),
+            ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR, cache=cache)),
         )
     assert "does not match" in caplog.text and "transform:" in caplog.text
 
@@ -278,7 +290,12 @@ def test_cache_path_that_is_a_folder_is_a_clear_error(tmp_path):
     folder = tmp_path / "cache_dir"
     folder.mkdir()
     with pytest.raises(DictionaryFileError, match="is a folder"):
-        fit(tmp_path, tiny_model(), tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(folder)))
+        fit(
+            tmp_path,
+            tiny_model(),
+            tiny_data(),
+            ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR, cache=str(folder))),
+        )
 
 
 def test_read_only_cache_folder_fails_before_extracting(tmp_path, monkeypatch):
@@ -295,19 +312,29 @@ def test_read_only_cache_folder_fails_before_extracting(tmp_path, monkeypatch):
     assert os.access(tmp_path, os.W_OK) is False
     with pytest.raises(DictionaryFileError, match="not writable"):
         cache = str(tmp_path / "sub" / "d.pt")
-        fit(tmp_path, tiny_model(), tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=cache))
+        fit(
+            tmp_path,
+            tiny_model(),
+            tiny_data(),
+            ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR, cache=cache)),
+        )
 
 
 def test_stale_temporary_files_of_a_killed_save_are_removed(tmp_path):
     cache = tmp_path / "d.pt"
     stale = tmp_path / ".d.pt.999999999.tmp"  # no such process
     stale.write_bytes(b"half a file")
-    fit(tmp_path, tiny_model(), tiny_data(), ConfounderDictionaryCallback(extractor=EXTRACTOR, cache=str(cache)))
+    fit(
+        tmp_path,
+        tiny_model(),
+        tiny_data(),
+        ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR, cache=str(cache))),
+    )
     assert cache.exists() and not stale.exists()
 
 
 def test_build_records_each_training_samples_cluster_in_the_model(tmp_path):
-    callback = ConfounderDictionaryCallback(extractor=EXTRACTOR, progress=False)
+    callback = ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR, progress=False))
     model = tiny_model()
     fit(tmp_path, model, tiny_data(), callback)
     clusters = model.train_clusters
@@ -321,3 +348,22 @@ def test_build_records_each_training_samples_cluster_in_the_model(tmp_path):
     data.setup("fit")
     labels = torch.tensor([int(data.dictionary_dataset()[i]["target"]) for i in range(96)])
     assert torch.equal(callback.last_dictionary.targets, labels)
+
+
+def test_model_without_the_dictionary_members_is_an_error_naming_them(tmp_path):
+    class PlainModel(L.LightningModule):
+        needs_dictionary = True  # has one of the four members only
+
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+    callback = ConfounderDictionaryCallback(DictionaryRecipe(extractor=EXTRACTOR))
+    with pytest.raises(TypeError, match=r"PlainModel lacks \['dictionary_shape', 'has_dictionary', 'set_dictionary'\]"):
+        callback.on_fit_start(None, PlainModel())
+
+
+def test_callback_refuses_anything_but_a_recipe():
+    with pytest.raises(TypeError, match="takes a DictionaryRecipe, got dict"):
+        ConfounderDictionaryCallback({"extractor": EXTRACTOR})
+    assert ConfounderDictionaryCallback().recipe == DictionaryRecipe()

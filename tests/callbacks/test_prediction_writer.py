@@ -21,7 +21,7 @@ from ccim_lightning.callbacks.prediction_writer import (
     default_predictions_path,
     predictions_frame,
 )
-from ccim_lightning.cli import build_cli
+from ccim_lightning.commands.cli import build_cli
 from ccim_lightning.datamodules.synthetic import (
     EMOTIONS,
     SceneSettings,
@@ -461,6 +461,7 @@ torch.distributed.destroy_process_group()  # gloo can abort at exit otherwise (a
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_ddp_predictions_are_merged_into_one_file_with_the_ground_truth(tmp_path):
     script = tmp_path / "ddp_predict.py"
     script.write_text(DDP_SCRIPT)

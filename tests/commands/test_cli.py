@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from ccim_lightning import CCIMLightningModule
-from ccim_lightning.cli import CheckpointConfigMismatch, build_cli, build_dictionary, main, scene_feature_dim
+from ccim_lightning.commands.checkpoint_config import CheckpointConfigMismatch
+from ccim_lightning.commands.cli import build_cli, scene_feature_dim
+from ccim_lightning.commands.main import main, run_command
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 SYNTHETIC = str(Path(__file__).parents[2] / "configs" / "synthetic.yaml")
@@ -73,6 +75,24 @@ def test_named_groups_reach_the_dictionary_and_checkpoint_and_runs_never_collide
     assert not (tmp_path / "runs").exists()
 
 
+def test_dictionary_options_are_the_recipe_and_the_callback_is_built_from_it(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import Checkpoint
+
+    from ccim_lightning.callbacks import ConfounderDictionaryCallback
+    from ccim_lightning.dictionary.recipe import DictionaryRecipe
+
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["--config", SYNTHETIC, *TINY, "--dictionary.seed", "3", "--dictionary.cache", "z.pt"], run=False)
+    assert type(cli.recipe) is DictionaryRecipe
+    assert (cli.recipe.seed, cli.recipe.cache, cli.recipe.extractor) == (3, "z.pt", "test_efficientnet")
+    callbacks = cli.trainer.callbacks
+    (position,) = [i for i, cb in enumerate(callbacks) if isinstance(cb, ConfounderDictionaryCallback)]
+    assert callbacks[position].recipe is cli.recipe
+    assert all(not isinstance(cb, Checkpoint) for cb in callbacks[:position])  # checkpoints still come last
+    with pytest.raises(SystemExit):  # a recipe field that does not exist is the config parser's error
+        build_cli(["--config", SYNTHETIC, "--dictionary.sede", "3"], run=False)
+
+
 def test_confounder_dim_follows_the_scene_cnn(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = build_cli(["--config", SYNTHETIC, *TINY], run=False)
@@ -97,12 +117,14 @@ def test_checkpoint_that_disagrees_with_the_config_is_an_error(tmp_path, monkeyp
 
 def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="no run under"):
-        build_cli(["test", "--config", SYNTHETIC, *TINY, "--ckpt_path", "last"])
+    with pytest.raises(SystemExit, match="^ccim: error: --ckpt_path last: no run under"):
+        main(["test", "--config", SYNTHETIC, *TINY, "--ckpt_path", "last"])
 
 
 def test_overview_lists_every_subcommand_and_help_is_readable(capsys):
-    main(["--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for name in ("fit", "validate", "test", "predict", "build-dictionary", "bias-report"):
         assert f"  {name} " in text
@@ -124,11 +146,11 @@ def test_build_dictionary_then_fit_reuses_it_and_resume_keeps_it(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     cache = tmp_path / "dictionary.pt"
     with pytest.warns() as record:
-        out = build_dictionary(["--config", SYNTHETIC, *TINY, "--out", str(cache)])
+        out = run_command(["build-dictionary", "--config", SYNTHETIC, *TINY, "--out", str(cache)])
     assert not [w for w in record if "LightningCLI's args parameter" in str(w.message)]
     assert out == cache
     saved = ConfounderDictionary.load(cache)
-    assert saved.num_prototypes == 8 and saved.num_samples == 128 and saved.extractor == "test_efficientnet"
+    assert saved.num_prototypes == 8 and saved.num_samples == 128 and saved.key.extractor == "test_efficientnet"
     assert saved.assignments.shape == (128,)
 
     # The fit finds the same file through --dictionary.cache and does not extract again.
@@ -201,25 +223,34 @@ def test_nan_dictionary_in_a_checkpoint_is_refused(tmp_path, monkeypatch):
         build_cli(["test", "--config", SYNTHETIC, *TINY, "--ckpt_path", str(checkpoint)])
 
 
-def test_a_finished_command_closes_the_process_group_it_opened(tmp_path, capsys, monkeypatch):
+def test_a_finished_command_closes_the_process_group_it_opened(tmp_path, monkeypatch):
     import torch.distributed as dist
 
-    from ccim_lightning import cli
+    from ccim_lightning.commands import main as ccim
 
     # An open gloo group at interpreter exit can abort a finished run (exit -6): ccim closes the group its command
     # opened (as Lightning's DDP setup does, simulated here), and leaves alone one its caller opened.
     store = iter(tmp_path / f"store{i}" for i in range(3))
     opened = lambda: dist.init_process_group("gloo", init_method=f"file://{next(store)}", rank=0, world_size=1)  # noqa: E731
-    real_run = cli._run
-    monkeypatch.setattr(cli, "_run", lambda args: (opened(), real_run(args)))
     try:
-        main(["--help"])
+        monkeypatch.setattr(ccim, "run_command", lambda args: opened())
+        main(["fit"])
         assert not dist.is_initialized()
-        monkeypatch.setattr(cli, "_run", real_run)
+        monkeypatch.setattr(ccim, "run_command", lambda args: None)
         opened()
-        main(["--help"])
+        main(["fit"])
         assert dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    assert "build-dictionary" in capsys.readouterr().out
+
+
+def test_every_subcommand_reports_input_errors_the_same_way(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = str(tmp_path / "missing.ckpt")
+    with pytest.raises(SystemExit, match="^ccim: error: build-dictionary: say where to save it"):
+        main(["build-dictionary", "--config", SYNTHETIC, *TINY])
+    with pytest.raises(SystemExit, match="^ccim: error: bias-report needs --table FILE"):
+        main(["bias-report", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="^ccim: error: .*missing.ckpt"):
+        main(["test", "--config", SYNTHETIC, *TINY, "--ckpt_path", missing])

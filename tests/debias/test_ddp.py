@@ -40,6 +40,7 @@ def run_rank(rank, port, out):
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_group_dro_q_is_in_sync_across_ranks_and_equals_one_process_on_the_global_batch(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

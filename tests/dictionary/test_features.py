@@ -7,7 +7,13 @@ import pytest
 import timm
 import torch
 
-from ccim_lightning.dictionary.features import ContextFeatureExtractor
+from ccim_lightning.dictionary.features import (
+    ContextFeatureExtractor,
+    ContextFeatures,
+    dictionary_loader,
+    extract_context_features,
+    own_rows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +129,54 @@ def test_data_config_and_model_kwargs():
 def test_missing_weights_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="cannot be downloaded"):
         ContextFeatureExtractor("test_resnet", weights=tmp_path / "resnet152_places365.pth.tar")
+
+
+def test_own_rows_drop_the_sampler_padding_and_keep_every_sample_once():
+    from torch.utils.data.distributed import DistributedSampler
+
+    # 5 samples over 2 ranks: the sampler gives rank 0 samples 0, 2, 4 and rank 1 samples 1, 3 and a repeat of 0.
+    shards = [list(DistributedSampler(range(5), num_replicas=2, rank=r, shuffle=False)) for r in (0, 1)]
+    assert shards == [[0, 2, 4], [1, 3, 0]]
+    kept = []
+    for rank, shard in enumerate(shards):
+        index = torch.tensor(shard)
+        local = ContextFeatures(index[:, None].float(), index, targets=index * 10)
+        own = own_rows(local, world_size=2, rank=rank)
+        assert torch.equal(own.targets, own.indices * 10) and torch.equal(own.features[:, 0].long(), own.indices)
+        kept += own.indices.tolist()
+    assert sorted(kept) == [0, 1, 2, 3, 4]
+
+
+def test_own_rows_with_unequal_shards():
+    # Rank 1 lost sample 3 to a decode failure: its shard is [1, 0(repeat)], rank 0's is [0, 2, 4].
+    local = ContextFeatures(torch.zeros(2, 1), torch.tensor([1, 0]))
+    assert own_rows(local, world_size=2, rank=1).indices.tolist() == [1]
+
+
+def test_in_index_order_keeps_the_first_row_of_each_sample():
+    # Sample 2 appears twice (a padding repeat): the first of its rows is kept, and rows come back sorted by index.
+    local = ContextFeatures(torch.tensor([[20.0], [0.0], [21.0], [10.0]]), torch.tensor([2, 0, 2, 1]))
+    ordered = local.in_index_order()
+    assert ordered.indices.tolist() == [0, 1, 2] and ordered.features[:, 0].tolist() == [0.0, 10.0, 20.0]
+
+
+def test_extraction_gives_every_sample_its_own_features_and_target():
+    class Samples(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return {
+                "context": torch.full((3, 32, 32), float(i)),
+                "index": torch.tensor(i),
+                "target": torch.tensor(i % 2),
+            }
+
+    extractor = ContextFeatureExtractor("test_efficientnet")
+    loader = dictionary_loader(Samples(), batch_size=2, num_workers=0)
+    features = extract_context_features(extractor, loader, torch.device("cpu"), progress=False)
+    assert features.indices.tolist() == [0, 1, 2, 3, 4] and features.targets.tolist() == [0, 1, 0, 1, 0]
+    assert features.scenes is None
+    with torch.no_grad():  # reference: the network on each image alone
+        alone = torch.cat([extractor(Samples()[i]["context"][None]) for i in range(5)])
+    torch.testing.assert_close(features.features, alone, atol=1e-5, rtol=1e-5)

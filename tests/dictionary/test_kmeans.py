@@ -11,10 +11,7 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from ccim_lightning.dictionary.kmeans import MIN_POINTS_PER_CLUSTER, KMeansResult, kmeans
-from ccim_lightning.dictionary.refill import empty_cluster_moves
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from ccim_lightning.dictionary.kmeans import MIN_POINTS_PER_CLUSTER, KMeansResult, empty_cluster_moves, kmeans
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -70,7 +67,7 @@ def test_recovers_well_separated_blobs():
     features, labels = separated_blobs()
     result = kmeans(features, 12, seed=0)
     check_partition(result, features, 12)
-    assert result.backend == "faiss-cpu" and result.device == "cpu" and result.pca_dim is None
+    assert result.backend == "torch-cpu" and result.device == "cpu" and result.pca_dim is None
     assert 1 <= result.iterations <= 25 and result.seconds > 0
     assert normalized_mutual_info_score(labels, result.assignments.numpy()) > 0.99
     assert adjusted_rand_score(labels, result.assignments.numpy()) > 0.99
@@ -116,7 +113,9 @@ def test_pca_keeps_quality_on_low_rank_features():
 
 def test_torch_backend_on_cpu_matches_faiss_backend():
     features = relu_mixture()
-    faiss_result = kmeans(features, 32, seed=0)
+    faiss_result = kmeans(features, 32, seed=0, backend="faiss")
+    assert faiss_result.backend == "faiss-cpu" and faiss_result.device == "cpu"
+    check_partition(faiss_result, features, 32)
     torch_result = kmeans(features, 32, seed=0, backend="torch")
     assert torch_result.backend == "torch-cpu" and torch_result.device == "cpu"
     check_partition(torch_result, features, 32)
@@ -210,27 +209,26 @@ def test_logs_the_backend(caplog):
     features, _ = separated_blobs(n=600)
     with caplog.at_level(logging.INFO, logger="ccim_lightning.dictionary.kmeans"):
         kmeans(features, 12)
-    assert "backend faiss-cpu" in caplog.text and "k-means done" in caplog.text
+    assert "backend torch-cpu" in caplog.text and "k-means done" in caplog.text
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
-def test_cuda_request_without_cuda_falls_back_to_cpu_and_says_so(caplog):
+def test_cuda_request_without_cuda_falls_back_to_cpu_and_says_so(caplog, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, also on a GPU machine
     features, _ = separated_blobs(n=600)
     with caplog.at_level(logging.INFO, logger="ccim_lightning.dictionary.kmeans"):
         result = kmeans(features, 12, device="cuda")
-    assert result.backend == "faiss-cpu" and result.device == "cpu"
+    assert result.backend == "torch-cpu" and result.device == "cpu"
     assert "falling back to the CPU" in caplog.text
 
 
 def test_faiss_backend_on_cuda_needs_faiss_gpu(monkeypatch):
-    if hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available():
-        pytest.skip("the installed FAISS has GPU support")
+    monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)  # a CPU-only FAISS, also where it has GPUs
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="needs a FAISS build with GPU support"):
         kmeans(np.ones((100, 2), dtype=np.float32), 2, device="cuda:0", backend="faiss")
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_device_uses_that_gpu_and_matches_cpu_quality():
     features = relu_mixture()
     cpu = kmeans(features, 32, seed=0)
@@ -244,7 +242,7 @@ def test_cuda_device_uses_that_gpu_and_matches_cpu_quality():
     assert torch.equal(gpu.assignments, again.assignments)
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_torch_backend_on_cuda():
     features, labels = separated_blobs()
     result = kmeans(features, 12, seed=0, device="cuda", backend="torch", pca_dim=8)
@@ -263,7 +261,7 @@ from ccim_lightning.dictionary.kmeans import kmeans
 torch.set_num_threads(1)
 features = np.load(sys.argv[1])
 out = {}
-for backend, pca in (("auto", None), ("auto", 4), ("torch", None)):
+for backend, pca in (("faiss", None), ("auto", 4), ("torch", None)):
     for name, scale in (("one", 1.0), ("pow2", 2.0**70), ("tiny", 2.0**-90), ("e30", 1e30)):
         result = kmeans((features.astype(np.float64) * scale).astype(np.float32), 6, backend=backend, pca_dim=pca)
         key = f"{backend}-{pca}-{name}"
@@ -286,7 +284,7 @@ def test_features_of_huge_or_tiny_magnitude_cluster_as_unit_features(tmp_path):
     )
     assert done.returncode == 0, f"k-means crashed (exit {done.returncode}):\n{done.stderr[-3000:]}"
     out = np.load(tmp_path / "out.npz")
-    for backend, pca in (("auto", None), ("auto", 4), ("torch", None)):
+    for backend, pca in (("faiss", None), ("auto", 4), ("torch", None)):
         key = f"{backend}-{pca}"
         base = out[f"{key}-one-assignments"]
         assert adjusted_rand_score(labels, base) > 0.99

@@ -9,32 +9,43 @@ import pytest
 import torch
 
 from ccim_lightning.dictionary.store import (
-    CACHE_KEY_FIELDS,
     ConfounderDictionary,
     DictionaryFileError,
+    DictionaryKey,
     UnsafeDictionaryError,
     dataset_fingerprint,
 )
 
 
-def _clustered(num_prototypes: int = 8, dim: int = 6, **overrides) -> ConfounderDictionary:
-    generator = torch.Generator().manual_seed(0)
-    kwargs = {
+def _key(num_prototypes: int = 8, **overrides) -> DictionaryKey:
+    fields = {
         "extractor": "resnet152",
         "weights_digest": "ab" * 32,
+        "num_prototypes": num_prototypes,
         "mask_subject": True,
         "seed": 7,
-        "dataset_fingerprint": dataset_fingerprint(f"train:{i}" for i in range(100)),
-        "inertia": 12.5,
+        "source": "features",
         "num_iterations": 10,
         "pca_dim": 3,
         "transform": '{"size": 224}',
+        "dataset_fingerprint": dataset_fingerprint(f"train:{i}" for i in range(100)),
+    }
+    return DictionaryKey(**(fields | overrides))
+
+
+def _clustered(num_prototypes: int = 8, dim: int = 6, **overrides) -> ConfounderDictionary:
+    generator = torch.Generator().manual_seed(0)
+    kwargs = {
+        "inertia": 12.5,
         "assignments": torch.tensor([0, 1, -1, 1, 0]),
         "targets": torch.tensor([2, 0, 0, 1, 1]),
         "extra": {"pca_dim": 256, "niter": 20, "timings": {"cluster_s": 1.5}, "sizes": (1, 2)},
     } | overrides
     counts = torch.arange(1, num_prototypes + 1)
-    return ConfounderDictionary.from_clustering(torch.randn(num_prototypes, dim, generator=generator), counts, **kwargs)
+    key = _key(num_prototypes)
+    return ConfounderDictionary.from_clustering(
+        torch.randn(num_prototypes, dim, generator=generator), counts, key, **kwargs
+    )
 
 
 def _payload(path):
@@ -44,24 +55,16 @@ def _payload(path):
 def test_from_clustering_prior_is_cluster_share():
     counts = np.array([5, 0, 3, 12])
     centroids = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
-    z = ConfounderDictionary.from_clustering(
-        centroids, counts, extractor="r", weights_digest="d", mask_subject=True, seed=0, dataset_fingerprint="f"
-    )
+    z = ConfounderDictionary.from_clustering(centroids, counts, _key(4))
     torch.testing.assert_close(z.prior, torch.tensor([5, 0, 3, 12], dtype=torch.float32) / 20)
     torch.testing.assert_close(z.prototypes, torch.from_numpy(centroids))
     assert z.prior.dtype == z.prototypes.dtype == torch.float32
     assert z.num_prototypes == 4 and z.dim == 3 and z.num_samples == 20
     assert z.source == "features"
     with pytest.raises(ValueError, match="sum to 0"):
-        ConfounderDictionary.from_clustering(
-            centroids,
-            np.zeros(4),
-            extractor="r",
-            weights_digest="d",
-            mask_subject=True,
-            seed=0,
-            dataset_fingerprint="f",
-        )
+        ConfounderDictionary.from_clustering(centroids, np.zeros(4), _key(4))
+    with pytest.raises(ValueError, match="source='features'.*'random'"):
+        ConfounderDictionary.from_clustering(centroids, counts, DictionaryKey.for_random(4, seed=0))
 
 
 def test_random_is_seeded_with_uniform_prior():
@@ -75,7 +78,8 @@ def test_random_is_seeded_with_uniform_prior():
     torch.testing.assert_close(a.prototypes, d.prototypes, rtol=0, atol=0)
     assert not torch.equal(a.prototypes, c.prototypes)
     torch.testing.assert_close(a.prior, torch.full((16,), 1 / 16))
-    assert a.source == "random" and a.seed == 3 and a.num_prototypes == 16 and a.dim == 5
+    assert a.source == "random" and a.key.seed == 3 and a.num_prototypes == 16 and a.dim == 5
+    assert a.key == DictionaryKey.for_random(16, 3) and a.key.extractor == "none"
     scaled = ConfounderDictionary.random(16, 5, seed=3, scale=2.5)
     torch.testing.assert_close(scaled.prototypes, 2.5 * a.prototypes)
 
@@ -96,10 +100,11 @@ def test_save_load_round_trip_keeps_every_field(tmp_path):
             assert have == {"pca_dim": 256, "niter": 20, "timings": {"cluster_s": 1.5}, "sizes": [1, 2]}
         else:
             assert have == want, f.name
-    assert loaded.cache_key() == z.cache_key()
-    assert loaded.mismatches(z.cache_key()) == []
+    assert loaded.key == z.key and isinstance(loaded.key, DictionaryKey)
+    assert loaded.mismatches(z.key) == []
     payload = _payload(path)
-    assert payload["format"] == "ccim-lightning/confounder-dictionary" and payload["version"] == 2
+    assert payload["format"] == "ccim-lightning/confounder-dictionary" and payload["version"] == 3
+    assert payload["key"] == dataclasses.asdict(z.key)
 
 
 def test_save_replaces_an_existing_file(tmp_path):
@@ -180,7 +185,6 @@ def _rewrite(path, edit) -> None:
 @pytest.mark.parametrize(
     ("edit", "reason"),
     [
-        pytest.param(lambda p: p.update(version=1), "format version 1", id="version"),
         pytest.param(lambda p: p.update(prior=p["prior"] * 2), "prior sums to 2", id="prior_sum"),
         pytest.param(lambda p: p["prior"].__setitem__(0, -p["prior"][0]), "negative", id="negative"),
         pytest.param(lambda p: p["prior"].__setitem__(0, float("nan")), "prior contains NaN", id="nan_prior"),
@@ -196,13 +200,19 @@ def _rewrite(path, edit) -> None:
             id="prototype_shape",
         ),
         pytest.param(
-            lambda p: p["metadata"].update(num_prototypes=9), "num_prototypes is 9 but there are 8", id="num_prototypes"
+            lambda p: p["key"].update(num_prototypes=9),
+            "the key says num_prototypes=9 but there are 8",
+            id="num_prototypes",
         ),
-        pytest.param(lambda p: p["metadata"].pop("seed"), r"metadata lacks \['seed'\]", id="missing_field"),
+        pytest.param(lambda p: p["key"].pop("seed"), "missing 1 required positional argument: 'seed'", id="no_field"),
+        pytest.param(lambda p: p["key"].update(colour="red"), "unexpected keyword argument 'colour'", id="key_field"),
+        pytest.param(lambda p: p["key"].update(seed="7"), "DictionaryKey.seed must be int, got '7'", id="key_type"),
         pytest.param(
             lambda p: p["metadata"].update(colour="red"), r"unknown metadata fields \['colour'\]", id="unknown_field"
         ),
-        pytest.param(lambda p: p["metadata"].update(source="magic"), "source must be one of", id="source"),
+        pytest.param(lambda p: p["key"].update(source="magic"), "source must be one of", id="source"),
+        pytest.param(lambda p: p.pop("key"), "no metadata or key dict", id="no_key"),
+        pytest.param(lambda p: p["metadata"].pop("num_samples"), r"metadata lacks \['num_samples'\]", id="lacks"),
         pytest.param(lambda p: p.update(prior=p["prior"].double()), "not float32", id="dtype"),
         pytest.param(lambda p: p.pop("prototypes"), r"no tensor under \['prototypes'\]", id="no_tensor"),
     ],
@@ -219,17 +229,7 @@ def test_inconsistent_content_is_rejected(tmp_path, edit, reason):
 
 def test_constructor_checks_the_prior():
     with pytest.raises(ValueError, match="prior sums to 0.5"):
-        ConfounderDictionary(
-            torch.zeros(2, 3),
-            torch.tensor([0.25, 0.25]),
-            extractor="r",
-            weights_digest="d",
-            mask_subject=True,
-            seed=0,
-            source="features",
-            dataset_fingerprint="f",
-            num_samples=2,
-        )
+        ConfounderDictionary(torch.zeros(2, 3), torch.tensor([0.25, 0.25]), _key(2), num_samples=2)
 
 
 def test_missing_file(tmp_path):
@@ -237,23 +237,65 @@ def test_missing_file(tmp_path):
         ConfounderDictionary.load(tmp_path / "absent.pt")
 
 
-def test_cache_key_and_mismatch_reasons():
+def test_mismatches_name_each_differing_field_with_both_values():
     z = _clustered(num_prototypes=8)
-    key = z.cache_key()
-    assert tuple(key) == CACHE_KEY_FIELDS
-    assert z.mismatches(key) == []
-    assert z.mismatches(key | {"dim": 6, "num_samples": 36}) == []
-
-    reasons = z.mismatches(key | {"num_prototypes": 256, "mask_subject": False, "dim": 2048})
-    assert reasons == [
+    assert z.mismatches(z.key) == []
+    assert z.mismatches(z.key, dim=6, num_samples=36) == []
+    wanted = dataclasses.replace(z.key, num_prototypes=256, mask_subject=False)
+    assert z.mismatches(wanted, dim=2048) == [
         "num_prototypes: cache has 8, run wants 256",
         "mask_subject: cache has True, run wants False",
         "dim: cache has 6, run wants 2048",
     ]
-    partial = {k: v for k, v in key.items() if k != "weights_digest"}
-    assert z.mismatches(partial) == [f"weights_digest: cache has {z.weights_digest!r}, run does not say"]
+    assert z.mismatches(wanted, ignore=("num_prototypes",)) == ["mask_subject: cache has True, run wants False"]
     with pytest.raises(KeyError, match="colour"):
-        z.mismatches(key | {"colour": "red"})
+        z.mismatches(wanted, ignore=("colour",))
+
+
+#: A value different from ``_key()``'s for every field of the key.
+OTHER_VALUES = {
+    "extractor": "resnet18",
+    "weights_digest": "cd" * 32,
+    "num_prototypes": 16,
+    "mask_subject": False,
+    "seed": 8,
+    "source": "random",
+    "num_iterations": 11,
+    "pca_dim": None,
+    "transform": '{"size": 256}',
+    "dataset_fingerprint": "n=1;sha256=00",
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_VALUES))
+def test_every_key_field_is_compared_and_reported_with_both_values(name):
+    assert set(OTHER_VALUES) == {f.name for f in dataclasses.fields(DictionaryKey)}  # no field left untested
+    have, want = _key(), _key(**{name: OTHER_VALUES[name]})
+    assert have.differences(want) == [f"{name}: cache has {getattr(have, name)!r}, run wants {OTHER_VALUES[name]!r}"]
+    assert have.differences(_key()) == []
+
+
+def test_key_is_frozen_and_checks_its_fields():
+    key = _key()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        key.seed = 1
+    with pytest.raises(TypeError, match="DictionaryKey.num_prototypes must be int, got True"):
+        _key(num_prototypes=True)
+    with pytest.raises(TypeError, match="DictionaryKey.pca_dim must be a positive int or None, got 0"):
+        _key(pca_dim=0)
+    with pytest.raises(ValueError, match="num_prototypes must be at least 1"):
+        _key(num_prototypes=0)
+    with pytest.raises(ValueError, match="the key says num_prototypes=8 but there are 2 prototypes"):
+        ConfounderDictionary(torch.zeros(2, 3), torch.tensor([0.5, 0.5]), key)
+
+
+def test_a_previous_format_version_is_refused_with_a_rebuild_hint(tmp_path):
+    path = tmp_path / "z.pt"
+    _clustered().save(path)
+    _rewrite(path, lambda p: p.update(version=2))
+    with pytest.raises(DictionaryFileError, match="format version 2, written by an older ccim-lightning") as info:
+        ConfounderDictionary.load(path)
+    assert str(path) in str(info.value) and "Rebuild it: delete the file" in str(info.value)
 
 
 def test_dataset_fingerprint():
@@ -275,10 +317,10 @@ def test_dataset_fingerprint():
 
 
 def test_assignments_out_of_range_or_misaligned_targets_are_rejected():
-    base = dict(extractor="r", weights_digest="d", mask_subject=True, seed=0, dataset_fingerprint="f")
+    key = _key(2)
     with pytest.raises(ValueError, match="assignments must be cluster ids"):
-        ConfounderDictionary.from_clustering(torch.zeros(2, 3), [1, 1], assignments=torch.tensor([0, 2]), **base)
+        ConfounderDictionary.from_clustering(torch.zeros(2, 3), [1, 1], key, assignments=torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="targets have 3 rows but there are 2 assignments"):
         ConfounderDictionary.from_clustering(
-            torch.zeros(2, 3), [1, 1], assignments=torch.tensor([0, 1]), targets=torch.zeros(3), **base
+            torch.zeros(2, 3), [1, 1], key, assignments=torch.tensor([0, 1]), targets=torch.zeros(3)
         )

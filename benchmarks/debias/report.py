@@ -1,6 +1,6 @@
-"""The report half of ``benchmarks/debias.py``: paired-bootstrap intervals, the markdown table and the two plots.
+"""The report of the debiasing study: paired-bootstrap intervals, the markdown table and the two plots.
 
-Everything here reads only the runs' JSON records, so ``python benchmarks/debias.py --report-only`` rebuilds the
+Everything here reads only the runs' JSON records, so ``python -m benchmarks.debias --report-only`` rebuilds the
 committed ``debias.md`` and plots from ``debias_runs.jsonl`` without training.
 
 Intervals: 95% percentile intervals of a two-level paired bootstrap. Each resample draws the seeds with

@@ -1,4 +1,4 @@
-"""The data half of ``benchmarks/debias.py``: the run's sizes and the synthetic splits, rendered once per seed."""
+"""The data of the debiasing study: the run's sizes and the synthetic splits, rendered once per seed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A ``ccim fit`` checkpoint as a row of the debiasing benchmark (``benchmarks/debias.py --ccim-checkpoint``).
+"""A ``ccim fit`` checkpoint as a row of the debiasing benchmark (``python -m benchmarks.debias --ccim-checkpoint``).
 
 ``make demo`` trains CCIM with ``ccim fit --config configs/synthetic.yaml`` and then runs the side-by-side; training
 the same model a second time inside the benchmark would double the demo's longest step. Instead the benchmark tests

@@ -1,0 +1,1 @@
+"""Trained models applied to new photos: ``predictor.Predictor`` (checkpoint -> probabilities for images + boxes)."""
