@@ -12,7 +12,8 @@ allows a class path in a checkpoint only when
 
 and refuses the file otherwise, naming each path, where it sits and which of the two rules it failed. The check reads
 strings only: it imports nothing (a dotted string counts as a class path when its top-level package can be found,
-which ``importlib.util.find_spec`` tells without running the package). This module imports nothing of the package.
+which ``importlib.util.find_spec`` tells without running the package). A refusal is a
+:class:`~ccim_lightning.checkpoints.CheckpointError`, which the ``ccim`` command prints as one line.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import importlib.util
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+from ccim_lightning.checkpoints import CheckpointError
 
 #: Module trees a checkpoint may name without the user's config naming them.
 ALLOWED_MODULES: tuple[str, ...] = ("ccim_lightning", "torch")
@@ -32,7 +35,7 @@ _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 _LISTED = 8
 
 
-class UntrustedClassPathError(ValueError):
+class UntrustedClassPathError(CheckpointError):
     """A checkpoint names classes to import that neither the user's config nor the allow-list contains."""
 
 

@@ -1,8 +1,16 @@
 """A checkpoint's stored settings never choose what gets imported: the user's config or the allow-list does."""
 
+import sys
+from pathlib import Path
+
 import pytest
+import torch
 
 from ccim_lightning.class_paths import UntrustedClassPathError, check_class_paths, class_paths, is_allowed
+from ccim_lightning.commands.cli import build_cli
+from ccim_lightning.inference.predictor import Predictor
+
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 SHIPPED = {
     "_instantiator": "lightning.pytorch.cli.instantiate_module",
@@ -55,3 +63,32 @@ def test_datamodule_settings_count_only_their_explicit_class_paths():
         check_class_paths(stored, source="x.ckpt")
     assert "datamodule_hyper_parameters['_class_path'] = 'json.JSONDecoder'" in str(error.value)
     assert "code.csv" not in str(error.value)  # stdlib has a `code` module; a table file name is not imported
+
+
+def hostile_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint whose backbone names an installed module that records being imported."""
+    (tmp_path / "records_its_import.py").write_text(
+        f"open({str(tmp_path / 'imported')!r}, 'w').close()\nclass Host:\n    feature_dim = 8\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # `loss` is no shape-defining setting: without the check, LightningCLI would merge and import it
+    hparams = {key: SHIPPED[key] for key in ("_instantiator", "_class_path")}
+    hparams["loss"] = {"class_path": "records_its_import.Host", "init_args": {}}
+    path = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": hparams}, path)
+    return path
+
+
+def test_ccim_with_ckpt_path_refuses_before_lightning_imports_anything(tmp_path, monkeypatch):
+    path = hostile_checkpoint(tmp_path, monkeypatch)
+    with pytest.raises(UntrustedClassPathError, match=r"\['loss'\]\['class_path'\] = 'records_its_import\.Host'"):
+        build_cli(["test", "--config", str(CONFIGS / "synthetic.yaml"), "--ckpt_path", str(path)])
+    assert not (tmp_path / "imported").exists()
+    assert "records_its_import" not in sys.modules
+
+
+def test_the_predictor_refuses_it_too(tmp_path, monkeypatch):
+    path = hostile_checkpoint(tmp_path, monkeypatch)
+    with pytest.raises(UntrustedClassPathError, match="none was given"):
+        Predictor.from_checkpoint(path)
+    assert not (tmp_path / "imported").exists()

@@ -23,9 +23,10 @@ from PIL import Image
 
 from ccim_lightning.callbacks.prediction_writer import LABEL_SEPARATOR
 from ccim_lightning.checkpoints import CheckpointError, check_checkpoint_finite, load_checkpoint
-from ccim_lightning.datamodules.common import clip_boxes, load_rgb, to_rgb
+from ccim_lightning.class_paths import check_class_paths
+from ccim_lightning.datamodules.common import clip_boxes
 from ccim_lightning.datamodules.dataset import normalize_batch
-from ccim_lightning.datamodules.decode import decode_reduced
+from ccim_lightning.datamodules.decode import decode_reduced, load_rgb, to_rgb
 from ccim_lightning.datamodules.inputs import INPUT_SETTINGS_KEY, InputSettings
 from ccim_lightning.datamodules.transforms import ContextTransform
 from ccim_lightning.module import CCIMLightningModule
@@ -86,6 +87,7 @@ class Predictor:
         """
         checkpoint = load_checkpoint(path)
         check_checkpoint_finite(checkpoint, path)
+        check_class_paths(checkpoint, source=str(path))  # what instantiate_module would import: allow-list only
         where = f"Checkpoint {str(path)!r}"
         stored = checkpoint.get(INPUT_SETTINGS_KEY)
         if stored is None:
