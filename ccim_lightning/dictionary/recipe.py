@@ -211,7 +211,7 @@ def load_cached(path: Path | None, key: DictionaryKey) -> ConfounderDictionary |
     try:
         cached = ConfounderDictionary.load(path)
     except DictionaryFileError as error:
-        raise DictionaryFileError(f"{error} (the `cache` of the dictionary recipe)") from error
+        raise type(error)(f"{error} (the `cache` of the dictionary recipe)") from error  # unsafe stays unsafe
     reasons = cached.mismatches(key)
     if reasons:
         log.info("Confounder dictionary: cache %s does not match this run, rebuilding: %s", path, "; ".join(reasons))
