@@ -107,6 +107,7 @@ class DictionaryRecipe:
             return ConfounderDictionary.random(num_prototypes, dim, seed=self.seed)
         with collectives.agreed("preparing the dictionary build"):
             dataset = training_samples(datamodule, self.mask_subject)
+            check_cluster_count(num_prototypes, len(dataset))  # before minutes to hours of extraction
             extractor = ContextFeatureExtractor(self.extractor, self.weights).to(collectives.device)
             if extractor.num_features != dim:
                 raise ValueError(
@@ -142,6 +143,26 @@ class DictionaryRecipe:
         dictionary = build_from_features(self, rows, key, len(dataset), collectives)
         dictionary.extra["build_seconds"] = time.perf_counter() - start
         return dictionary
+
+
+def check_cluster_count(num_prototypes: int, num_samples: int) -> None:
+    """Refuses a dictionary size k-means cannot give: more clusters than training samples (or none at all).
+
+    Raises:
+        ValueError: Naming both numbers and the option to change (``--model.init_args.num_prototypes``).
+    """
+    if isinstance(num_prototypes, bool) or not isinstance(num_prototypes, int) or num_prototypes < 1:
+        raise ValueError(
+            f"The confounder dictionary needs a positive number of clusters, got num_prototypes={num_prototypes!r}: "
+            "set --model.init_args.num_prototypes (the paper uses 128 to 256)."
+        )
+    if num_samples < num_prototypes:
+        raise ValueError(
+            f"The confounder dictionary asks for {num_prototypes} clusters but the training split has only "
+            f"{num_samples} samples, and k-means cannot make more clusters than points: set "
+            f"--model.init_args.num_prototypes to {num_samples} or fewer (the paper uses 128 to 256 on thousands of "
+            "images), or train on more data."
+        )
 
 
 def training_samples(datamodule: Any, mask_subject: bool) -> Dataset:
