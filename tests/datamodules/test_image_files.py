@@ -3,6 +3,7 @@ and anything but a regular file are errors naming the file, and EXIF orientation
 
 import colorsys
 import csv
+import math
 import os
 import threading
 from pathlib import Path
@@ -233,3 +234,49 @@ def test_reduced_decoding_of_a_turned_jpeg_is_the_turned_reduced_image(tmp_path)
     image, applied = decode_reduced(path, 2, (160, 320))  # the displayed size recorded at setup
     assert applied == 2 and image.size == (80, 160)
     assert image.getpixel((30, 60))[0] > 200 and image.getpixel((70, 140))[0] < 160
+
+
+@pytest.mark.parametrize("reduced_decode", [False, True])
+def test_the_predictor_reads_boxes_of_a_turned_jpeg_in_displayed_pixels(tmp_path, reduced_decode):
+    from ccim_lightning import CCIMLightningModule
+    from ccim_lightning.inference.predictor import Predictor
+
+    class MeanHost(torch.nn.Module):
+        feature_dim = 3
+
+        def forward(self, batch):
+            return batch["subject"].mean(dim=(2, 3))  # the subject's mean colour
+
+    path = rotated_jpeg(tmp_path / "turned.jpg")
+    write_table(tmp_path, [["turned.jpg", 20, 40, 100, 200, "a", "train"]])
+    inputs = module(tmp_path, context_size=64, subject_size=16, reduced_decode=reduced_decode).input_settings()
+    torch.manual_seed(0)
+    model = CCIMLightningModule(
+        MeanHost(),
+        num_classes=2,
+        attention="none",
+        num_prototypes=2,
+        confounder_dim=4,
+        hidden_dim=3,
+        class_names=["a", "b"],
+    )
+    with torch.no_grad():  # logit of class a = the subject's mean red (normalised), class b = 0
+        model.head.w_h.copy_(torch.eye(3))
+        model.head.classifier.fc2.weight.zero_()
+        model.head.classifier.fc2.bias.zero_()
+        model.head.fc.weight.zero_()
+        model.head.fc.bias.zero_()
+        model.head.fc.weight[0, 0] = 1.0
+    predictor = Predictor(model, inputs, device="cpu")
+    box = [(10, 100, 150, 300)]  # half red, half grey in the displayed 160x320 image; all red if cut at y = 160
+    from_file = predictor.predict([path], [box])
+    from_pixels = predictor.predict([load_rgb(path)], [box])  # the displayed image, decoded whole
+    for name in ("a", "b"):
+        assert from_file[name].iloc[0] == pytest.approx(from_pixels[name].iloc[0], abs=0.01)
+    # by hand: the crop of the displayed image (red block x 20..100, y 40..200 on grey), mean red normalised
+    displayed = np.full((320, 160), GREY[0], dtype=np.float64)
+    displayed[40:200, 20:100] = RED[0]
+    red = (displayed[100:300, 10:150].mean() / 255 - 0.485) / 0.229
+    assert from_file["a"].iloc[0] == pytest.approx(math.exp(red) / (math.exp(red) + 1), abs=0.03)
+    red_only = predictor.predict([load_rgb(path)], [[(10, 100, 150, 160)]])
+    assert abs(red_only["a"].iloc[0] - from_pixels["a"].iloc[0]) > 0.05  # the check tells the two crops apart
