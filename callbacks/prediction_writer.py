@@ -42,6 +42,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from ccim_lightning.arguments import check_optional_float
 from ccim_lightning.sample_index import first_of_each_index
 from ccim_lightning.thresholds import DEFAULT_THRESHOLD
 from ccim_lightning.types import (
@@ -271,8 +272,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def __init__(self, path: str | None = None, threshold: float | None = None, overwrite: bool = False) -> None:
         super().__init__(write_interval="batch_and_epoch")
-        if threshold is not None and not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        check_optional_float(type(self).__name__, "threshold", threshold, 0.0, 1.0)
         self.path = Path(path) if path else None
         self.threshold = threshold
         self.overwrite = overwrite

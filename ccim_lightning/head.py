@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ccim_lightning.arguments import check_float, check_int
+
 __all__ = [
     "ATTENTION_TYPES",
     "HEAD_OPTIONS",
@@ -59,12 +61,6 @@ OFFICIAL_OUTPUT_LAYERS = {"emotic": ("emotic_fc", 26), "caers": ("caers_fc", 7),
 _DICTIONARY_BUFFERS = ("dictionary", "prior", "dictionary_filled")
 
 _PRIOR_SUM_TOLERANCE = 1e-4
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    return int(value)
 
 
 def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
@@ -255,17 +251,16 @@ class ContextualCausalIntervention(nn.Module):
             raise ValueError(
                 f"Unknown attention {attention!r}; expected one of {', '.join(map(repr, ATTENTION_TYPES))}."
             )
-        self.feature_dim = _check_positive_int("feature_dim", feature_dim)
-        self.num_classes = _check_positive_int("num_classes", num_classes)
-        self.num_prototypes = _check_positive_int("num_prototypes", num_prototypes)
-        self.confounder_dim = _check_positive_int("confounder_dim", confounder_dim)
-        self.hidden_dim = _check_positive_int("hidden_dim", hidden_dim)
-        self.attention_dim = _check_positive_int("attention_dim", attention_dim)
-        self.chunk_size = _check_positive_int("chunk_size", chunk_size)
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
-        if not math.isfinite(float(residual_scale)):
-            raise ValueError(f"`residual_scale` must be finite, got {residual_scale!r}.")
+        where = type(self).__name__
+        self.feature_dim = check_int(where, "feature_dim", feature_dim, 1)
+        self.num_classes = check_int(where, "num_classes", num_classes, 1)
+        self.num_prototypes = check_int(where, "num_prototypes", num_prototypes, 1)
+        self.confounder_dim = check_int(where, "confounder_dim", confounder_dim, 1)
+        self.hidden_dim = check_int(where, "hidden_dim", hidden_dim, 1)
+        self.attention_dim = check_int(where, "attention_dim", attention_dim, 1)
+        self.chunk_size = check_int(where, "chunk_size", chunk_size, 1)
+        dropout = check_float(where, "dropout", dropout, 0.0, 1.0, high_open=True)
+        residual_scale = check_float(where, "residual_scale", residual_scale)
         self.attention = attention
         self.residual_scale = float(residual_scale)
         self.use_prior = bool(use_prior)

@@ -20,6 +20,7 @@ from torchmetrics.classification import (
 )
 from typing_extensions import override
 
+from ccim_lightning.arguments import check_finite_settings, check_float, check_int
 from ccim_lightning.compat import instantiated_by_cli
 from ccim_lightning.datamodules.inputs import INPUT_SETTINGS_KEY, settings_entry
 from ccim_lightning.debias.base import DebiasMethod
@@ -54,6 +55,41 @@ class TorchModule(Protocol):
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def parameters(self, recurse: bool = True) -> Any: ...
+
+
+#: ReduceLROnPlateau's running state (``inf`` until the first epoch is measured), not settings.
+_SCHEDULER_RUNNING_STATE = ("best", "mode_worse")
+
+
+def check_optimization_settings(
+    where: str, optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None
+) -> None:
+    """Builds the optimizer (and scheduler) once on a probe parameter and refuses any NaN/inf number in them.
+
+    The factories hide their arguments (``lr``, ``betas``, ``gamma``, ...) until ``configure_optimizers``, and torch
+    refuses a NaN learning rate but accepts ``lr=inf``; probing at construction names the bad setting before any
+    data is read.
+
+    Args:
+        where: The module's class name, for messages.
+        optimizer: The optimizer factory.
+        lr_scheduler: The scheduler factory, or None.
+    """
+    try:
+        probe = optimizer([nn.Parameter(torch.zeros(1))])
+    except ValueError as error:  # torch's own refusal ("Invalid learning rate: nan")
+        raise ValueError(f"{where}: the optimizer refused its settings: {error}") from error
+    name = type(probe).__name__
+    for i, group in enumerate(probe.param_groups):
+        settings = {key: value for key, value in group.items() if key != "params"}
+        check_finite_settings(where, f"optimizer {name} param_groups[{i}]", settings)
+    if lr_scheduler is None:
+        return
+    scheduler = lr_scheduler(probe)
+    state = {key: value for key, value in scheduler.state_dict().items() if key not in _SCHEDULER_RUNNING_STATE}
+    check_finite_settings(where, f"lr_scheduler {type(scheduler).__name__}", state)
+    for i, group in enumerate(probe.param_groups):
+        check_finite_settings(where, f"lr_scheduler {type(scheduler).__name__}: param_groups[{i}]['lr']", group["lr"])
 
 
 class CCIMLightningModule(L.LightningModule):
@@ -171,7 +207,9 @@ class CCIMLightningModule(L.LightningModule):
         self.register_buffer("thresholds_chosen", torch.tensor(False))
         self.threshold_curve = MultilabelPrecisionRecallCurve(num_classes) if task == "multilabel" else None
         self.continuous_loss = continuous_loss
-        self.continuous_weight = continuous_weight
+        self.continuous_weight = check_float(type(self).__name__, "continuous_weight", continuous_weight, 0.0)
+        continuous_dim = check_int(type(self).__name__, "continuous_dim", continuous_dim, 1)
+        check_optimization_settings(type(self).__name__, optimizer, lr_scheduler)
         self.continuous_key = continuous_key
         self.continuous_head = nn.Linear(hidden_dim, continuous_dim) if continuous_loss is not None else None
         self.optimizer_factory = optimizer

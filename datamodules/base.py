@@ -20,6 +20,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from ccim_lightning.arguments import check_int
 from ccim_lightning.datamodules.common import (
     BadSamples,
     OnBadSample,
@@ -111,6 +112,10 @@ class PersonDataModule(L.LightningDataModule):
         group_by_image: The training order keeps the persons of one image together (images shuffled, see
             ``ImageGroupedSampler``), so one decode serves them all; ``False``: plain per-person shuffling. One
             process only: under DDP the training loader shuffles per person (Lightning's distributed sampler).
+        allow_absolute_paths: Read image paths that the annotations give as absolute paths. By default they are
+            refused, naming the row, as are relative paths that climb out of the root through ``..``
+            (``common.path_outside_root``): an annotation file should not choose which files on the machine are
+            read.
         prepared_dir: Decode each person once into this folder (``prepare_data``; uint8 subject and context crops
             of the evaluation transform, ``ccim_lightning.datamodules.prepared``), and read every split, the
             dictionary's included, from there: no decoding in the epochs. Training flips run on the batch, on the
@@ -139,14 +144,13 @@ class PersonDataModule(L.LightningDataModule):
         reduced_decode: bool = True,
         device_normalize: bool = True,
         group_by_image: bool = True,
+        allow_absolute_paths: bool = False,
         prepared_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         check_on_bad_sample(on_bad_sample)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        check_int(type(self).__name__, "batch_size", batch_size, 1)
+        check_int(type(self).__name__, "num_workers", num_workers, 0)
         self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
         self.root = Path(root).expanduser()
         self.batch_size = batch_size
@@ -155,6 +159,7 @@ class PersonDataModule(L.LightningDataModule):
         self.reduced_decode = reduced_decode
         self.device_normalize = device_normalize
         self.group_by_image = group_by_image
+        self.allow_absolute_paths = allow_absolute_paths
         self.train_transform = train_transform or ContextTransform(context_size, subject_size, flip=flip)
         self.eval_transform = eval_transform or ContextTransform(context_size, subject_size, flip=False)
         self.prepared_dir = None if prepared_dir is None else Path(prepared_dir).expanduser()

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ccim_lightning.arguments import check_float, check_int
 from ccim_lightning.datamodules.base import PersonDataModule
 from ccim_lightning.datamodules.common import (
     IMAGE_EXTENSIONS,
@@ -200,8 +201,9 @@ class CAERSDataModule(PersonDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(root, subject_size=subject_size, **kwargs)
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        where = type(self).__name__
+        val_fraction = check_float(where, "val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        seed = check_int(where, "seed", seed, 0)
         self.class_names = list(CLASSES)
         self.face_boxes = face_boxes
         self.val_fraction = val_fraction
@@ -271,4 +273,4 @@ class CAERSDataModule(PersonDataModule):
         if split != "test":
             train, val = stratified_holdout(listing.paths, listing.targets.tolist(), self.val_fraction, self.seed)
             listing = listing.subset(train if split == "train" else val)
-        return scan_images(self.root, listing, bad)
+        return scan_images(self.root, listing, bad, allow_absolute_paths=self.allow_absolute_paths)

@@ -25,6 +25,7 @@ import csv
 import hashlib
 import logging
 import math
+import posixpath
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
+
+from ccim_lightning.datamodules.decode import open_image, oriented_size
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +192,7 @@ class PersonTable:
         sizes: (N, 2) int64 decoded image width and height, set by :func:`scan_images`.
         localised: (N,) bool, False where the subject has no usable box, set by :func:`scan_images`.
         groups: Per row, the group a validation hold-out must keep together (e.g. the video); None: the image.
+        path_field: Where the annotation holds each row's image path (``"column 'image'"``), for messages.
     """
 
     paths: list[str]
@@ -201,6 +204,7 @@ class PersonTable:
     sizes: np.ndarray | None = None
     localised: np.ndarray | None = None
     groups: list[str] | None = None
+    path_field: str = "image path"
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -266,6 +270,7 @@ def make_table(
     multilabel: bool = False,
     num_classes: int | None = None,
     groups: list[str] | None = None,
+    path_field: str = "image path",
 ) -> PersonTable:
     """Builds a :class:`PersonTable` from Python lists (targets as class indices, or multi-hot rows)."""
     n = len(paths)
@@ -284,6 +289,7 @@ def make_table(
         },
         rows=None if rows is None else np.asarray(rows, dtype=np.int64),
         groups=groups,
+        path_field=path_field,
     )
 
 
@@ -312,8 +318,8 @@ def note_overlap(table: PersonTable, split: str, others: dict[str, PersonTable],
 # --- images and boxes ----------------------------------------------------------------------------------------------
 def _read_size(path: Path) -> tuple[int, int] | BaseException:
     try:
-        with Image.open(path) as image:
-            return image.size
+        with open_image(path) as image:
+            return oriented_size(image)
     except Exception as error:  # noqa: BLE001 - reported per file by the caller
         return error
 
@@ -339,21 +345,54 @@ def clip_boxes(boxes: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.where(localised[:, None], clipped, whole), localised
 
 
-def scan_images(root: Path, table: PersonTable, bad: BadSamples, threads: int = 8) -> PersonTable:
-    """Checks every image once (exists, header readable), records decoded sizes and clips the boxes.
+def path_outside_root(path: str, allow_absolute_paths: bool = False) -> str | None:
+    """Why an annotation's image ``path`` leads outside the dataset root, or None when it stays inside.
 
-    Missing or unreadable images are bad samples (error or skipped, see :class:`BadSamples`); degenerate boxes
-    fall back to the whole image and are counted (module docstring).
+    Checked on the text, before anything is opened: an absolute path (refused unless ``allow_absolute_paths``), or
+    a relative one whose ``..`` parts climb above the root. A symlink inside the root is followed wherever it
+    points: the root's owner made it, unlike the annotation file's text (README "Image files").
+    """
+    if Path(path).is_absolute():
+        if allow_absolute_paths:
+            return None
+        return (
+            "is an absolute path, which is refused by default (image paths are relative to the dataset root); make "
+            "it relative, or pass allow_absolute_paths=True (--data.init_args.allow_absolute_paths true) to read it"
+        )
+    normal = posixpath.normpath(path)
+    if normal == ".." or normal.startswith("../"):
+        return "climbs out of the dataset root through '..'; image paths must stay inside the root"
+    return None
+
+
+def scan_images(
+    root: Path, table: PersonTable, bad: BadSamples, threads: int = 8, allow_absolute_paths: bool = False
+) -> PersonTable:
+    """Checks every image once (inside the root, a regular file, header readable), records sizes, clips the boxes.
+
+    Paths outside the root (:func:`path_outside_root`), missing or unreadable images, anything but a regular file
+    and unsupported image modes are bad samples (error or skipped, see :class:`BadSamples`); degenerate boxes fall
+    back to the whole image and are counted (module docstring). Sizes are the EXIF-oriented (displayed) sizes.
 
     Args:
         root: Folder the table's paths are relative to.
         table: The split's persons.
         bad: The split's accounting.
         threads: Threads reading image headers.
+        allow_absolute_paths: Read absolute image paths as they are (refused by default).
 
     Returns:
         The rows whose images are usable, with ``sizes`` and ``localised`` set and boxes clipped.
     """
+    inside = []
+    for i, path in enumerate(table.paths):
+        reason = path_outside_root(path, allow_absolute_paths)
+        if reason is None:
+            inside.append(i)
+        else:
+            bad.bad("image path outside the root", f"{table.sources[i]}: {table.path_field} = {path!r} {reason}")
+    if len(inside) < len(table):
+        table = table.subset(inside)
     unique = list(dict.fromkeys(table.paths))
     with ThreadPoolExecutor(max(1, min(threads, len(unique)))) as pool:
         results = dict(zip(unique, pool.map(lambda p: _read_size(root / p), unique)))
@@ -392,36 +431,6 @@ def apply_box_rule(table: PersonTable, bad: BadSamples) -> PersonTable:
             "inside",
         )
     return table
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Decodes an image with PIL into 8-bit RGB; 16-bit greyscale (modes ``I;16*``, ``I``) is scaled, not clipped.
-
-    PIL's own ``convert("RGB")`` clips 16-bit values at 255, which turns a 16-bit PNG into a black-and-white
-    image; here values are divided by 257 (65535 -> 255). Mode ``I`` (32-bit integers, what older Pillow versions
-    give for 16-bit PNGs) is accepted when its values fit 16 bits.
-
-    Raises:
-        OSError: When the file cannot be decoded, or holds 32-bit integer values beyond 16 bits.
-    """
-    return to_rgb(Image.open(path), path)
-
-
-def to_rgb(image: Image.Image, path: Path) -> Image.Image:
-    """Decodes an opened image (``Image.open``, possibly ``draft``-ed) into 8-bit RGB as :func:`load_rgb` does."""
-    image.load()
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I;16") or image.mode == "I":
-        pixels = np.asarray(image).astype(np.int64)
-        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
-            raise OSError(
-                f"{path}: 32-bit integer image with values {pixels.min()}..{pixels.max()}, beyond 16 bits; convert "
-                "it to an 8-bit or 16-bit image"
-            )
-        grey = ((pixels * 255 + 32767) // 65535).astype(np.uint8)  # rounded 65535 -> 255 scaling
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    return image.convert("RGB")
 
 
 # --- hold-out ------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The dataset of the image datamodules: persons decoded from image files into the batch schema.
 
-``PersonImageDataset`` decodes with PIL (:func:`~ccim_lightning.datamodules.common.load_rgb`; JPEGs at reduced
+``PersonImageDataset`` decodes with PIL (:func:`~ccim_lightning.datamodules.decode.load_rgb`; JPEGs at reduced
 size where the outputs allow it, ``ccim_lightning.datamodules.decode``) and applies a ``ContextTransform``-style
 transform; :func:`sample_dict` assembles a sample of the schema (``ccim_lightning.types``) and masks
 the subject box in ``context``.
@@ -43,17 +43,17 @@ from ccim_lightning.datamodules.common import (
     PersonTable,
     check_on_bad_sample,
     clip_boxes,
-    load_rgb,
 )
-from ccim_lightning.datamodules.decode import decode_reduced, image_reductions
+from ccim_lightning.datamodules.decode import decode_reduced, image_reductions, load_rgb
 from ccim_lightning.types import BOX, CONTEXT, INDEX, MASK_BOX, SUBJECT, TARGET, ReducingTransform
 
 log = logging.getLogger(__name__)
 
 MASK_FILL = 0.0
 """Value written into the subject box of ``context``, after normalisation (so the box holds the mean colour)."""
-DECODER = "pil-rgb-v2"
-"""Names how image files become pixels (v2: 16-bit greyscale scaled, not clipped); part of the dictionary signature."""
+DECODER = "pil-rgb-v3"
+"""Names how image files become pixels (v2: 16-bit greyscale scaled, not clipped; v3: EXIF orientation applied);
+part of the dictionary signature."""
 
 
 def collate_skipping_none(samples: list[dict | None]) -> dict[str, torch.Tensor]:

@@ -183,7 +183,7 @@ class _PersonRows:
     def table(self) -> PersonTable:
         return make_table(
             self.paths, self.boxes, self.targets, self.sources, {VAD: self.vads}, self.rows, multilabel=True,
-            num_classes=len(CATEGORIES),
+            num_classes=len(CATEGORIES), path_field="Folder/Filename",
         )  # fmt: skip
 
 
@@ -523,7 +523,9 @@ class EmoticDataModule(PersonDataModule):
                 f"EMOTIC images folder {self.image_root} does not exist; expected <root>/emotic/<folder>/<filename> "
                 "(or use_arrays=True with the preprocessed arrays)"
             )
-        return scan_images(self.image_root, self._resolve_folders(table), bad)
+        return scan_images(
+            self.image_root, self._resolve_folders(table), bad, allow_absolute_paths=self.allow_absolute_paths
+        )
 
     def split_source(self, split: str) -> str:
         fmt, path = self.annotation_source()

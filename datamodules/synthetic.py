@@ -40,6 +40,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from ccim_lightning.arguments import check_float, check_int
 from ccim_lightning.datamodules._drawing import EXPRESSIONS, SKIN_DARK, SKIN_LIGHT, choice, composite_person, hsv_to_rgb
 from ccim_lightning.datamodules.base import train_drop_last
 from ccim_lightning.datamodules.inputs import InputSettings, rendered_input_settings
@@ -101,26 +102,17 @@ class SceneSettings:
     max_distractors: int = 2
 
     def __post_init__(self) -> None:
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if not 0.0 <= self.bias <= 1.0:
-            raise ValueError(f"bias must be a probability in [0, 1], got {self.bias}")
-        object.__setattr__(self, "bias", float(self.bias))  # one spelling in sample identities (1 and 1.0)
-        if not 2 <= self.num_classes <= len(EMOTIONS):
-            raise ValueError(f"num_classes must be between 2 and {len(EMOTIONS)}, got {self.num_classes}")
-        if self.num_scenes < 1:
-            raise ValueError(f"num_scenes must be >= 1, got {self.num_scenes}")
-        if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16 pixels, got {self.image_size}")
-        if self.subject_size < 4:
-            raise ValueError(f"subject_size must be >= 4 pixels, got {self.subject_size}")
-        if self.expression_noise < 0 or self.pixel_noise < 0:
-            raise ValueError(
-                f"noise levels must be >= 0, got expression_noise={self.expression_noise}, "
-                f"pixel_noise={self.pixel_noise}"
-            )
-        if self.max_distractors < 0:
-            raise ValueError(f"max_distractors must be >= 0, got {self.max_distractors}")
+        where = type(self).__name__
+        check_int(where, "seed", self.seed, 0)
+        # float: one spelling in sample identities (1 and 1.0)
+        object.__setattr__(self, "bias", check_float(where, "bias (a probability)", self.bias, 0.0, 1.0))
+        check_int(where, "num_classes", self.num_classes, 2, len(EMOTIONS))
+        check_int(where, "num_scenes", self.num_scenes, 1)
+        check_int(where, "image_size (pixels)", self.image_size, 16)
+        check_int(where, "subject_size (pixels)", self.subject_size, 4)
+        check_float(where, "expression_noise", self.expression_noise, 0.0)
+        check_float(where, "pixel_noise", self.pixel_noise, 0.0)
+        check_int(where, "max_distractors", self.max_distractors, 0)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SceneSettings:
@@ -480,13 +472,11 @@ class SyntheticContextDataModule(L.LightningDataModule):
         flip: bool = True,
     ) -> None:
         super().__init__()
+        where = type(self).__name__
         for name, value in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            check_int(where, name, value, 1)
+        check_int(where, "batch_size", batch_size, 1)
+        check_int(where, "num_workers", num_workers, 0)
         self.save_hyperparameters()
         self.settings = SceneSettings.from_mapping(self.hparams)  # checks the generator settings
         self.num_classes = num_classes

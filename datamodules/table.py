@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ccim_lightning.arguments import check_float, check_int
 from ccim_lightning.datamodules.base import PersonDataModule
 from ccim_lightning.datamodules.common import (
     SPLITS,
@@ -120,7 +121,14 @@ def read_person_table(
     for split, (paths, boxes, targets, sources, groups) in rows.items():
         if paths:
             tables[split] = make_table(
-                paths, boxes, targets, sources, multilabel=multilabel, num_classes=len(class_names), groups=groups
+                paths,
+                boxes,
+                targets,
+                sources,
+                multilabel=multilabel,
+                num_classes=len(class_names),
+                groups=groups,
+                path_field="column 'image'",
             )
     return tables
 
@@ -159,8 +167,9 @@ class TableDataModule(PersonDataModule):
         task = check_task(task, where=f"{type(self).__name__}(task=...)")
         if len(class_names) < 2 or len({name.casefold() for name in class_names}) != len(class_names):
             raise ValueError(f"class_names must hold at least two distinct names, got {class_names}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        where = type(self).__name__
+        val_fraction = check_float(where, "val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        seed = check_int(where, "seed", seed, 0)
         self.table_path = table
         self.group_column = group_column
         self.class_names = list(class_names)
@@ -203,4 +212,4 @@ class TableDataModule(PersonDataModule):
                 f"{self.dataset_name}: the table {self.table_path} has no usable rows with split {split!r}; give "
                 f"that split rows (column 'split')"
             )
-        return scan_images(self.root, splits[split], bad)
+        return scan_images(self.root, splits[split], bad, allow_absolute_paths=self.allow_absolute_paths)

@@ -12,15 +12,19 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ccim_lightning.arguments import check_floats, check_int, check_optional_float
 from ccim_lightning.datamodules.decode import context_reduction, person_reductions
 from ccim_lightning.types import BOX, CONTEXT, MASK_BOX, SUBJECT
 
 
 def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    if height < 1 or width < 1:
-        raise ValueError(f"{name} must be positive (an int or (height, width)), got {size}")
-    return int(height), int(width)
+    if not isinstance(size, Sequence) or isinstance(size, str):
+        side = check_int("ContextTransform", f"{name} (an int or (height, width))", size, 1)
+        return side, side
+    if len(size) != 2:
+        raise ValueError(f"ContextTransform: {name} must be an int or (height, width), got {size!r}")
+    height, width = (check_int("ContextTransform", f"{name}[{i}]", side, 1) for i, side in enumerate(size))
+    return height, width
 
 
 def _to_uint8(image: Image.Image) -> torch.Tensor:
@@ -72,9 +76,10 @@ class ContextTransform:
         self.context_size = _pair(context_size, "context_size")
         self.subject_size = _pair(subject_size, "subject_size")
         self.flip = flip
-        self.reducing_gap = reducing_gap
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(v) for v in std)
+        check_optional_float("ContextTransform", "reducing_gap", reducing_gap, 1.0)
+        self.reducing_gap = reducing_gap  # as given: it is part of the dictionary signature
+        self.mean = check_floats("ContextTransform", "mean", mean)
+        self.std = check_floats("ContextTransform", "std", std, 0.0, low_open=True)
         # (x / 255 - mean) / std as one multiply-add per pixel on the uint8 values
         self._scale = np.array([1.0 / (255.0 * s) for s in std], dtype=np.float32)[:, None, None]
         self._bias = np.array([-m / s for m, s in zip(mean, std)], dtype=np.float32)[:, None, None]

@@ -18,6 +18,7 @@ PACKAGES = {
 #: Every module must fall under one of these names (the longest matching prefix decides).
 LAYERS = {
     "ccim_lightning.types": 0,
+    "ccim_lightning.arguments": 0,
     **dict.fromkeys(
         (
             f"ccim_lightning.{name}"
@@ -27,6 +28,7 @@ LAYERS = {
                 "losses",
                 "weights",
                 "checkpoints",
+                "class_paths",
                 "compat",
                 "logs",
                 "sample_index",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ccim_lightning.checkpoints import check_checkpoint_finite, load_checkpoint
+from ccim_lightning.class_paths import check_class_paths
 from ccim_lightning.commands.errors import CommandError
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def check_checkpoint_matches_config(ckpt_path: str, user_model: Any) -> None:
     """
     checkpoint = load_checkpoint(ckpt_path)  # weights-only; every failure names the file
     check_checkpoint_finite(checkpoint, ckpt_path)
+    check_class_paths(checkpoint, source=ckpt_path, user_config=_plain(user_model))  # before LightningCLI imports
     saved = checkpoint.get("hyper_parameters") or {}
     if not saved:
         return

@@ -23,9 +23,17 @@ from ccim_lightning.commands import bias_report, build_dictionary, predict_files
 from ccim_lightning.commands.checkpoint_config import CheckpointConfigMismatch
 from ccim_lightning.commands.cli import build_cli
 from ccim_lightning.commands.errors import CommandError
+from ccim_lightning.dictionary.store import DictionaryFileError
 
 #: What every subcommand may raise for bad input: reported as one line, without a traceback.
-INPUT_ERRORS = (CommandError, CheckpointConfigMismatch, CheckpointError, FileNotFoundError, IsADirectoryError)
+INPUT_ERRORS = (
+    CommandError,
+    CheckpointConfigMismatch,
+    CheckpointError,
+    DictionaryFileError,  # --dictionary.cache and build-dictionary --out: damaged, foreign or unsafe files
+    FileNotFoundError,
+    IsADirectoryError,
+)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ import pandas as pd
 from PIL import Image
 
 from ccim_lightning.commands.errors import CommandError
-from ccim_lightning.datamodules.common import clip_boxes, load_rgb
+from ccim_lightning.datamodules.common import clip_boxes
+from ccim_lightning.datamodules.decode import load_rgb
 from ccim_lightning.inference.detection import DETECTORS, Box, MissingOpenCVError, make_detector
 from ccim_lightning.inference.predictor import BoxError, Predictor
 from ccim_lightning.inference.video import VIDEO_SUFFIXES, VideoFrames, is_video

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ccim_lightning.arguments import check_float
 from ccim_lightning.debias._inputs import require_bound
 from ccim_lightning.debias.base import DebiasMethod, LossOf, Tensor, Terms
 from ccim_lightning.hosts import build_encoder, encoder_dim
@@ -75,8 +76,8 @@ class CLEF(DebiasMethod):
             raise ValueError(
                 f"kl_direction must be 'counterfactual_factual' or 'factual_counterfactual', got {kl_direction!r}"
             )
+        self.e_star_init = check_float(type(self).__name__, "e_star_init", e_star_init)
         self.encoder = build_encoder(encoder, weights)
-        self.e_star_init = float(e_star_init)
         self.kl_direction = kl_direction
         self.context_key = context_key
 

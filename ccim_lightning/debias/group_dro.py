@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 
+from ccim_lightning.arguments import check_float
 from ccim_lightning.debias._inputs import (
     check_clusters,
     check_targets,
@@ -41,6 +43,11 @@ class GroupDRO(DebiasMethod):
     1. ``q_g <- q_g * exp(eta * L_g)``, then ``q <- q / sum(q)`` (no gradient; ``q`` starts uniform);
     2. loss ``= sum_g q_g L_g`` with the updated ``q``, i.e. the sum over the groups present in the batch.
 
+    The weights are kept as ``log q`` (step 1 is ``log q <- log_softmax(log q + eta L)``): over a long run a
+    group that keeps a lower loss falls below float32's smallest number (``log q < -104``), and stored as ``q`` it
+    would become exactly 0, stay 0 for good, and make the normalised loss below 0 / 0 = NaN. ``log q`` is floored
+    at a finite value far below anything that matters (so a sum over floored groups stays defined).
+
     With ``N * C`` groups most groups are absent from a batch, so this sum is smaller than the mean loss by about
     the ``q`` mass of the absent groups. ``normalize=True`` divides it by the ``q`` mass of the groups present
     (a ``q``-weighted mean of the present groups' losses, on the scale of the ordinary loss); the default keeps
@@ -55,15 +62,15 @@ class GroupDRO(DebiasMethod):
         multilabel_groups: Grouping for multilabel data (see above); ignored for multiclass.
         normalize: Divide the loss by the ``q`` mass of the groups in the batch (see above).
 
-    Buffers (in checkpoints): ``q`` (G,), the group weights.
+    Buffers (in checkpoints): ``log_q`` (G,), the log group weights (``q`` is their softmax, a property). A
+    checkpoint from before this change, holding ``q``, loads as ``log q``.
     """
 
     def __init__(
         self, eta: float = 0.01, multilabel_groups: MultilabelGroups = "category_cluster", normalize: bool = False
     ) -> None:
         super().__init__()
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        eta = check_float(type(self).__name__, "eta", eta, 0.0)
         if multilabel_groups not in ("category_cluster", "cluster"):
             raise ValueError(f"multilabel_groups must be 'category_cluster' or 'cluster', got {multilabel_groups!r}")
         self.eta = float(eta)
@@ -78,7 +85,13 @@ class GroupDRO(DebiasMethod):
             self.num_groups = num_clusters * num_classes * 2
         else:
             self.num_groups = num_clusters
-        self.register_buffer("q", torch.full((self.num_groups,), 1.0 / self.num_groups))
+        self.register_buffer("log_q", torch.full((self.num_groups,), -math.log(self.num_groups)))
+        self.register_load_state_dict_pre_hook(_q_as_log_q)
+
+    @property
+    def q(self) -> torch.Tensor:
+        """The group weights ``q`` (G,), summing to 1: the softmax of the ``log_q`` buffer (tiny groups read 0)."""
+        return torch.softmax(self.log_q, dim=0)
 
     def fit_clusters(self, clusters: torch.Tensor, targets: torch.Tensor) -> None:
         """Checks the training split's clusters and labels and logs how many groups it fills (``q`` needs none)."""
@@ -118,17 +131,33 @@ class GroupDRO(DebiasMethod):
             dist.all_reduce(stats)  # every rank sees the global batch's group losses: q stays in sync
         global_losses = stats[0] / stats[1].clamp_min(1)
         with torch.no_grad():
-            # q * exp(eta L) / sum(...) written as a softmax in log space, which cannot overflow.
-            self.q.copy_(torch.softmax(self.q.log() + self.eta * global_losses.to(self.q.dtype), dim=0))
-        q = self.q.to(loss.dtype)
-        total = (q * (sums / counts.clamp_min(1))).sum()
+            # q * exp(eta L) / sum(...) in log space: neither overflows nor underflows to a weight of exactly 0.
+            log_q = torch.log_softmax(self.log_q + self.eta * global_losses.to(self.log_q.dtype), dim=0)
+            self.log_q.copy_(log_q.clamp_min(torch.finfo(self.log_q.dtype).min / 4))
+        log_q = self.log_q.to(loss.dtype)
+        group_means = sums / counts.clamp_min(1)
         present = counts > 0
         if self.normalize:
-            total = total / q[present].sum()
+            # q_g / sum_{present} q_h as a softmax over the present groups' log q: defined even where every
+            # present q_g underflows float32.
+            weights = torch.softmax(log_q.masked_fill(~present, float("-inf")), dim=0)
+            total = (weights[present] * group_means[present]).sum()
+        else:
+            total = (log_q.exp() * group_means).sum()
         present_global = stats[1] > 0
         terms = {
-            "q_max": self.q.max().detach(),
+            "q_max": self.log_q.max().exp().detach(),
             "worst_group_loss": global_losses[present_global].max().detach(),
             "groups_in_batch": present_global.sum().to(loss.dtype),
         }
         return total, terms
+
+
+def _q_as_log_q(module: GroupDRO, state_dict: dict, prefix: str, *args: object) -> None:
+    """Load hook: a checkpoint written when the weights were stored as ``q`` loads them as ``log q``.
+
+    A weight that had already underflowed to 0 there is lost; it loads as the floor, so the group can recover.
+    """
+    if prefix + "q" in state_dict and prefix + "log_q" not in state_dict:
+        q = state_dict.pop(prefix + "q")
+        state_dict[prefix + "log_q"] = q.log().clamp_min(torch.finfo(q.dtype).min / 4)

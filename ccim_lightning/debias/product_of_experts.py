@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import torch
 
+from ccim_lightning.arguments import check_float
 from ccim_lightning.debias._inputs import (
     check_clusters,
     check_targets,
@@ -44,6 +45,7 @@ class ProductOfExperts(DebiasMethod):
 
     def __init__(self, smoothing: float = 1.0) -> None:
         super().__init__()
+        smoothing = check_float(type(self).__name__, "smoothing", smoothing)
         if smoothing <= 0:
             raise ValueError(
                 f"smoothing must be > 0, got {smoothing}: a cluster-label pair absent from the training split would "

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ccim_lightning.arguments import check_float, check_optional_float
 from ccim_lightning.debias._inputs import (
     check_clusters,
     check_targets,
@@ -57,12 +58,9 @@ class ClusterReweighting(DebiasMethod):
 
     def __init__(self, smoothing: float = 1.0, max_weight: float | None = 10.0) -> None:
         super().__init__()
-        if smoothing < 0:
-            raise ValueError(f"smoothing must be >= 0, got {smoothing}")
-        if max_weight is not None and max_weight <= 0:
-            raise ValueError(f"max_weight must be > 0 or None, got {max_weight}")
-        self.smoothing = float(smoothing)
-        self.max_weight = None if max_weight is None else float(max_weight)
+        where = type(self).__name__
+        self.smoothing = check_float(where, "smoothing", smoothing, 0.0)
+        self.max_weight = check_optional_float(where, "max_weight", max_weight, 0.0, low_open=True)
 
     def bind(self, *, num_classes: int, task: Task, num_clusters: int) -> None:
         super().bind(num_classes=num_classes, task=task, num_clusters=num_clusters)

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch.utils.data import Dataset
 
+from ccim_lightning.arguments import check_int, check_optional_int
 from ccim_lightning.dictionary.collectives import Collectives
 from ccim_lightning.dictionary.features import (
     ContextFeatureExtractor,
@@ -72,12 +73,11 @@ class DictionaryRecipe:
     def __post_init__(self) -> None:
         if self.source not in ("features", "random"):
             raise ValueError(f"DictionaryRecipe.source must be 'features' or 'random', got {self.source!r}")
-        for name in ("num_iterations", "pca_dim", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"DictionaryRecipe.{name} must be a positive integer, got {value!r}")
-        if self.num_workers is not None and (isinstance(self.num_workers, bool) or self.num_workers < 0):
-            raise ValueError(f"DictionaryRecipe.num_workers must be 0 or more, got {self.num_workers!r}")
+        check_int("DictionaryRecipe", "seed", self.seed, 0)
+        check_int("DictionaryRecipe", "num_iterations", self.num_iterations, 1)
+        for name in ("pca_dim", "batch_size"):
+            check_optional_int("DictionaryRecipe", name, getattr(self, name), 1)
+        check_optional_int("DictionaryRecipe", "num_workers", self.num_workers, 0)
 
     @property
     def cache_path(self) -> Path | None:
@@ -102,6 +102,7 @@ class DictionaryRecipe:
             return ConfounderDictionary.random(num_prototypes, dim, seed=self.seed)
         with collectives.agreed("preparing the dictionary build"):
             dataset = training_samples(datamodule, self.mask_subject)
+            check_cluster_count(num_prototypes, len(dataset))  # before minutes to hours of extraction
             extractor = ContextFeatureExtractor(self.extractor, self.weights).to(collectives.device)
             if extractor.num_features != dim:
                 raise ValueError(
@@ -135,6 +136,26 @@ class DictionaryRecipe:
         dictionary = build_from_features(self, rows, key, len(dataset), collectives)
         dictionary.extra["build_seconds"] = time.perf_counter() - start
         return dictionary
+
+
+def check_cluster_count(num_prototypes: int, num_samples: int) -> None:
+    """Refuses a dictionary size k-means cannot give: more clusters than training samples (or none at all).
+
+    Raises:
+        ValueError: Naming both numbers and the option to change (``--model.init_args.num_prototypes``).
+    """
+    if isinstance(num_prototypes, bool) or not isinstance(num_prototypes, int) or num_prototypes < 1:
+        raise ValueError(
+            f"The confounder dictionary needs a positive number of clusters, got num_prototypes={num_prototypes!r}: "
+            "set --model.init_args.num_prototypes (the paper uses 128 to 256)."
+        )
+    if num_samples < num_prototypes:
+        raise ValueError(
+            f"The confounder dictionary asks for {num_prototypes} clusters but the training split has only "
+            f"{num_samples} samples, and k-means cannot make more clusters than points: set "
+            f"--model.init_args.num_prototypes to {num_samples} or fewer (the paper uses 128 to 256 on thousands of "
+            "images), or train on more data."
+        )
 
 
 def training_samples(datamodule: object, mask_subject: bool) -> Dataset:
@@ -196,7 +217,7 @@ def load_cached(path: Path | None, key: DictionaryKey) -> ConfounderDictionary |
     try:
         cached = ConfounderDictionary.load(path)
     except DictionaryFileError as error:
-        raise DictionaryFileError(f"{error} (the `cache` of the dictionary recipe)") from error
+        raise type(error)(f"{error} (the `cache` of the dictionary recipe)") from error  # unsafe stays unsafe
     reasons = cached.mismatches(key)
     if reasons:
         log.info("Confounder dictionary: cache %s does not match this run, rebuilding: %s", path, "; ".join(reasons))

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -18,7 +19,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["ConfounderDictionary", "DictionaryFileError", "DictionaryKey", "check_cache_path", "dataset_fingerprint"]
+from ccim_lightning.checkpoints import TRUST_ADVICE, refused_globals
+
+__all__ = [
+    "ConfounderDictionary",
+    "DictionaryFileError",
+    "DictionaryKey",
+    "UnsafeDictionaryError",
+    "check_cache_path",
+    "dataset_fingerprint",
+]
 
 FORMAT_TAG = "ccim-lightning/confounder-dictionary"
 FORMAT_VERSION = 3  # 3: the cache key stored as one typed record (DictionaryKey); 2: key fields among the metadata
@@ -28,6 +38,10 @@ _PRIOR_TOLERANCE = 1e-4
 
 class DictionaryFileError(ValueError):
     """A dictionary file is damaged, foreign, of an unknown version or inconsistent."""
+
+
+class UnsafeDictionaryError(DictionaryFileError):
+    """A dictionary file's pickle needs Python globals that a weights-only load refuses to run (named)."""
 
 
 @dataclass(frozen=True)
@@ -304,6 +318,14 @@ class ConfounderDictionary:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # any failure here means the bytes are not a readable torch file
+            unsafe = refused_globals(path, exc) if isinstance(exc, pickle.UnpicklingError) else []
+            if unsafe:  # intact but unsafe, not damaged: said so, as for checkpoints and weights files
+                raise UnsafeDictionaryError(
+                    f"Refused {where[0].lower()}{where[1:]}: its pickle needs the Python global(s) "
+                    f"{', '.join(unsafe)}, and unpickling a global can run code stored in the file. Dictionary files "
+                    f"are read with torch.load(weights_only=True), which refuses to run code from a file; "
+                    f"{TRUST_ADVICE}. Build the dictionary yourself (`ccim build-dictionary`) instead."
+                ) from exc
             first = (str(exc).strip().splitlines() or ["no message"])[0]
             raise DictionaryFileError(
                 f"{where} cannot be read: damaged, truncated or not a torch file ({type(exc).__name__}: {first}). "

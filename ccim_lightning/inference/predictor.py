@@ -23,9 +23,10 @@ from PIL import Image
 
 from ccim_lightning.callbacks.prediction_writer import LABEL_SEPARATOR
 from ccim_lightning.checkpoints import CheckpointError, check_checkpoint_finite, load_checkpoint
-from ccim_lightning.datamodules.common import clip_boxes, load_rgb, to_rgb
+from ccim_lightning.class_paths import check_class_paths
+from ccim_lightning.datamodules.common import clip_boxes
 from ccim_lightning.datamodules.dataset import normalize_batch
-from ccim_lightning.datamodules.decode import decode_reduced
+from ccim_lightning.datamodules.decode import decode_reduced, load_rgb, open_image, oriented_size, to_rgb
 from ccim_lightning.datamodules.inputs import INPUT_SETTINGS_KEY, InputSettings
 from ccim_lightning.datamodules.transforms import ContextTransform
 from ccim_lightning.module import CCIMLightningModule
@@ -86,6 +87,7 @@ class Predictor:
         """
         checkpoint = load_checkpoint(path)
         check_checkpoint_finite(checkpoint, path)
+        check_class_paths(checkpoint, source=str(path))  # what instantiate_module would import: allow-list only
         where = f"Checkpoint {str(path)!r}"
         stored = checkpoint.get(INPUT_SETTINGS_KEY)
         if stored is None:
@@ -278,8 +280,8 @@ class Predictor:
             if not self.inputs.reduced_decode:
                 rgb = load_rgb(path)
                 return rgb, rgb.size, 1
-            with Image.open(path) as header:
-                size = header.size
+            with open_image(path) as header:  # the displayed (EXIF-oriented) size, which boxes refer to
+                size = oriented_size(header)
             # the smallest reduction any person of the image allows: one decode serves them all, as in training
             people = [None] if boxes is None else [self._clip(box, size, label) for box in boxes]
             localised = np.array([box is not None for box in people])

@@ -117,7 +117,7 @@ def test_dictionary_signature_names_what_changes_the_context_pixels():
     assert signature["context_size"] == [200, 300] and signature["interpolation"] == "bilinear"
     np.testing.assert_allclose(signature["mean"], [0.485, 0.456, 0.406])
     np.testing.assert_allclose(signature["std"], [0.229, 0.224, 0.225])
-    assert signature["mask_fill"] == 0.0 and signature["pixels"] == "pil-rgb-v2"
+    assert signature["mask_fill"] == 0.0 and signature["pixels"] == "pil-rgb-v3"
     assert EmoticDataModule("x", use_arrays=True).dictionary_signature()["pixels"].startswith("emotic-arrays")
     other = ContextTransform(224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     assert CAERSDataModule("x", eval_transform=other).dictionary_signature()["mean"] == [0.5, 0.5, 0.5]

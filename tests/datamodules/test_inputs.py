@@ -10,7 +10,8 @@ from scipy.io import savemat
 
 from ccim_lightning.datamodules import CAERSDataModule, EmoticDataModule, TableDataModule
 from ccim_lightning.datamodules.caers import read_face_boxes
-from ccim_lightning.datamodules.common import AnnotationError, load_rgb
+from ccim_lightning.datamodules.common import AnnotationError
+from ccim_lightning.datamodules.decode import load_rgb
 from ccim_lightning.datamodules.emotic import read_emotic_csv, read_emotic_mat
 
 EMOTIC_HEADER = ["Index", "Folder", "Filename", "Image Size", "BBox", "Categorical_Labels", "Continuous_Labels",

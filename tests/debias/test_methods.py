@@ -152,6 +152,52 @@ def test_group_dro_normalize_divides_by_the_mass_of_the_present_groups():
     assert loss.item() == pytest.approx((0.25 * 1.0 + 0.25 * 3.0) / 0.5)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_group_dro_weights_survive_a_long_run_of_large_losses(normalize):
+    # Group 0 (z=0, y=0) loses 50 and group 3 (z=1, y=1) loses 1 at each of 500 steps: by the exponentiated-gradient
+    # rule q_3 ends near exp(-245), far below float32's smallest number (exp(-103)). Stored as q it became exactly 0,
+    # and a batch of group 3 alone then gave the normalised loss 0 / 0 = NaN (and the plain sum no gradient ever).
+    eta, steps = 0.01, 500
+    method = bound(GroupDRO(eta=eta, normalize=normalize))
+    log_q = [math.log(1 / 4)] * 4  # the rule by hand, in float64 log space
+
+    def hand_step(group_losses):
+        nonlocal log_q
+        raised = [lq + eta * loss for lq, loss in zip(log_q, group_losses)]
+        top = max(raised)
+        log_total = top + math.log(sum(math.exp(r - top) for r in raised))
+        log_q = [r - log_total for r in raised]
+
+    batch = {"target": torch.tensor([0, 1])}
+    for _ in range(steps):
+        loss, _ = method.training_loss(
+            torch.zeros(2, 2), batch, torch.tensor([0, 1]), fixed_loss(torch.tensor([50.0, 1.0]))
+        )
+        hand_step([50.0, 0.0, 0.0, 1.0])
+        assert math.isfinite(loss.item())
+    assert log_q[3] < -240
+    torch.testing.assert_close(method.log_q.double(), torch.tensor(log_q, dtype=torch.float64), rtol=1e-5, atol=1e-3)
+
+    per_sample = torch.tensor([1.0], requires_grad=True)  # a batch of group 3 alone
+    loss, _ = method.training_loss(
+        torch.zeros(1, 2), {"target": torch.tensor([1])}, torch.tensor([1]), fixed_loss(per_sample)
+    )
+    hand_step([0.0, 0.0, 0.0, 1.0])
+    torch.testing.assert_close(method.log_q.double(), torch.tensor(log_q, dtype=torch.float64), rtol=1e-5, atol=1e-3)
+    # normalised: q_3 / q_3 * L_3 = 1; the sum: q_3 * L_3 = exp(log q_3), 0 in float32, but never NaN.
+    assert loss.item() == (1.0 if normalize else pytest.approx(math.exp(log_q[3]) * 1.0, abs=1e-30))
+    loss.backward()
+    assert torch.isfinite(per_sample.grad).all()
+
+
+def test_group_dro_loads_a_checkpoint_that_stored_q():
+    method = bound(GroupDRO())
+    method.load_state_dict({"q": torch.tensor([0.5, 0.25, 0.25, 0.0])})  # an older checkpoint; q_3 had underflowed
+    torch.testing.assert_close(method.q, torch.tensor([0.5, 0.25, 0.25, 0.0]))
+    assert torch.isfinite(method.log_q).all() and method.log_q[0].item() == pytest.approx(math.log(0.5))
+    assert set(method.state_dict()) == {"log_q"}
+
+
 def test_group_dro_multilabel_category_cluster_groups():
     eta = 1.0
     method = bound(GroupDRO(eta=eta), task="multilabel")  # G = 2 clusters x 2 categories x 2 values = 8

@@ -32,10 +32,12 @@ def _key(**overrides) -> DictionaryKey:
     ("settings", "message"),
     [
         ({"source": "clusters"}, "source must be 'features' or 'random', got 'clusters'"),
-        ({"num_iterations": 0}, "num_iterations must be a positive integer, got 0"),
-        ({"pca_dim": -3}, "pca_dim must be a positive integer, got -3"),
-        ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
-        ({"num_workers": -1}, "num_workers must be 0 or more, got -1"),
+        ({"num_iterations": 0}, "num_iterations must be an integer >= 1, got 0"),
+        ({"pca_dim": -3}, "pca_dim must be an integer >= 1, got -3"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"num_workers": -1}, "num_workers must be an integer >= 0, got -1"),
+        ({"num_workers": float("nan")}, r"num_workers must be an integer \(>= 0\), got float nan"),
+        ({"seed": 1.5}, r"seed must be an integer \(>= 0\), got float 1.5"),
     ],
 )
 def test_settings_are_checked_on_construction(settings, message):
@@ -80,3 +82,19 @@ def test_the_key_of_a_run_takes_each_setting_from_its_source():
 def test_random_source_needs_no_data_and_is_keyed_by_n_and_seed():
     dictionary = DictionaryRecipe(source="random", seed=5).load_or_build(None, 4, 8)
     assert dictionary.key == DictionaryKey.for_random(4, 5) and dictionary.prototypes.shape == (4, 8)
+
+
+@pytest.mark.parametrize(
+    ("num_prototypes", "match"), [(33, "asks for 33 clusters but .* only 32 samples"), (0, "positive")]
+)
+def test_an_impossible_cluster_count_fails_before_any_feature_is_extracted(monkeypatch, num_prototypes, match):
+    from ccim_lightning.datamodules import SyntheticContextDataModule
+    from ccim_lightning.dictionary import recipe as recipe_module
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("the scene CNN was built: the check came too late")
+
+    monkeypatch.setattr(recipe_module, "ContextFeatureExtractor", no_extraction)
+    data = SyntheticContextDataModule(train_size=32, val_size=4, test_size=4, image_size=16, subject_size=8)
+    with pytest.raises(ValueError, match=rf"{match}.*--model\.init_args\.num_prototypes"):
+        DictionaryRecipe(extractor="test_efficientnet").load_or_build(data, num_prototypes, 256)

@@ -2,6 +2,8 @@
 
 import dataclasses
 import hashlib
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from ccim_lightning.dictionary.store import (
     ConfounderDictionary,
     DictionaryFileError,
     DictionaryKey,
+    UnsafeDictionaryError,
     dataset_fingerprint,
 )
 
@@ -131,6 +134,39 @@ def test_damaged_file_is_rejected(tmp_path, damage):
     with pytest.raises(DictionaryFileError, match="cannot be read") as excinfo:
         ConfounderDictionary.load(path)
     assert str(path) in str(excinfo.value) and "rebuild" in str(excinfo.value)
+
+
+class _MakesAFolder:
+    """Unpickling this runs ``os.mkdir(folder)``: a stand-in for any code a hostile file could run."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def __reduce__(self):
+        return os.mkdir, (self.folder,)
+
+
+def write_hostile_dictionary(path, marker):
+    """A real dictionary's payload with one value that runs code when unpickled."""
+    _clustered().save(path)
+    payload = torch.load(path, weights_only=True)
+    payload["extra"] = {"note": _MakesAFolder(marker)}
+    torch.save(payload, path)
+    return path
+
+
+def test_a_hostile_file_is_refused_as_unsafe_naming_the_globals_in_one_line(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = write_hostile_dictionary(tmp_path / "z.pt", marker)
+    with pytest.raises(UnsafeDictionaryError) as excinfo:
+        ConfounderDictionary.load(path)
+    message = str(excinfo.value)
+    assert message.startswith(
+        f"Refused confounder dictionary file {str(path)!r}: its pickle needs the Python global(s)"
+    )
+    assert f"{os.mkdir.__module__}.mkdir" in message and "damaged" not in message and "\n" not in message
+    assert isinstance(excinfo.value, DictionaryFileError)  # callers that catch file errors still catch it
+    assert not marker.exists()  # nothing ran
 
 
 def test_foreign_torch_file_is_rejected(tmp_path):
@@ -289,3 +325,30 @@ def test_assignments_out_of_range_or_misaligned_targets_are_rejected():
         ConfounderDictionary.from_clustering(
             torch.zeros(2, 3), [1, 1], key, assignments=torch.tensor([0, 1]), targets=torch.zeros(3)
         )
+
+
+SMALL = ["--config", "configs/synthetic.yaml", "--data.init_args.train_size", "32", "--data.init_args.val_size", "8",
+         "--data.init_args.test_size", "8", "--trainer.max_epochs", "1", "--trainer.logger", "false"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["build-dictionary", *SMALL, "--out", "{file}"],
+        ["fit", *SMALL, "--dictionary.cache", "{file}", "--trainer.default_root_dir", "{folder}"],
+        ["bias-report", *SMALL, "--dictionary", "{file}", "--out", "{folder}"],
+    ],
+    ids=["build-dictionary --out", "fit --dictionary.cache", "bias-report --dictionary"],
+)
+def test_every_command_reports_a_hostile_dictionary_as_unsafe_in_one_line(tmp_path, monkeypatch, command):
+    from ccim_lightning.commands.main import main
+
+    monkeypatch.chdir(Path(__file__).parents[2])  # the configs' relative paths
+    marker = tmp_path / "code-ran"
+    path = write_hostile_dictionary(tmp_path / "z.pt", marker)
+    with pytest.raises(SystemExit) as excinfo:
+        main([part.format(file=path, folder=tmp_path / "out") for part in command])
+    message = str(excinfo.value.code)
+    assert message.startswith("ccim: error: ") and "\n" not in message
+    assert f"Refused confounder dictionary file {str(path)!r}" in message and "mkdir" in message
+    assert "damaged" not in message and not marker.exists()

@@ -23,7 +23,7 @@ from ccim_lightning.callbacks.prediction_writer import PredictionWriter
 from ccim_lightning.checkpoints import CheckpointError
 from ccim_lightning.commands.cli import build_cli
 from ccim_lightning.datamodules import CAERSDataModule, EmoticDataModule, GroupWalkDataModule, TableDataModule
-from ccim_lightning.datamodules.common import load_rgb
+from ccim_lightning.datamodules.decode import load_rgb
 from ccim_lightning.datamodules.inputs import INPUT_SETTINGS_KEY
 from ccim_lightning.datamodules.synthetic import SyntheticContextDataModule
 from ccim_lightning.inference.predictor import BoxError
