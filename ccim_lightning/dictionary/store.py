@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ccim_lightning.checkpoints import atomic_write
+
 __all__ = [
     "ConfounderDictionary",
     "DictionaryFileError",
@@ -316,7 +318,7 @@ class ConfounderDictionary:
     # -------------------------------------------------------------------------------------------------------- I/O
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the dictionary atomically (temporary file, then ``os.replace``); parent folders are created.
+        """Write the dictionary atomically (:func:`~ccim_lightning.checkpoints.atomic_write`); folders are created.
 
         Args:
             path: Target file, conventionally ``*.pt``.
@@ -338,15 +340,8 @@ class ConfounderDictionary:
         for name in _OPTIONAL_TENSOR_FIELDS:
             value = getattr(self, name)
             payload[name] = None if value is None else value.detach().cpu().contiguous().clone()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(path) as f:  # a full disk or a kill keeps the previous file; the error names this one
+            torch.save(payload, f)
         return path
 
     @classmethod
