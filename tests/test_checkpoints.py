@@ -258,3 +258,22 @@ def test_a_writer_killed_mid_checkpoint_leaves_the_previous_checkpoint(tmp_path)
     # The next save removes the killed writer's temporary file.
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.arange(2.0)}}, path)
     assert _hidden(tmp_path) == []
+
+
+def test_a_full_disk_while_saving_the_dictionary_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    from ccim_lightning.dictionary.store import ConfounderDictionary
+    from tests.dictionary.test_store import _key
+
+    path = tmp_path / "z.pt"
+    old = ConfounderDictionary(torch.zeros(2, 3), torch.tensor([0.5, 0.5]), _key(2))
+    old.save(path)
+    before = path.read_bytes()
+
+    def fills_the_disk(payload, f):
+        f.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    with pytest.raises(AtomicWriteError, match=re.escape(str(path))):
+        ConfounderDictionary(torch.ones(2, 3), torch.tensor([0.5, 0.5]), _key(2)).save(path)
+    assert path.read_bytes() == before and _hidden(tmp_path) == []

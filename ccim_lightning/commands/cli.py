@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -33,6 +34,7 @@ from ccim_lightning.commands.checkpoint_config import (
     check_checkpoint_matches_config,
     find_last_checkpoint,
 )
+from ccim_lightning.commands.errors import CommandError
 from ccim_lightning.dictionary.recipe import DictionaryRecipe
 from ccim_lightning.module import CCIMLightningModule
 
@@ -104,9 +106,10 @@ class CCIMCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        section = self.config[subcommand] if subcommand else self.config
+        _check_linked_confounder_dim(args, section)
         if not subcommand:
             return
-        section = self.config[subcommand]
         if "weights_only" in section and section.weights_only is None:
             section.weights_only = True  # Lightning would unpickle a --ckpt_path fully; its own default is None
         check_checkpoint_filename(section.checkpoint.filename, section.checkpoint.auto_insert_metric_name)
@@ -188,6 +191,49 @@ class CCIMCLI(LightningCLI):
                 "not written. Add --trainer.callbacks+=ccim_lightning.callbacks.PredictionWriter to write them to %s.",
                 would,
             )
+
+
+#: Where a config or command line may set the model's confounder_dim, which the link sets from the scene CNN.
+_CONFOUNDER_DIM_KEYS = (("model", "init_args", "confounder_dim"), ("model", "confounder_dim"))
+
+
+def _given_confounder_dim(args: Any) -> tuple[str, Any] | None:
+    """The last ``confounder_dim`` the command line or its ``--config`` files give, with where; None if none does.
+
+    The link from ``--dictionary.extractor`` overwrites the value in the parsed config, so it is looked up here.
+    """
+    if not isinstance(args, list | tuple):
+        return None
+    found, words = None, [str(a) for a in args]
+    for i, word in enumerate(words):
+        option, has_value, value = word.partition("=")
+        if not has_value:
+            value = words[i + 1] if i + 1 < len(words) else ""
+        if option == "--config" and Path(value).is_file():
+            node: Any = yaml.safe_load(Path(value).read_text()) or {}
+            for keys in _CONFOUNDER_DIM_KEYS:
+                leaf = node
+                for key in keys:
+                    leaf = leaf.get(key) if isinstance(leaf, dict) else None
+                if leaf is not None:
+                    found = (f"{'.'.join(keys)} in {value}", leaf)
+        elif option in {"--" + ".".join(keys) for keys in _CONFOUNDER_DIM_KEYS}:
+            found = (option, value)
+    return found
+
+
+def _check_linked_confounder_dim(args: Any, section: Any) -> None:
+    """Refuses a ``confounder_dim`` the user gave that differs from the width the scene CNN's link set."""
+    given = _given_confounder_dim(args)
+    linked = section.get("model", {}).get("init_args", {}).get("confounder_dim") if section.get("model") else None
+    if given is None or linked is None or str(given[1]) == str(linked):
+        return
+    extractor = section.get("dictionary", {}).get("extractor")
+    raise CommandError(
+        f"{given[0]} is {given[1]}, but the model's confounder_dim follows from the scene CNN: "
+        f"--dictionary.extractor {extractor} gives features of width {linked}, and the dictionary holds those "
+        f"features. Remove the confounder_dim setting, or choose an extractor whose features have {given[1]} values."
+    )
 
 
 def _default_logger(trainer_config: Any) -> bool:

@@ -134,3 +134,16 @@ def test_a_metric_name_with_a_slash_in_the_checkpoint_filename_is_refused_with_t
                "--checkpoint.mode", "max"])  # fmt: skip
     (best,) = [p for p in tmp_path.glob("**/checkpoints/**/*.ckpt") if p.name != "last.ckpt"]
     assert best.parent.name == "checkpoints" and best.name.startswith("epoch=0-val_acc=")
+
+
+def test_a_confounder_dim_that_disagrees_with_the_scene_cnn_is_refused_naming_both(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CommandError, match=r"confounder_dim is 512, .*test_efficientnet gives features of width 256"):
+        build_cli(["--config", SYNTHETIC, *TINY, "--model.init_args.confounder_dim", "512"], run=False)
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("model:\n  init_args:\n    confounder_dim: 100\n")
+    with pytest.raises(CommandError, match=r"model.init_args.confounder_dim in .*extra.yaml is 100"):
+        build_cli(["--config", SYNTHETIC, "--config", str(extra), *TINY], run=False)
+    # The value the extractor gives is accepted (e.g. from a run's saved config.yaml).
+    cli = build_cli(["--config", SYNTHETIC, *TINY, "--model.init_args.confounder_dim=256"], run=False)
+    assert cli.model.head.confounder_dim == 256
