@@ -147,3 +147,31 @@ def test_a_confounder_dim_that_disagrees_with_the_scene_cnn_is_refused_naming_bo
     # The value the extractor gives is accepted (e.g. from a run's saved config.yaml).
     cli = build_cli(["--config", SYNTHETIC, *TINY, "--model.init_args.confounder_dim=256"], run=False)
     assert cli.model.head.confounder_dim == 256
+
+
+def test_a_prediction_file_that_cannot_be_written_keeps_the_old_one_and_leaves_no_partial(tmp_path, monkeypatch):
+    import errno
+
+    import pandas as pd
+
+    from ccim_lightning.checkpoints import AtomicWriteError
+
+    monkeypatch.chdir(tmp_path)
+    build_cli(["fit", "--config", SYNTHETIC, *TINY])
+    writer = tmp_path / "writer.yaml"
+    writer.write_text(
+        "trainer:\n  callbacks:\n    - class_path: ccim_lightning.callbacks.PredictionWriter\n"
+        "      init_args: {path: out/preds.csv, overwrite: true}\n"
+    )
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "preds.csv").write_text("earlier,predictions\n")
+
+    def fills_the_disk(frame, buffer, **kwargs):
+        buffer.write("index,happy\n0,0.5\n")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", fills_the_disk)
+    with pytest.raises(AtomicWriteError, match=r"preds\.csv.*previous file is unchanged"):
+        build_cli(["predict", "--config", SYNTHETIC, "--config", str(writer), *TINY, "--ckpt_path", "last"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["preds.csv"]
+    assert (tmp_path / "out" / "preds.csv").read_text() == "earlier,predictions\n"
