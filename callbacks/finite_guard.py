@@ -13,8 +13,11 @@ NaN, and ``ModelCheckpoint`` saves those weights as ``last.ckpt`` (and, since Na
 The error names the logged losses that are not finite (``train/loss``, ``train/vad_loss``, ...), the epoch,
 ``batch_idx`` and global step, and the batch's sample ``index`` values, so the offending samples can be looked at.
 Raising ends ``Trainer.fit``: ``ModelCheckpoint`` saves only at the end of a batch, epoch or validation, which never
-comes. (``OnExceptionCheckpoint`` would save on the exception, by design; the weights it saves are still those of the
-last good step, though BatchNorm's running statistics may already hold the bad batch.)
+comes. A ``ModelCheckpoint(save_on_exception=True)`` would save the current state on the exception and replace
+``last.ckpt`` with it (BatchNorm's running statistics may already hold the bad batch, the weights too after a bad
+step): for the guard's own error the guard turns that save off (``on_exception`` runs before the checkpoint
+callbacks, which Lightning keeps last) and turns it back on at the next ``setup``, so the files on disk stay those of
+the last finite step, as its message says. (``OnExceptionCheckpoint`` writes its own file, never ``last.ckpt``.)
 
 Each check reads one value back from the device per step (the progress bar does the same for the loss).
 """
@@ -27,7 +30,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from typing_extensions import override
 
@@ -60,6 +63,24 @@ class FiniteLossGuard(Callback):
         self.index_key = index_key
         self._batch: Any = None
         self._batch_idx = -1
+        self._held_back: list[ModelCheckpoint] = []
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for checkpoint in self._held_back:  # a later run saves on its exceptions again
+            checkpoint.save_on_exception = True
+        self._held_back = []
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, NonFiniteTrainingError):
+            return
+        # The state now holds non-finite values: a save on this exception would replace the last finite last.ckpt.
+        self._held_back = [
+            cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.save_on_exception
+        ]
+        for checkpoint in self._held_back:
+            checkpoint.save_on_exception = False
 
     @override
     def on_train_batch_start(

@@ -27,7 +27,6 @@ and logs its path once.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ccim_lightning.arguments import check_optional_float
+from ccim_lightning.checkpoints import atomic_write
 from ccim_lightning.sample_index import first_of_each_index
 from ccim_lightning.thresholds import DEFAULT_THRESHOLD
 from ccim_lightning.types import (
@@ -350,10 +350,8 @@ class PredictionWriter(BasePredictionWriter):
                 target=target,
             )
             path = self._paths[loader_idx]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f".{path.name}.partial")  # a crash mid-write leaves no truncated CSV
-            frame.to_csv(partial, index=False)
-            os.replace(partial, path)
+            with atomic_write(path, "w", newline="") as f:  # a failed write keeps the old file, leaves no partial
+                frame.to_csv(f, index=False)
             self.written.append(path)
             log.info("Predictions for %d samples written to %s", len(frame), path)
             if table is not None and len(frame) < len(table):

@@ -14,10 +14,15 @@ Python global, whatever the installed torch's default. Every way a file can fail
 :func:`check_checkpoint_finite` then names the first tensor holding NaN or inf, so that a checkpoint of a diverged run
 is not tested or resumed from as if it were sound. :func:`refused_globals` and
 :func:`archive_damage` are shared with :mod:`ccim_lightning.weights`.
+
+Writing: :func:`atomic_write` is the one way the package replaces a file (checkpoints through
+:class:`AtomicCheckpointIO`, predictions, the dictionary cache): a failed or killed write never leaves a partial
+file nor loses the previous good one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -26,17 +31,23 @@ import re
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from typing_extensions import override
 
 __all__ = [
+    "AtomicCheckpointIO",
+    "AtomicWriteError",
     "CheckpointError",
     "UnsafeCheckpointError",
     "archive_damage",
+    "atomic_write",
     "check_checkpoint_finite",
     "load_checkpoint",
     "refused_globals",
+    "remove_stale_temporaries",
 ]
 
 _LISTED = 8
@@ -284,3 +295,116 @@ def _pickle_globals(data: bytes) -> list[str]:
         if stream.tell() <= start:
             break
     return names
+
+
+class AtomicWriteError(OSError):
+    """Writing a file failed; the previous file at that path, if any, is unchanged and no partial file is left."""
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO]:
+    """Opens a temporary file beside ``path`` that replaces ``path`` only once it is completely on disk.
+
+    The temporary file (``.<name>.<pid>.tmp``) lies in the target's own folder, so the final ``os.replace`` is a
+    rename within one file system: atomic, whereas a temporary folder elsewhere would need a copy that a kill or
+    a full disk leaves half done. It is flushed and fsynced before the rename, and the folder after it, so a
+    power loss leaves the old file or the new one. Any failure (a full disk, an exception of the writer, a
+    ``KeyboardInterrupt``) removes the temporary file, keeps the previous file, and is raised as
+    :class:`AtomicWriteError` naming the file (other exceptions of the writer are raised as they are). A process
+    killed mid-write leaves only its ``.tmp`` file, never a truncated ``path``. Parent folders are created.
+
+    Args:
+        path: The file to write.
+        mode: ``"wb"`` or ``"w"``.
+        **open_kwargs: More arguments of :func:`open` (``encoding``, ``newline``).
+
+    Yields:
+        The open temporary file.
+
+    Raises:
+        AtomicWriteError: The write, flush, fsync or rename failed (``errno`` kept); the message names ``path``.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_write writes whole files: mode must be 'wb' or 'w', got {mode!r}")
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        kept = "the previous file is unchanged" if path.exists() else "nothing was written there"
+        raise AtomicWriteError(
+            error.errno,
+            f"Could not write {str(path)!r} ({error.strerror or error}); {kept} and no partial file is left. "
+            "Free space on its file system or choose another folder.",
+        ) from error
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Deletes the temporary files of :func:`atomic_write` for ``path`` whose writing process is gone (was killed).
+
+    Args:
+        path: The target file.
+
+    Returns:
+        The files deleted.
+    """
+    path = Path(path)
+    removed = []
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = stale.name.removeprefix(f".{path.name}.").removesuffix(".tmp")
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Makes a rename in ``folder`` durable; file systems that cannot fsync a folder (some network ones) skip it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` whose saves to local paths go through :func:`atomic_write`.
+
+    A kill, a full disk or any error during a checkpoint save then leaves the previous ``last.ckpt`` (or best)
+    intact and no truncated file; Lightning's own save writes the target in place. Remote (fsspec) paths are saved
+    by Lightning as before. Plug it in with ``Trainer(plugins=[AtomicCheckpointIO()])``; ``ccim`` does.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        with atomic_write(path) as f:
+            torch.save(checkpoint, f)

@@ -1,11 +1,17 @@
 """Tests of the safe checkpoint loader: every damaged, foreign or unsafe file ends in an error naming it."""
 
 import builtins
+import errno
 import os
 import pickle
 import re
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zipfile
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -13,8 +19,11 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from ccim_lightning.checkpoints import (
+    AtomicCheckpointIO,
+    AtomicWriteError,
     CheckpointError,
     UnsafeCheckpointError,
+    atomic_write,
     check_checkpoint_finite,
     load_checkpoint,
     refused_globals,
@@ -157,3 +166,114 @@ def test_non_finite_tensor_is_named(tmp_path):
     checkpoint["state_dict"]["head.dictionary"] = torch.zeros(2, 2)
     with pytest.raises(CheckpointError, match=r"optimizer_states\[0\]\['state'\]\[0\]\['exp_avg'\] has 1 NaN"):
         check_checkpoint_finite(checkpoint, path)
+
+
+# ------------------------------------------------------------------------------------------------- atomic writes
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_atomic_write_keeps_the_previous_file_when_the_disk_fills_up(tmp_path):
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(b"good")
+    with pytest.raises(AtomicWriteError, match="last.ckpt") as caught:
+        with atomic_write(path) as f:
+            f.write(b"x" * 4096)  # part of the new file is written, then the file system is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert caught.value.errno == errno.ENOSPC
+    assert "previous file is unchanged" in str(caught.value)
+    assert path.read_bytes() == b"good"
+    assert _hidden(tmp_path) == []  # no partial file beside it
+
+
+def test_atomic_write_replaces_only_after_a_complete_write(tmp_path):
+    path = tmp_path / "sub" / "table.csv"
+    with atomic_write(path, "w") as f:
+        f.write("a,b\n")
+        assert not path.exists()  # the target appears only once the file is complete
+    assert path.read_text() == "a,b\n"
+    with pytest.raises(ValueError):
+        with atomic_write(path, "a"):
+            pass
+
+
+def test_atomic_write_removes_the_temporary_of_a_killed_writer_only(tmp_path):
+    path = tmp_path / "d.pt"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".d.pt.{int(dead.stdout)}.tmp"
+    live = tmp_path / f".d.pt.{os.getppid()}.tmp"  # a running process's write in progress
+    stale.write_bytes(b"half")
+    live.write_bytes(b"half")
+    with atomic_write(path) as f:
+        f.write(b"new")
+    assert not stale.exists() and live.exists()
+
+
+class _FullDisk:
+    """Pickling it fails the way a full disk fails a write: the save is interrupted after the tensors."""
+
+    def __reduce__(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_checkpoint_io_failure_keeps_the_last_good_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    good = {"state_dict": {"w": torch.arange(4.0)}}
+    io.save_checkpoint(good, path)
+    with pytest.raises(AtomicWriteError, match=str(path)):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(1 << 16)}, "extra": _FullDisk()}, path)
+    assert torch.equal(load_checkpoint(path)["state_dict"]["w"], good["state_dict"]["w"])
+    assert _hidden(tmp_path) == []
+
+
+_KILLED_WRITER = """
+import sys, torch
+from ccim_lightning.checkpoints import AtomicCheckpointIO
+io = AtomicCheckpointIO()
+big = {"state_dict": {"w": torch.ones(1 << 25)}}  # 128 MiB: the kill lands in the middle of the write
+print("writing", flush=True)
+while True:
+    io.save_checkpoint(big, sys.argv[1])
+"""
+
+
+def test_a_writer_killed_mid_checkpoint_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.arange(3.0)}}, path)
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        deadline = time.monotonic() + 60
+        while not any(p.stat().st_size > 0 for p in tmp_path.glob(".last.ckpt.*.tmp")):
+            assert time.monotonic() < deadline and child.poll() is None
+            time.sleep(0.005)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.arange(3.0))  # whole and unchanged
+    assert [p.name for p in tmp_path.glob("*.ckpt")] == ["last.ckpt"]
+    # The next save removes the killed writer's temporary file.
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.arange(2.0)}}, path)
+    assert _hidden(tmp_path) == []
+
+
+def test_a_full_disk_while_saving_the_dictionary_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    from ccim_lightning.dictionary.store import ConfounderDictionary
+    from tests.dictionary.test_store import _key
+
+    path = tmp_path / "z.pt"
+    old = ConfounderDictionary(torch.zeros(2, 3), torch.tensor([0.5, 0.5]), _key(2))
+    old.save(path)
+    before = path.read_bytes()
+
+    def fills_the_disk(payload, f):
+        f.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    with pytest.raises(AtomicWriteError, match=re.escape(str(path))):
+        ConfounderDictionary(torch.ones(2, 3), torch.tensor([0.5, 0.5]), _key(2)).save(path)
+    assert path.read_bytes() == before and _hidden(tmp_path) == []

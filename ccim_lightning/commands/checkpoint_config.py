@@ -7,6 +7,7 @@ trained with other shape-defining settings stops with both values named instead 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +66,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def check_checkpoint_matches_config(ckpt_path: str, user_model: Any) -> None:
+def check_checkpoint_matches_config(ckpt_path: str, user_model: Any) -> dict[str, Any]:
     """Stops when the checkpoint's shape-defining model settings differ from the config's; logs the others.
 
     Args:
         ckpt_path: The ``--ckpt_path`` file.
         user_model: The model section the user's config and overrides gave (before the checkpoint's merge).
+
+    Returns:
+        The checkpoint, loaded weights-only.
 
     Raises:
         CheckpointConfigMismatch: Naming every differing shape-defining field with both values.
@@ -80,7 +84,7 @@ def check_checkpoint_matches_config(ckpt_path: str, user_model: Any) -> None:
     check_class_paths(checkpoint, source=ckpt_path, user_config=_plain(user_model))  # before LightningCLI imports
     saved = checkpoint.get("hyper_parameters") or {}
     if not saved:
-        return
+        return checkpoint
     user = _plain(user_model)
     given = user.get("init_args", {}) if isinstance(user, dict) else {}
     saved = _plain(saved)
@@ -98,4 +102,27 @@ def check_checkpoint_matches_config(ckpt_path: str, user_model: Any) -> None:
             "--ckpt_path %s: the checkpoint's model settings replace the config's for %s.",
             ckpt_path,
             ", ".join(f"{k} ({given[k]!r} -> {saved[k]!r})" for k in sorted(differing)),
+        )
+    return checkpoint
+
+
+def check_checkpoint_filename(filename: str | None, auto_insert_metric_name: bool) -> None:
+    """Refuses a ``--checkpoint.filename`` whose metric names would put a ``/`` into the checkpoint's file name.
+
+    With ``auto_insert_metric_name`` (Lightning's default), ``{val/acc}`` becomes ``val/acc=0.91``: a sub-folder
+    ``val`` and a file ``acc=0.91.ckpt``.
+
+    Raises:
+        CommandError: Naming the field and giving a filename that works.
+    """
+    if not filename or not auto_insert_metric_name:
+        return
+    slashed = [name for name in re.findall(r"\{([^{}:!]+)", filename) if "/" in name]
+    if slashed:
+        name = slashed[0].strip()
+        raise CommandError(
+            f"--checkpoint.filename {filename!r}: the metric name {name!r} would be written into the file name, and "
+            "its '/' would make a sub-folder. Turn the automatic name off and write the name yourself, e.g. "
+            f"--checkpoint.auto_insert_metric_name false --checkpoint.filename "
+            f"'epoch={{epoch}}-{name.replace('/', '_')}={{{name}:.4f}}'."
         )

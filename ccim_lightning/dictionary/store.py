@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ccim_lightning.checkpoints import TRUST_ADVICE, refused_globals
+from ccim_lightning.checkpoints import TRUST_ADVICE, atomic_write, refused_globals
 
 __all__ = [
     "ConfounderDictionary",
@@ -276,7 +276,7 @@ class ConfounderDictionary:
         return reasons
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Writes the dictionary atomically (temporary file, then ``os.replace``); returns the path."""
+        """Writes the dictionary atomically (:func:`~ccim_lightning.checkpoints.atomic_write`); returns the path."""
         path = Path(path).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -291,15 +291,8 @@ class ConfounderDictionary:
         for name in _OPTIONAL_TENSOR_FIELDS:
             value = getattr(self, name)
             payload[name] = None if value is None else value.detach().cpu().contiguous().clone()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(path) as f:  # a full disk or a kill keeps the previous file; the error names this one
+            torch.save(payload, f)
         return path
 
     @classmethod

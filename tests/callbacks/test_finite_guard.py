@@ -112,3 +112,21 @@ def test_weights_that_overflow_in_the_step_stop_before_a_checkpoint_saves_them(t
 def test_finite_training_is_left_alone(tmp_path):
     trainer = fit(tmp_path, Tiny(), Samples())
     assert trainer.global_step == 8 and checkpoints_are_finite(tmp_path) == 8
+
+
+def test_save_on_exception_does_not_replace_the_last_finite_checkpoint(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2, save_on_exception=True)
+    guard = FiniteLossGuard()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[guard, checkpoint])  # fmt: skip
+    with pytest.raises(NonFiniteTrainingError, match="checkpoints are those of the last finite step"):
+        trainer.fit(Tiny(), DataLoader(Samples(bad_index=7), batch_size=2, shuffle=False))
+    # Saved at step 2; the guard stopped step 3 (a save on the exception would have written step 3's state).
+    assert checkpoints_are_finite(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    assert checkpoint.save_on_exception is False
+    # A later run with these callbacks saves on its own exceptions again.
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[guard, checkpoint])  # fmt: skip
+    trainer.fit(Tiny(), DataLoader(Samples(), batch_size=2))
+    assert checkpoint.save_on_exception is True
