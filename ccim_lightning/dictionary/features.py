@@ -203,6 +203,9 @@ def extract_context_features(
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("Confounder dictionary: scene features", total=len(loader))
         for batch in loader:
+            if CONTEXT not in batch:  # every sample of the batch failed to decode (skip mode): nothing to extract
+                bar.advance(task)
+                continue
             images = batch[CONTEXT].to(device, non_blocking=True)
             if on_cuda:
                 images = images.contiguous(memory_format=torch.channels_last)
