@@ -48,6 +48,7 @@ from ccim_lightning.datamodules.prepared import (
     same_pixels,
 )
 from ccim_lightning.datamodules.transforms import ContextTransform
+from ccim_lightning.logs import report_rank_failure
 from ccim_lightning.types import DescribedTransform, NormalizingTransform, ReducingTransform
 
 log = logging.getLogger(__name__)
@@ -297,6 +298,11 @@ class PersonDataModule(L.LightningDataModule):
                     )
                 self._failures_reported[split] = failed
         return counts
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        """Lightning hook, on the failing rank: its exception logged at once, with the rank (``logs`` module)."""
+        report_rank_failure(exception)
 
     @override
     def teardown(self, stage: str) -> None:

@@ -1,6 +1,7 @@
 """A 2-process gloo run over a table dataset with undecodable images, run by tests/datamodules/test_skips_ddp.py.
 
-Usage: python tests/datamodules/ddp_skip_job.py ROOT OUT_DIR. The Lightning DDP launcher re-runs this script per rank.
+Usage: python tests/datamodules/ddp_skip_job.py ROOT OUT_DIR [--fail] (--fail: rank 1 raises in training). The
+Lightning DDP launcher re-runs this script per rank.
 Batch size 2 in training (a shrunk batch has one sample: BatchNorm), 1 in validation and prediction (an empty batch).
 Each rank writes OUT_DIR/rank<k>.json: its datamodule's ``dropped``, its model's ``skipped_batches``, the
 predicted sample indices.
@@ -30,13 +31,20 @@ class BatchNormHost(nn.Module):
         return self.norm(self.proj(pooled))
 
 
-def main(root: str, out: Path) -> None:
+class FailsOnRank1(CCIMLightningModule):
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1:
+            raise RuntimeError("injected failure in rank 1's training step")
+        return super().training_step(batch, batch_idx)
+
+
+def main(root: str, out: Path, fail: bool = False) -> None:
     L.seed_everything(0)
     data = TableDataModule(
         root, table="t.csv", class_names=["a", "b"], batch_size=2, num_workers=0, on_bad_sample="skip",
         context_size=32, subject_size=16,
     )  # fmt: skip
-    model = CCIMLightningModule(BatchNormHost(), num_classes=2, attention="none")
+    model = (FailsOnRank1 if fail else CCIMLightningModule)(BatchNormHost(), num_classes=2, attention="none")
     options = dict(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out))  # fmt: skip
     trainer = L.Trainer(max_epochs=2, num_sanity_val_steps=0, **options)
@@ -55,4 +63,4 @@ def main(root: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), fail="--fail" in sys.argv[3:])

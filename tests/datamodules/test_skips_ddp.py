@@ -46,3 +46,19 @@ def test_a_skip_on_rank_1_is_counted_and_named_on_rank_0_and_small_batches_do_no
     # batch size 1: rank 1's undecodable sample gave an empty batch, skipped; its rows are missing, nothing else
     assert rank1["skipped_batches"]["val: a batch with no sample (all failed to decode) is skipped"] >= 1
     assert rank0["predicted"] == [0, 2] and rank1["predicted"] == [3]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_the_exception_of_a_failing_rank_other_than_0_reaches_the_user_with_its_rank(tmp_path, write_image):
+    root = table_root(tmp_path, write_image, ["train"] * 8 + ["val"] * 4)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(JOB), str(root), str(out), "--fail"], capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "[rank 1] ERROR ccim_lightning: rank 1 failed: RuntimeError: injected failure in rank 1's training step" in (
+        result.stderr
+    ), result.stderr[-4000:]
