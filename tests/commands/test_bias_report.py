@@ -61,6 +61,7 @@ def test_write_bias_report_writes_tables_summary_and_plots(tmp_path):
     assert all(p.stat().st_size > 0 for p in paths.values())
     assert json.loads(paths["summary_json"].read_text())["nmi"] == pytest.approx(report.summary["nmi"])
     assert paths["summary"].read_text().startswith("Context-bias report")
+    assert "x2.00 means the emotion is twice as frequent" in paths["summary"].read_text()  # the ratios explained
     # no context with min_count samples: tables, but no plots
     sparse = compute_bias_report(contexts, contexts % 3, min_count=1000, permutations=0)
     assert "heatmap" not in write_bias_report(sparse, tmp_path / "sparse")
