@@ -2,7 +2,7 @@
 
 Usage: python tests/datamodules/ddp_skip_job.py ROOT OUT_DIR [--fail] (--fail: rank 1 raises in training). The
 Lightning DDP launcher re-runs this script per rank.
-Batch size 2 in training (a shrunk batch has one sample: BatchNorm), 1 in validation and prediction (an empty batch).
+Batch size 2 in training (a shrunk batch has one sample: BatchNorm), then 1 everywhere (empty batches).
 Each rank writes OUT_DIR/rank<k>.json: its datamodule's ``dropped``, its model's ``skipped_batches``, the
 predicted sample indices.
 """
@@ -49,7 +49,8 @@ def main(root: str, out: Path, fail: bool = False) -> None:
                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out))  # fmt: skip
     trainer = L.Trainer(max_epochs=2, num_sanity_val_steps=0, **options)
     trainer.fit(model, datamodule=data)
-    data.batch_size = 1
+    data.batch_size = 1  # in training too: the undecodable training image is an empty batch on its rank
+    L.Trainer(max_epochs=1, num_sanity_val_steps=0, limit_val_batches=0, **options).fit(model, datamodule=data)
     trainer = L.Trainer(**options)
     trainer.validate(model, dataloaders=data.val_dataloader(), verbose=False)
     predictions = L.Trainer(**options).predict(model, dataloaders=data.val_dataloader())

@@ -46,6 +46,10 @@ def test_a_skip_on_rank_1_is_counted_and_named_on_rank_0_and_small_batches_do_no
     # batch size 1: rank 1's undecodable sample gave an empty batch, skipped; its rows are missing, nothing else
     assert rank1["skipped_batches"]["val: a batch with no sample (all failed to decode) is skipped"] >= 1
     assert rank0["predicted"] == [0, 2] and rank1["predicted"] == [3]
+    # the second fit, batch size 1: one rank met the undecodable training image as an empty batch and took part in
+    # the step's collectives with a zero loss (else the other rank would have waited for ever)
+    empty = "train: a training batch with no sample (all failed to decode) is skipped"
+    assert rank0["skipped_batches"].get(empty, 0) + rank1["skipped_batches"].get(empty, 0) == 1
 
 
 @pytest.mark.slow
