@@ -13,14 +13,18 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The demo writes only to its own folder (a README `ccim fit --config configs/synthetic.yaml` writes to
+# runs/synthetic, which the demo leaves alone) and starts it afresh, so its checkpoint is always version_0.
+DEMO_DIR := runs/demo
+
 demo: $(STAMP)
-	rm -rf runs/synthetic
-	$(BIN)/ccim fit --config configs/synthetic.yaml
-	$(BIN)/ccim test --config configs/synthetic.yaml --ckpt_path last
-	# Side by side (seed 0, scratch folder, the fit's 1,000-sample test sets): baseline, the CCIM model just fitted
-	# (tested, not trained again), the best debiasing method, the oracle.
+	rm -rf $(DEMO_DIR)
+	$(BIN)/ccim fit --config configs/synthetic.yaml --trainer.default_root_dir $(DEMO_DIR)
+	$(BIN)/ccim test --config configs/synthetic.yaml --trainer.default_root_dir $(DEMO_DIR) --ckpt_path last
+	# Side by side (seed 0, a scratch folder of this run, the fit's 1,000-sample test sets): baseline, the CCIM model
+	# just fitted (tested, not trained again), the best debiasing method, the oracle.
 	$(BIN)/python -m benchmarks.debias --quick --jobs 2 --test-size 1000 \
-		--ccim-checkpoint runs/synthetic/lightning_logs/version_0/checkpoints/last.ckpt
+		--ccim-checkpoint $(DEMO_DIR)/lightning_logs/version_0/checkpoints/last.ckpt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q

@@ -322,6 +322,8 @@ class PredictionWriter(BasePredictionWriter):
                 f"got {type(prediction).__name__}"
             )
         index = prediction[INDEX] if INDEX in prediction else batch[INDEX]
+        if index.numel() == 0:  # a batch whose every sample failed to decode (skip mode): no rows, no target kind
+            return
         target = batch.get(TARGET) if isinstance(batch, Mapping) else None
         if target is not None:  # class indices stay integers, multi-hot rows float (checked when the table is made)
             target = target.detach().cpu()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import ClasswiseWrapper, Metric, MetricCollection
@@ -22,6 +24,7 @@ from typing_extensions import override
 
 from ccim_lightning.arguments import check_finite_settings, check_float, check_int
 from ccim_lightning.compat import instantiated_by_cli
+from ccim_lightning.datamodules.dataset import is_empty_batch
 from ccim_lightning.datamodules.inputs import INPUT_SETTINGS_KEY, settings_entry
 from ccim_lightning.debias.base import DebiasMethod
 from ccim_lightning.dictionary.store import ConfounderDictionary
@@ -43,6 +46,9 @@ from ccim_lightning.types import (
 )
 
 log = logging.getLogger(__name__)
+
+PER_PROCESS_BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+"""BatchNorm layers that need two samples per process in training (``SyncBatchNorm`` is not among them)."""
 
 
 class TorchModule(Protocol):
@@ -217,6 +223,8 @@ class CCIMLightningModule(L.LightningModule):
         # One metric collection per stage and evaluation set, created on first use (the test sets are only known
         # once the trainer hands over the dataloaders).
         self.metrics = nn.ModuleDict()
+        # Batches a step could not use as they are, by "stage: reason" (see _note_skipped_batch); this process's.
+        self.skipped_batches: dict[str, int] = {}
 
     # --- subclass points -------------------------------------------------------------------------------------------
     def extract_features(self, batch: Batch) -> torch.Tensor:
@@ -329,21 +337,92 @@ class CCIMLightningModule(L.LightningModule):
             raise ValueError(f"Training samples {missing} have no dictionary cluster (skipped during the build).")
         return clusters
 
+    # --- batches that skipped samples left empty or with one sample -----------------------------------------------
+    def _note_skipped_batch(self, stage: str, reason: str) -> None:
+        """Counts a batch the step could not use as it is (``skipped_batches``); warns on the first of each kind."""
+        key = f"{stage}: {reason}"
+        self.skipped_batches[key] = self.skipped_batches.get(key, 0) + 1
+        if self.skipped_batches[key] == 1:
+            log.warning(
+                "%s (rank %d); further such batches are counted in model.skipped_batches. The skipped samples' "
+                "files are named in the datamodule's summary at the end of the run.",
+                key, self.global_rank,
+            )  # fmt: skip
+
+    def _skip_training_batch(self) -> torch.Tensor | None:
+        """The training step of an empty batch: nothing to learn, and no collective left out under DDP.
+
+        In one process it returns ``None`` (Lightning then skips backward and the optimizer step). Under DDP the
+        other ranks still run the gradient all-reduce and the step's ``sync_dist`` log, so this rank returns a zero
+        loss that depends on every trainable parameter (its gradients are zeros; the ranks average them) and logs
+        it with weight 0, so the epoch mean is that of the real batches.
+        """
+        self._note_skipped_batch("train", "a training batch with no sample (all failed to decode) is skipped")
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return None
+        loss = torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
+        if self.continuous_head is not None:
+            self.log(f"train/{self.continuous_key}_loss", loss, on_step=True, on_epoch=True, batch_size=0,
+                     add_dataloader_idx=False, sync_dist=True)  # fmt: skip
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=0, prog_bar=True,
+                 add_dataloader_idx=False, sync_dist=True)  # fmt: skip
+        return loss
+
+    @contextlib.contextmanager
+    def _running_statistics_for_one_sample(self, batch: Batch) -> Iterator[None]:
+        """A one-sample training batch through the BatchNorm layers' running statistics (eval mode) for this step.
+
+        Batch statistics of one sample do not exist (BatchNorm raises "Expected more than 1 value per channel"):
+        such a batch, e.g. one that skipped samples shrank, is trained with the running mean and variance instead,
+        and leaves them unchanged. Only per-process BatchNorm layers are affected (SyncBatchNorm sees all ranks).
+        """
+        layers = []
+        if batch[INDEX].numel() == 1:
+            layers = [m for m in self.modules() if isinstance(m, PER_PROCESS_BATCH_NORM) and m.training]
+        if layers:
+            self._note_skipped_batch("train", "a one-sample training batch uses BatchNorm's running statistics")
+        for layer in layers:
+            layer.train(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.train(True)
+
     @override
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+        if is_empty_batch(batch):
+            return self._skip_training_batch()
+        with self._running_statistics_for_one_sample(batch):
+            return self._shared_step(batch, "train")
 
     @override
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        if is_empty_batch(batch):  # no collective at step time in evaluation: the epoch-end sync still matches
+            self._note_skipped_batch("val", "a batch with no sample (all failed to decode) is skipped")
+            return
         self._shared_step(batch, "val")
 
     @override
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._shared_step(batch, self._test_set_name(dataloader_idx))
+        name = self._test_set_name(dataloader_idx)
+        if is_empty_batch(batch):
+            self._note_skipped_batch(name, "a batch with no sample (all failed to decode) is skipped")
+            return
+        self._shared_step(batch, name)
 
     @override
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """Returns ``{"index": (B,), "probabilities": (B, C)}`` so predictions can be matched to samples."""
+        """Returns ``{"index": (B,), "probabilities": (B, C)}`` so predictions can be matched to samples.
+
+        An empty batch (all its samples failed to decode) gives B = 0 rows.
+        """
+        if is_empty_batch(batch):
+            self._note_skipped_batch("predict", "a batch with no sample (all failed to decode) gives no rows")
+            outputs = {INDEX: batch[INDEX], PROBABILITIES: torch.zeros(0, self.num_classes, device=self.device)}
+            if self.continuous_head is not None:
+                outputs[self.continuous_key] = torch.zeros(0, self.continuous_head.out_features, device=self.device)
+            return outputs
         logits, continuous = self._outputs(batch)
         if self.debias is not None:
             logits = self.debias.inference_logits(logits, batch)

@@ -35,6 +35,7 @@ from ccim_lightning.datamodules.dataset import (
     ImageGroupedSampler,
     PersonImageDataset,
     collate_skipping_none,
+    merge_failures_across_ranks,
     new_failure_flags,
     normalize_batch,
 )
@@ -48,6 +49,7 @@ from ccim_lightning.datamodules.prepared import (
     same_pixels,
 )
 from ccim_lightning.datamodules.transforms import ContextTransform
+from ccim_lightning.logs import report_rank_failure
 from ccim_lightning.types import DescribedTransform, NormalizingTransform, ReducingTransform
 
 log = logging.getLogger(__name__)
@@ -280,23 +282,44 @@ class PersonDataModule(L.LightningDataModule):
         return report
 
     def report_decode_failures(self) -> dict[str, int]:
-        """Logs a warning for each split with samples that failed to decode since the last call; returns all counts."""
+        """Logs a warning for each split with samples that failed to decode since the last call; returns all counts.
+
+        The warning names the files (the first ten); under DDP only rank 0 logs it (after :meth:`teardown` merged
+        every rank's skips into its flags).
+        """
         counts = {}
+        rank_zero = self.trainer is None or self.trainer.is_global_zero
         for split, flags in self._failures.items():
             failed = int(flags.sum())
             counts[split] = failed
             if failed > self._failures_reported.get(split, 0):
-                log.warning(
-                    "%s %s: %d samples skipped so far because their image failed to decode (on_bad_sample='skip'; "
-                    "see the warnings naming the files); they are counted in datamodule.dropped[%r]",
-                    *(self.dataset_name, split, failed, split),
-                )
+                if rank_zero:
+                    paths = self._tables[split].paths
+                    files = list(dict.fromkeys(paths[i] for i in torch.nonzero(flags).flatten().tolist()))
+                    more = f" and {len(files) - 10} more" if len(files) > 10 else ""
+                    log.warning(
+                        "%s %s: %d samples skipped so far because their image failed to decode (on_bad_sample="
+                        "'skip'); they are counted in datamodule.dropped[%r]. Files: %s%s",
+                        *(self.dataset_name, split, failed, split, ", ".join(files[:10]), more),
+                    )
                 self._failures_reported[split] = failed
         return counts
 
     @override
+    def on_exception(self, exception: BaseException) -> None:
+        """Lightning hook, on the failing rank: its exception logged at once, with the rank (``logs`` module)."""
+        report_rank_failure(exception)
+
+    @override
     def teardown(self, stage: str) -> None:
-        """Reports decode-time skips at the end of each fit/validate/test/predict run."""
+        """Reports decode-time skips at the end of each fit/validate/test/predict run, every rank's on rank 0.
+
+        Lightning calls it on every rank after a run that ended normally, so the flags are merged across ranks here
+        (a collective, over the splits in one order) before rank 0 reports them.
+        """
+        if self.trainer is not None and self.trainer.world_size > 1:
+            for split in sorted(self._failures):
+                merge_failures_across_ranks(self._failures[split], self.trainer.strategy.root_device)
         self.report_decode_failures()
 
     @override

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from ccim_lightning.datamodules.common import (
@@ -56,14 +57,29 @@ DECODER = "pil-rgb-v3"
 part of the dictionary signature."""
 
 
+def empty_batch() -> dict[str, torch.Tensor]:
+    """The batch of a loader step whose every sample failed to decode: only an empty ``index`` (0,).
+
+    ``CCIMLightningModule``'s steps skip it in a DDP-safe way (every rank still runs the step's collectives), so one
+    undecodable image at batch size 1 does not end the run; the files are named in the datamodule's summary.
+    """
+    return {INDEX: torch.zeros(0, dtype=torch.int64)}
+
+
+def is_empty_batch(batch: Any) -> bool:
+    """Whether ``batch`` has no samples (:func:`empty_batch`, or any batch dict with an empty ``index``)."""
+    return isinstance(batch, Mapping) and isinstance(batch.get(INDEX), torch.Tensor) and batch[INDEX].numel() == 0
+
+
 def collate_skipping_none(samples: list[dict | None]) -> dict[str, torch.Tensor]:
-    """``default_collate`` without the samples a ``skip``-mode dataset could not decode (returned as ``None``)."""
+    """``default_collate`` without the samples a ``skip``-mode dataset could not decode (returned as ``None``).
+
+    When none is left, the :func:`empty_batch` (skipped by the module's steps) rather than an error: the skips are
+    counted and their files reported at the end of the run.
+    """
     kept = [sample for sample in samples if sample is not None]
     if not kept:
-        raise RuntimeError(
-            f"All {len(samples)} samples of a batch failed to decode (see the warnings naming the files); "
-            "check the image files or remove them from the annotations."
-        )
+        return empty_batch()
     return default_collate(kept)
 
 
@@ -203,6 +219,23 @@ def file_stamp(path: Path) -> str:
 def new_failure_flags(size: int) -> torch.Tensor:
     """One shared-memory byte per sample, set to 1 when the sample fails to decode (see the module docstring)."""
     return torch.zeros(size, dtype=torch.uint8).share_memory_()
+
+
+def merge_failures_across_ranks(flags: torch.Tensor, device: torch.device | str = "cpu") -> int:
+    """Sets in ``flags`` (in place) every sample that failed to decode on any rank; returns how many were new here.
+
+    A collective under ``torch.distributed`` (every rank must call it, with the same split; a no-op without a process
+    group): each rank decodes its own shard, so without it rank 0's count and summary miss the other ranks' skips.
+    The flags are summed as int32 on ``device`` (the process group's: CUDA for NCCL), so any world size fits.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return 0
+    merged = flags.to(device=device, dtype=torch.int32)
+    dist.all_reduce(merged)
+    merged = (merged > 0).to(device="cpu", dtype=torch.uint8)
+    new = int((merged > flags).sum())
+    flags.copy_(torch.maximum(flags, merged))
+    return new
 
 
 class PersonImageDataset(Dataset):

@@ -38,8 +38,8 @@ command line, which ``__main__`` runs).
 
 Example:
     python -m benchmarks.debias --out /tmp/debias --resume --jobs 2   # full run
-    python -m benchmarks.debias --quick                              # 1 seed, 4 rows, in a scratch folder
-    python -m benchmarks.debias --quick --test-size 1000 --ccim-checkpoint runs/synthetic/.../last.ckpt   # make demo
+    python -m benchmarks.debias --quick                              # 1 seed, 4 rows, in a new scratch folder
+    python -m benchmarks.debias --quick --test-size 1000 --ccim-checkpoint runs/demo/.../last.ckpt   # make demo
     python -m benchmarks.debias --report-only                        # rebuild debias.md and plots from the JSON lines
     python -m benchmarks.debias --only reweight --seeds 1 --out /tmp/debias   # one row, one seed
 """

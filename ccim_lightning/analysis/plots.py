@@ -1,4 +1,4 @@
-"""The bias report's figures: the ratio heatmap and the per-emotion entropy histograms (the paper's Fig. 2).
+"""The bias report's figures: the ratio heatmap and the per-emotion entropy distributions (paper Fig. 2, one grid).
 
 They read a :class:`~ccim_lightning.analysis.report.BiasReport`'s tables. pyplot is imported on first use, with the
 file-only Agg backend, so importing this module (or computing a report) needs no display.
@@ -17,7 +17,13 @@ import numpy as np
 from ccim_lightning.analysis.report import BiasReport, shorten
 from ccim_lightning.analysis.statistics import entropy_histogram_counts
 
-__all__ = ["plot_entropy_histograms", "plot_ratio_heatmap", "write_figures"]
+__all__ = [
+    "ENTROPY_BIN_LABELS",
+    "entropy_distribution",
+    "plot_entropy_histograms",
+    "plot_ratio_heatmap",
+    "write_figures",
+]
 log = logging.getLogger(__name__)
 
 
@@ -114,44 +120,66 @@ def _annotate(axis: Any, grid: np.ndarray, limit: float) -> None:
             axis.text(j, i, text, ha="center", va="center", fontsize=6, color="white" if dark else "black")
 
 
-def plot_entropy_histograms(report: BiasReport, path: str | os.PathLike, columns: int = 6) -> Path:
-    """One histogram per emotion of the normalised conditional entropy over the eligible contexts (paper Fig. 2).
+ENTROPY_BIN_LABELS = ["0", *[f"{i / 10:.1f}-{(i + 1) / 10:.1f}" for i in range(10)], ">1"]
+"""Column labels of the entropy plot: exactly 0, the deciles of (0, 1], above 1 (``entropy_histogram_counts``)."""
 
-    Bars: exactly 0 (the context decides the emotion), the deciles of (0, 1], and above 1; heights are the share
-    of the eligible contexts. Emotions never or always present (no defined value) are left out.
+
+def entropy_distribution(report: BiasReport) -> tuple[list[str], np.ndarray]:
+    """Per emotion, how many eligible contexts fall in each normalised-entropy bin (:data:`ENTROPY_BIN_LABELS`).
+
+    Emotions never or always present (no defined value) are left out.
+
+    Returns:
+        The emotion names (report order) and their (emotions, 12) int counts.
+    """
+    cells = report.cells[report.cells["eligible"]]
+    names, rows = [], []
+    for name in report.emotions["emotion"]:
+        values = cells.loc[cells["emotion"] == name, "normalised_entropy"].to_numpy(np.float64)
+        if np.isfinite(values).any():
+            names.append(name)
+            rows.append(entropy_histogram_counts(values))
+    return names, np.array(rows, dtype=np.int64).reshape(len(rows), len(ENTROPY_BIN_LABELS))
+
+
+def plot_entropy_histograms(report: BiasReport, path: str | os.PathLike) -> Path:
+    """One panel: per emotion (row), how the eligible contexts spread over the normalised conditional entropy.
+
+    The paper's Fig. 2 draws one histogram per emotion; with many emotions (EMOTIC's 26) such small multiples are
+    too small to read, so the histograms are the rows of one grid instead: columns are exactly 0 (the context
+    decides the emotion), the deciles of (0, 1] and above 1; each cell holds the number of contexts, its colour
+    their share. A dataset whose contexts matter has its mass on the left.
 
     Args:
         report: The report.
         path: PNG file to write.
-        columns: Panels per row.
 
     Returns:
         The path written.
     """
     plt = _pyplot()
-    cells = report.cells[report.cells["eligible"]]
-    names = [
-        e for e in report.emotions["emotion"] if cells.loc[cells["emotion"] == e, "normalised_entropy"].notna().any()
-    ]
-    rows = max(1, math.ceil(len(names) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 1.9 * rows + 0.6), sharex=True, squeeze=False)
-    for axis, name in zip(axes.flat, names):
-        counts = entropy_histogram_counts(cells.loc[cells["emotion"] == name, "normalised_entropy"].to_numpy())
-        share = 100 * counts / max(counts.sum(), 1)
-        axis.bar(range(len(counts)), share, color=["#c44e52"] + ["#4c72b0"] * 10 + ["#8172b2"], width=0.85)
-        axis.set_title(f"{shorten(name, 22)} (zero: {share[0]:.0f}%)", fontsize=8)
-        axis.set_ylim(0, 100)
-        axis.tick_params(labelsize=6)
-    for axis in axes.flat[len(names) :]:
-        axis.set_visible(False)
-    for axis in axes[-1]:
-        axis.set_xticks([0, 5, 10, 11], ["0", ".5", "1", ">1"])
-    figure.suptitle(
-        f"Normalised conditional entropy H(e | {report.context_name}=k) / H(e) over the "
-        f"{int(report.contexts['eligible'].sum())} contexts with n >= {report.min_count} "
-        "(% of contexts; 0 = the context decides the emotion, 1 = as uncertain as overall)",
+    names, counts = entropy_distribution(report)
+    contexts = int(report.contexts["eligible"].sum())
+    share = 100 * counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    figure, axis = plt.subplots(figsize=(8.5, min(1.6 + 0.3 * max(len(names), 1), 14)))
+    image = axis.imshow(share, cmap="Blues", vmin=0, vmax=100, aspect="auto", interpolation="nearest")
+    for (i, j), value in np.ndenumerate(counts):
+        if value:
+            color = "white" if share[i, j] > 60 else "black"
+            axis.text(j, i, f"{value}", ha="center", va="center", fontsize=7, color=color)
+    axis.set_xticks(range(len(ENTROPY_BIN_LABELS)), ENTROPY_BIN_LABELS, rotation=45, ha="right", fontsize=8)
+    axis.set_yticks(range(len(names)), [shorten(name, 24) for name in names], fontsize=8)
+    axis.set_xlabel(
+        f"H(e | {report.context_name}=k) / H(e): 0 = the context decides the emotion, 1 = as uncertain as overall",
+        fontsize=8,
+    )
+    axis.set_ylabel("emotion", fontsize=9)
+    axis.set_title(
+        f"How much each {report.context_name} decides each emotion: number of the {contexts} contexts "
+        f"(n >= {report.min_count}) per bin",
         fontsize=9,
     )
+    figure.colorbar(image, ax=axis, shrink=0.8, pad=0.01, label="% of the contexts (row)")
     figure.tight_layout()
     return _save(figure, path)
 

@@ -66,12 +66,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, help="with --config: data-loader workers")
 
 
+HOW_TO_READ = """How to read the numbers:
+  I(K;Y)/H(Y), I(K;e)/H(e): the share of the label's uncertainty that knowing the context removes (0: the context
+    says nothing about the label, 1: it decides it); "chance" is the same with the contexts shuffled, what a finite
+    sample shows without any bias.
+  NMI: normalised mutual information of context and label (0 to 1), with its chance level likewise.
+  KL: how far a context's labels are from the overall ones (nats); contribution = the context's share x KL, its part
+    of I(K;Y).
+  xR (ratio) = P(e | context) / P(e): x2.00 means the emotion is twice as frequent in that context as overall,
+    x0.50 half as frequent.
+  H(e|k)/H(e): the emotion's uncertainty inside the context relative to overall (0: the context always or never
+    shows it). entropy_histograms.png shows, per emotion, how many contexts fall in each range of it."""
+"""Printed after the summary and appended to ``summary.txt``: what its ratios mean."""
+
+
 def write_bias_report(
     report: BiasReport, out_dir: str | os.PathLike, max_heatmap_contexts: int = 40
 ) -> dict[str, Path]:
     """Writes the report's tables, summary and plots into ``out_dir`` (created if needed).
 
-    Files: ``contexts.csv``, ``context_emotion.csv``, ``emotions.csv``, ``summary.txt``, ``summary.json``
+    Files: ``contexts.csv``, ``context_emotion.csv``, ``emotions.csv``, ``summary.txt`` (with :data:`HOW_TO_READ`
+    at its end), ``summary.json``
     (:func:`~ccim_lightning.analysis.report.write_tables`) and ``ratio_heatmap.png``, ``entropy_histograms.png``
     (:func:`~ccim_lightning.analysis.plots.write_figures`; none when no context has ``min_count`` samples).
 
@@ -84,7 +99,10 @@ def write_bias_report(
         The written files by kind (``"contexts"``, ``"cells"``, ``"emotions"``, ``"summary"``, ``"summary_json"``,
         ``"heatmap"``, ``"histograms"``).
     """
-    return write_tables(report, out_dir) | write_figures(report, out_dir, max_heatmap_contexts)
+    paths = write_tables(report, out_dir)
+    with open(paths["summary"], "a", encoding="utf-8") as summary:
+        summary.write(f"\n{HOW_TO_READ}\n")
+    return paths | write_figures(report, out_dir, max_heatmap_contexts)
 
 
 def run(options: argparse.Namespace, config_args: list[str]) -> BiasReport:
@@ -111,6 +129,7 @@ def run(options: argparse.Namespace, config_args: list[str]) -> BiasReport:
     )
     paths = write_bias_report(report, options.out, options.max_heatmap_contexts)
     print(report.to_text())
+    print(HOW_TO_READ)
     print(f"Written to {Path(options.out)}: {', '.join(sorted(p.name for p in paths.values()))}")
     return report
 

@@ -170,15 +170,27 @@ def _assign_to_given(
     device: torch.device,
     progress: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The samples' nearest prototypes of ``given`` and their targets, both in sample-index order."""
+    """The samples' clusters in ``given`` and their targets, both in sample-index order.
+
+    When the file's key matches this data, scene CNN and masking, the clusters it stores for each sample are used
+    as they are (no features extracted); otherwise each sample goes to its nearest prototype, with a warning naming
+    what differs.
+    """
     extractor = ContextFeatureExtractor(recipe.extractor, recipe.weights).to(device)
+    wanted = dictionary_key(recipe, datamodule, dataset, extractor, given.num_prototypes)
+    reasons = given.mismatches(wanted, ignore=_REPORT_INDIFFERENT)
+    if not reasons and given.assignments is not None and given.targets is not None:
+        known = given.assignments >= 0  # -1: skipped at decode time when the file was built
+        log.info(
+            "Dictionary %s matches this data: using the clusters it stores for %d samples (%d not clustered).",
+            given_path or "(given)", int(known.sum()), int((~known).sum()),
+        )  # fmt: skip
+        return given.assignments[known].numpy(), given.targets[known].numpy()
     loader = dictionary_loader(
         dataset, batch_size=recipe.batch_size or getattr(datamodule, "batch_size", 64), num_workers=recipe.num_workers
     )
     recorder = _TargetRecorder(loader)  # one pass gives the features and the labels
     features = extract_context_features(extractor, recorder, device, progress=progress).in_index_order()
-    wanted = dictionary_key(recipe, datamodule, dataset, extractor, given.num_prototypes)
-    reasons = given.mismatches(wanted, ignore=_REPORT_INDIFFERENT)
     if reasons:
         log.warning(
             "Dictionary %s was not built for this config's data and scene CNN (%s); assigning anyway.",

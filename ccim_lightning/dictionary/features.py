@@ -166,6 +166,8 @@ def extract_context_features(
         extractor = extractor.to(memory_format=torch.channels_last)
     parts: dict[str, list[torch.Tensor]] = {"features": [], "indices": [], "targets": [], "scenes": []}
     for batch in track(loader, "Confounder dictionary: scene features", disable=not progress):
+        if CONTEXT not in batch:  # every sample of the batch failed to decode (skip mode): nothing to extract
+            continue
         images = batch[CONTEXT].to(device, non_blocking=True)
         if on_cuda:
             images = images.contiguous(memory_format=torch.channels_last)

@@ -47,6 +47,10 @@ def _table_rows(text: str) -> list[str]:
 
 def test_quick_run_records_are_deterministic_and_resumable(tmp_path, capsys):
     assert main(["--quick", *TINY, "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    # the demo's output: the side-by-side rows, no internal goal check from one seed (that stays in debias.md)
+    assert "Side by side (seed 0" in printed and "One seed:" in printed
+    assert "Goal check" not in printed and "# Context-bias benchmark" not in printed
 
     records = _records(tmp_path)
     assert [r["setting"] for r in records] == quick_names()
@@ -93,6 +97,22 @@ def test_quick_run_records_are_deterministic_and_resumable(tmp_path, capsys):
     table = (tmp_path / "debias.md").read_text()
     assert main(["--quick", *TINY, "--out", str(tmp_path), "--report-only"]) == 0
     assert _table_rows((tmp_path / "debias.md").read_text()) == _table_rows(table)
+
+
+def test_quick_scratch_folders_are_new_per_run_and_named_after_the_user():
+    import getpass
+    import tempfile
+
+    from benchmarks.debias.cli import quick_scratch_folder
+
+    first, second = quick_scratch_folder(), quick_scratch_folder()
+    try:
+        assert first != second and first.is_dir() and second.is_dir() and not any(first.iterdir())
+        assert first.parent == Path(tempfile.gettempdir())
+        assert first.name.startswith(f"ccim-debias-quick-{getpass.getuser()}-")
+    finally:
+        first.rmdir()
+        second.rmdir()
 
 
 def test_quick_never_writes_over_committed_results():

@@ -11,6 +11,7 @@ from ccim_lightning.analysis.statistics import compute_bias_report
 from ccim_lightning.commands.bias_report import write_bias_report
 from ccim_lightning.commands.main import main as ccim_main
 from ccim_lightning.commands.main import run_command
+from ccim_lightning.dictionary.store import ConfounderDictionary
 
 
 def main(args):
@@ -61,6 +62,7 @@ def test_write_bias_report_writes_tables_summary_and_plots(tmp_path):
     assert all(p.stat().st_size > 0 for p in paths.values())
     assert json.loads(paths["summary_json"].read_text())["nmi"] == pytest.approx(report.summary["nmi"])
     assert paths["summary"].read_text().startswith("Context-bias report")
+    assert "x2.00 means the emotion is twice as frequent" in paths["summary"].read_text()  # the ratios explained
     # no context with min_count samples: tables, but no plots
     sparse = compute_bias_report(contexts, contexts % 3, min_count=1000, permutations=0)
     assert "heatmap" not in write_bias_report(sparse, tmp_path / "sparse")
@@ -189,3 +191,34 @@ def test_the_ccim_command_routes_bias_report_here(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ccim_main(["bias-report", "--help"])
     assert "config override" in capsys.readouterr().out
+
+
+def test_a_dictionary_file_of_this_data_gives_its_stored_clusters_without_extracting(tmp_path, monkeypatch):
+    from ccim_lightning.commands import dictionary_contexts
+
+    config = tmp_path / "config.yaml"
+    config.write_text(OVERRIDE_CONFIG)
+    cache = tmp_path / "dictionary.pt"
+    small = ["--data.init_args.train_size", "24", "--model.init_args.num_prototypes", "2", "--trainer.accelerator",
+             "cpu", "--device", "cpu", "--min-count", "1", "--permutations", "0"]  # fmt: skip
+    built = report_of(["--config", str(config), "--dictionary.cache", str(cache), "--out", str(tmp_path / "a"), *small])
+    assert cache.exists()
+
+    class Extracted(Exception):
+        pass
+
+    def no_extraction(*args, **kwargs):
+        raise Extracted
+
+    monkeypatch.setattr(dictionary_contexts, "extract_context_features", no_extraction)
+    given = report_of(["--config", str(config), "--dictionary", str(cache), "--out", str(tmp_path / "b"), *small])
+    stored = ConfounderDictionary.load(cache)
+    assert sorted(given.contexts["context"]) == sorted(set(stored.assignments.tolist()))
+    assert given.contexts.set_index("context")["count"].to_dict() == dict(
+        zip(*np.unique(stored.assignments.numpy(), return_counts=True))
+    )
+    assert given.summary["mi_nats"] == pytest.approx(built.summary["mi_nats"])
+    # other data (another bias): the stored clusters are not this data's, so the samples are assigned afresh
+    with pytest.raises(Extracted):
+        report_of(["--config", str(config), "--dictionary", str(cache), "--out", str(tmp_path / "c"), *small,
+                   "--data.init_args.bias", "0.5"])  # fmt: skip

@@ -199,6 +199,7 @@ def test_images_that_fail_to_decode_in_a_loader_are_counted_in_dropped(tmp_path,
     with caplog.at_level(logging.WARNING):
         dm.teardown("test")
     assert sum("2 samples skipped so far" in record.message for record in caplog.records) == 1
+    assert "Files: 2.png, 4.png" in caplog.text  # named in the summary (the per-file warnings may be another rank's)
 
 
 # --- reports ---------------------------------------------------------------------------------------------------------

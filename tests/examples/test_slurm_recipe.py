@@ -37,7 +37,7 @@ def run_recipe(tmp_path, **env):
     log = tmp_path / "calls.tsv"
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_"))}
     base.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", STUB_LOG=str(log), CCIM_ROOT=str(tmp_path))
-    for key in ("CONFIG", "DATA", "DICTIONARY", "SCENE_WEIGHTS", "EXTRA", "FAIL_SUBCOMMAND"):
+    for key in ("CONFIG", "DATA", "DICTIONARY", "FACE_BOXES", "SCENE_WEIGHTS", "EXTRA", "FAIL_SUBCOMMAND"):
         base.pop(key, None)
     result = subprocess.run(["bash", str(SCRIPT)], env={**base, **env}, capture_output=True, text=True, timeout=60)
     lines = log.read_text().splitlines() if log.exists() else []
@@ -106,3 +106,31 @@ def test_a_failed_dictionary_step_stops_the_job(tmp_path):
     result, calls = run_recipe(tmp_path, **JOB, FAIL_SUBCOMMAND="build-dictionary")
     assert result.returncode == 3
     assert [args[0] for command, args in calls if command == "ccim"] == ["build-dictionary"]  # no training
+
+
+def test_a_model_without_dictionary_skips_the_dictionary_step(tmp_path):
+    # the README's baseline: `ccim build-dictionary` refuses a model that uses no dictionary, so the job never trained
+    extra = "--model.init_args.attention none --trainer.default_root_dir runs/baseline"
+    result, calls = run_recipe(tmp_path, **JOB, DICTIONARY="none", EXTRA=extra, FAIL_SUBCOMMAND="build-dictionary")
+    assert result.returncode == 0, result.stderr
+    assert "DICTIONARY=none: no dictionary is built" in result.stderr
+    assert [command for command, _ in calls] == ["srun", "ccim"]
+    fit = calls[1][1]
+    assert fit[0] == "fit" and contains(fit, extra.split())
+    assert not any(arg.startswith("--dictionary.") for arg in fit)
+
+
+def test_face_boxes_reach_both_steps(tmp_path):
+    result, calls = run_recipe(
+        tmp_path, **JOB, CONFIG="configs/caers_caernet.yaml", DATA="/data/CAER-S", FACE_BOXES="/data/CAER-S/faces"
+    )
+    assert result.returncode == 0, result.stderr
+    (_, dictionary), (_, fit) = [call for call in calls if call[0] == "ccim"]
+    for args in (dictionary, fit):
+        assert contains(args, ["--data.init_args.face_boxes", "/data/CAER-S/faces"])
+
+
+def test_the_caers_example_in_the_header_passes_face_boxes():
+    header = SCRIPT.read_text().split("#SBATCH")[0]
+    caers = [line for line in header.splitlines() if "CAER-S" in line and "CONFIG=" in line]
+    assert caers and all("FACE_BOXES=" in line for line in caers)
