@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
-from ccim_lightning.checkpoints import CheckpointError
+from ccim_lightning.checkpoints import AtomicWriteError, CheckpointError
 from ccim_lightning.commands import bias_report, build_dictionary, predict_files
 from ccim_lightning.commands.checkpoint_config import CheckpointConfigMismatch
 from ccim_lightning.commands.cli import build_cli
 from ccim_lightning.commands.errors import CommandError
+from ccim_lightning.dictionary.recipe import DictionarySizeError
 from ccim_lightning.dictionary.store import DictionaryFileError
 
 #: What every subcommand may raise for bad input: reported as one line, without a traceback.
@@ -31,6 +32,8 @@ INPUT_ERRORS = (
     CheckpointConfigMismatch,
     CheckpointError,
     DictionaryFileError,  # --dictionary.cache and build-dictionary --out: damaged, foreign or unsafe files
+    DictionarySizeError,  # more clusters than training samples: --model.init_args.num_prototypes
+    AtomicWriteError,  # a checkpoint, prediction or dictionary file that could not be written (full disk, ...)
     FileNotFoundError,
     IsADirectoryError,
 )

@@ -138,19 +138,19 @@ class DictionaryRecipe:
         return dictionary
 
 
-def check_cluster_count(num_prototypes: int, num_samples: int) -> None:
-    """Refuses a dictionary size k-means cannot give: more clusters than training samples (or none at all).
+class DictionarySizeError(ValueError):
+    """A dictionary size k-means cannot give; the message names the numbers and the option to change."""
 
-    Raises:
-        ValueError: Naming both numbers and the option to change (``--model.init_args.num_prototypes``).
-    """
+
+def check_cluster_count(num_prototypes: int, num_samples: int) -> None:
+    """Raises :class:`DictionarySizeError` for more clusters than training samples (or none at all)."""
     if isinstance(num_prototypes, bool) or not isinstance(num_prototypes, int) or num_prototypes < 1:
-        raise ValueError(
+        raise DictionarySizeError(
             f"The confounder dictionary needs a positive number of clusters, got num_prototypes={num_prototypes!r}: "
             "set --model.init_args.num_prototypes (the paper uses 128 to 256)."
         )
     if num_samples < num_prototypes:
-        raise ValueError(
+        raise DictionarySizeError(
             f"The confounder dictionary asks for {num_prototypes} clusters but the training split has only "
             f"{num_samples} samples, and k-means cannot make more clusters than points: set "
             f"--model.init_args.num_prototypes to {num_samples} or fewer (the paper uses 128 to 256 on thousands of "

@@ -121,6 +121,12 @@ def test_ckpt_path_last_without_a_run_is_a_clear_error(tmp_path, monkeypatch):
         main(["test", "--config", SYNTHETIC, *TINY, "--ckpt_path", "last"])
 
 
+def test_more_prototypes_than_training_samples_is_one_line_naming_the_option(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="^ccim: error: .*asks for 200 clusters .*--model.init_args.num_prototypes"):
+        main(["fit", "--config", SYNTHETIC, *TINY, "--model.init_args.num_prototypes=200"])
+
+
 def test_overview_lists_every_subcommand_and_help_is_readable(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
