@@ -82,7 +82,8 @@ def _all_blocks() -> list[Block]:
 def test_fenced_blocks_parser_reads_languages_bodies_and_needs(tmp_path):
     page = tmp_path / "page.md"
     page.write_text(
-        "Text\n\n```bash\n# needs: a GPU\nccim fit\n```\n\n```python\nprint(1)\n```\n\n- item\n\n  ```text\n  out\n  ```\n"
+        "Text\n\n```bash\n# needs: a GPU\nccim fit\n```\n\n```python\nprint(1)\n```\n\n"
+        "- item\n\n  ```text\n  out\n  ```\n"
     )
     blocks = fenced_blocks(page)
     assert [(b.line, b.language) for b in blocks] == [(3, "bash"), (8, "python"), (14, "text")]
@@ -151,7 +152,8 @@ def test_the_runnable_blocks_of_a_page_run(page, tmp_path):
         done = subprocess.run(
             command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT, check=False
         )
-        assert done.returncode == 0, f"{block.where} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        output = f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert done.returncode == 0, f"{block.where} failed ({done.returncode}):\n{output}"
 
 
 def _help_text(args: list[str], monkeypatch) -> str:

@@ -67,7 +67,9 @@ def layer(module: str) -> int:
     """The layer of a module (or of the module an import names); KeyError for one the table does not place."""
     matches = [prefix for prefix in LAYERS if module == prefix or module.startswith(prefix + ".")]
     if not matches:
-        raise KeyError(f"{module} is in no layer of tests/test_layout.py's LAYERS: add it there and to docs/reference/layout.md.")
+        raise KeyError(
+            f"{module} is in no layer of tests/test_layout.py's LAYERS: add it there and to docs/reference/layout.md."
+        )
     return LAYERS[max(matches, key=len)]
 
 
