@@ -128,9 +128,10 @@ def _scratch_folder(tmp_path: Path) -> dict[str, str]:
     bin_dir.mkdir()
     real = Path(sys.executable).with_name("ccim")
     subcommands = "|".join(TINY_SUBCOMMANDS)
-    # bias-report takes the overrides only with --config (with --table they are an error)
+    # bias-report takes the overrides only with --config (with --table they are an error); help options take none
     (bin_dir / "ccim").write_text(
-        f'#!/usr/bin/env bash\ncase "$1" in\n  {subcommands}) exec "{real}" "$@" {TINY} ;;\n'
+        f'#!/usr/bin/env bash\n[[ " $* " == *help* ]] && exec "{real}" "$@"\n'
+        f'case "$1" in\n  {subcommands}) exec "{real}" "$@" {TINY} ;;\n'
         f'  bias-report) if [[ " $* " == *" --config "* ]]; then exec "{real}" "$@" {TINY}; fi ;;\n'
         f'esac\nexec "{real}" "$@"\n'
     )
