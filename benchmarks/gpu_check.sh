@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, run as one prepared script on a lent GPU machine (see README, "GPU check"):
+# GPU check, run as one prepared script on a lent GPU machine (see docs/results/index.md, "GPU check"):
 #   bash benchmarks/gpu_check.sh            (needs torch, lightning, timm, faiss-cpu, scikit-learn importable)
 # About 5 minutes on an H200 (budget: under 8).
 # 1. the CCIM head forward + backward on the GPU against the (B, N, d)-materialising reference, fp32 and bf16;

@@ -1,7 +1,7 @@
 """The Contextual Causal Intervention Module (CCIM) head.
 
 The head implements eqs. 4-7 of Yang et al., "Context De-confounded Emotion Recognition" (CVPR 2023) with the
-conventions of the authors' reference module (README, "The CCIM head"):
+conventions of the authors' reference module (docs/concepts/ccim-head.md):
 
 * eq. 4: the classifier input is ``x = h @ w_h + E_z[g(z)] @ w_g`` (plain matrices, no bias, Xavier-normal init);
 * eq. 5: ``E_z[g(z)] = sum_i lambda_i * z_i * P(z_i)`` over the confounder dictionary ``Z`` (N, d) and prior ``P`` (N,);

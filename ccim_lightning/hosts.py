@@ -1,6 +1,7 @@
 """Host backbones: modules that map a batch dict to the fused subject + context feature ``h``.
 
-CCIM sits after a host model's fused feature and before its classifier (paper.md, "Training setup").
+CCIM sits after a host model's fused feature and before its classifier (docs/concepts/ccim.md, "From the
+adjustment to a layer").
 Any ``nn.Module`` with ``forward(batch) -> (B, feature_dim)`` and a ``feature_dim`` attribute can be a host;
 the classes here are ready-made ones:
 
@@ -122,7 +123,7 @@ class TwoStreamHost(nn.Module):
 
     The subject stream sees ``batch["subject"]`` (the body or face crop); the context stream sees
     ``batch["context"]`` (the whole image with the subject masked out). Their pooled features are concatenated
-    and fused by Linear + BatchNorm1d + ReLU into ``feature_dim`` (the ``d_h`` of paper.md).
+    and fused by Linear + BatchNorm1d + ReLU into ``feature_dim`` (the ``d_h`` of docs/concepts/ccim.md).
 
     Args:
         subject_encoder: ``"small_cnn"`` or a timm model name for the subject stream.

@@ -1,6 +1,6 @@
 """CAER-S (Lee et al., ICCV 2019): 7-class emotion of the face in TV-show frames, in ``<split>/<Class>/<NNNN>.png``.
 
-Layout (README, "CAER-S"): ``<root>/train/<Class>/*.png`` and ``<root>/test/<Class>/*.png``. The anger folder
+Layout (docs/how-to/datasets.md): ``<root>/train/<Class>/*.png`` and ``<root>/test/<Class>/*.png``. The anger folder
 is ``Angry`` in train and ``Anger`` in test (both class 0); split folders may be capitalised (``Train``, ``Test``).
 Labels in alphabetical order: :data:`CLASSES`. There is no validation split: a deterministic, stratified share of
 train is held out (:func:`~ccim_lightning.datamodules.common.stratified_holdout`, by image path and seed; one

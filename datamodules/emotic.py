@@ -1,6 +1,6 @@
 """EMOTIC (Kosti et al., TPAMI 2019): 26 multi-label emotion categories and V/A/D per person in context.
 
-Reads either annotation form (README, "EMOTIC"):
+Reads either annotation form (docs/how-to/datasets.md, "EMOTIC"):
 
 - the original ``<root>/Annotations/Annotations.mat`` (MATLAB v5, via ``scipy.io.loadmat``), one entry per image
   with its persons: train persons carry the single annotator's ``annotations_categories`` / ``annotations_continuous``,

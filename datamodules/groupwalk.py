@@ -3,7 +3,8 @@
 The release format is not publicly documented, so GroupWalk is read from a person table of extracted frames
 (``ccim_lightning.datamodules.table``): one row per (frame, person) with ``image``, ``x1``..``y2``, ``label``
 (``|``-joined when annotators disagree) and ``split``. Targets are multi-hot over :data:`CLASSES` and the metric is
-mAP over the four classes, as in the literature. The README shows how to build the table from extracted frames.
+mAP over the four classes, as in the literature. docs/how-to/datasets.md shows how to build the table from extracted
+frames.
 """
 
 from __future__ import annotations

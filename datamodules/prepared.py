@@ -9,7 +9,7 @@ Normalisation happens on read too (on the device in a Lightning run), so the fil
 
 Why memory-mapped numpy and not LitData (``optimize`` + ``StreamingDataset``): ``benchmarks/data.py --litdata``
 reads the same crops both ways, in one run on this machine; at 0 workers the memory map gave 1,333 samples/s and
-LitData 131 (loaded machine), and 16,283 against 1,082 at load 2 (figures in the README). A
+LitData 131 (loaded machine), and 16,283 against 1,082 at load 2 (figures in docs/results/index.md). A
 sample is two fixed-size slices of a mapped file: no chunk to deserialise or cache. Sharding over ranks is the
 sampler's job (Lightning's ``DistributedSampler``): each rank reads only its own rows' pages.
 

@@ -11,7 +11,7 @@ Nothing is read from disk: sample ``i`` of split ``s`` is drawn from its own ran
 of samples (``__getitems__``, which ``DataLoader`` calls with each batch's indices): signed distance fields of the
 shapes, evaluated on a window around each person and composited with anti-aliased edges.
 
-Samples follow the suite's batch schema (README, "The batch schema"), a dict of tensors:
+Samples follow the suite's batch schema (docs/how-to/using-it.md, "The batch schema"), a dict of tensors:
 
 - ``subject`` float32 (3, subject_size, subject_size): the target person's box, rendered at subject resolution.
 - ``context`` float32 (3, image_size, image_size): the whole image with the subject's box filled with zeros

@@ -1,4 +1,4 @@
-"""Tests of the CCIM head against an independent transcription of eqs. 4-7 (docs/paper.md)."""
+"""Tests of the CCIM head against an independent transcription of eqs. 4-7 (docs/concepts/ccim.md)."""
 
 import math
 

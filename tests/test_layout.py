@@ -1,4 +1,4 @@
-"""The package's shape as the README's "Layout" section states it: one-way imports, small modules, all listed."""
+"""The package's shape as docs/reference/layout.md states it: one-way imports, small modules, all listed."""
 
 import ast
 import re
@@ -69,7 +69,9 @@ def layer(module: str) -> int:
     """The layer of a module (or of the module an import names); KeyError for one the table does not place."""
     matches = [prefix for prefix in LAYERS if module == prefix or module.startswith(prefix + ".")]
     if not matches:
-        raise KeyError(f"{module} is in no layer of tests/test_layout.py's LAYERS: add it there and to the README.")
+        raise KeyError(
+            f"{module} is in no layer of tests/test_layout.py's LAYERS: add it there and to docs/reference/layout.md."
+        )
     return LAYERS[max(matches, key=len)]
 
 
@@ -223,11 +225,13 @@ def test_no_module_over_the_size_limit_and_no_test_tooling_in_the_package():
 _ENTRY = r"(?:[\w.]+\.(?:py|sh)|\(\+ [^)]*\)|[\w.]+/)"
 
 
-def readme_layout() -> set[str]:
-    """The files the README's layout tree lists, as paths (``folder/name.py``), parsed from its indentation."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Layout") : readme.index("## Status and known limits")]
-    block = section[section.index("```\n") + 4 :]
+LAYOUT_PAGE = ROOT / "docs" / "reference" / "layout.md"
+
+
+def documented_layout() -> set[str]:
+    """The files the layout page's tree lists, as paths (``folder/name.py``), parsed from its indentation."""
+    page = LAYOUT_PAGE.read_text()
+    block = page[page.index("```text\n") + len("```text\n") :]
     block = block[: block.index("```")]
     listed, stack = set(), []
     for line in filter(str.strip, block.splitlines()):
@@ -243,8 +247,8 @@ def readme_layout() -> set[str]:
     return listed
 
 
-def test_readme_layout_parser_reads_folders_and_asides():
-    listed = readme_layout()
+def test_layout_parser_reads_folders_and_asides():
+    listed = documented_layout()
     for path in ("ccim_lightning/head.py", "ccim_lightning/dictionary/kmeans.py", "datamodules/_drawing.py",
                  "benchmarks/debias/report.py", "benchmarks/gpu_check.sh"):  # fmt: skip
         assert path in listed, path
@@ -252,11 +256,11 @@ def test_readme_layout_parser_reads_folders_and_asides():
 
 
 @pytest.mark.parametrize("folder", [*PACKAGES, "benchmarks"])
-def test_readme_layout_lists_every_module(folder):
+def test_layout_page_lists_every_module(folder):
     tracked = subprocess.run(["git", "ls-files", folder], cwd=ROOT, capture_output=True, text=True, check=True)
     files = [f for f in tracked.stdout.split() if f.endswith((".py", ".sh")) and not f.endswith("__init__.py")]
     assert files
-    listed = readme_layout()
+    listed = documented_layout()
     assert [f for f in files if f not in listed] == []
 
 

@@ -142,7 +142,7 @@ def test_validation_map_and_per_class_ap_match_scikit_learn(tmp_path):
 
 def test_map_counts_a_class_without_positives_as_zero(tmp_path):
     # Class "d" has no positive sample in the evaluated set: its AP is undefined and counts as 0 in the mean over
-    # all four classes (what the module's docstring and the README say), not left out.
+    # all four classes (what the module's docstring and the docs say), not left out.
     data = RandomBatches(50, 4, multilabel=True)
     data.target[:, 3] = 0
     module = make_module(task="multilabel", num_classes=4, class_names=["a", "b", "c", "d"]).eval()

@@ -24,7 +24,7 @@ class ClusterReweighting(DebiasMethod):
     """Weights each training sample's loss by ``w = P(y) / P(y | z)`` over the dictionary's clusters ``z``.
 
     In the reweighted training split the context cluster and the label are independent, which is what backdoor
-    adjustment asks of the training distribution (paper.md, "Pseudo-group methods").
+    adjustment asks of the training distribution (docs/concepts/debiasing.md).
 
     From the training counts ``n[z, y]`` (``n_z`` samples in cluster ``z``, ``n_y`` with label ``y``, ``n`` in all):
 

@@ -386,10 +386,10 @@ def test_a_multilabel_checkpoint_without_thresholds_uses_one_half_and_says_so(mu
     assert "no decision thresholds chosen on a validation split" in caplog.text
 
 
-# --- the README's snippet ------------------------------------------------------------------------------------------
+# --- the docs' snippet (docs/how-to/using-it.md) ------------------------------------------------------------------
 def readme_snippet() -> str:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Use a trained model on new photos") :]
+    readme = (ROOT / "docs" / "how-to" / "using-it.md").read_text()
+    section = readme[readme.index("## Use a trained model on new photos") :]
     start = section.index("```python\n") + len("```python\n")
     return section[start : section.index("```", start)]
 
@@ -413,7 +413,7 @@ def test_the_readme_snippet_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch):
     build_cli(["fit", "--config", str(ROOT / "configs" / "synthetic.yaml"), *tiny])
     _write_image(tmp_path / "photo.jpg", 480, 440, box=(120, 40, 260, 400))
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/how-to/using-it.md", "exec"), namespace)
     people = namespace["people"]
     assert people["person"].tolist() == [0, 1] and people["image"].tolist() == ["photo.jpg"] * 2
     assert set(people["prediction"]) <= {"angry", "happy", "neutral", "sad"}
