@@ -75,20 +75,9 @@ def check_float(
     return number
 
 
-def check_optional_float(
-    where: str,
-    name: str,
-    value: Any,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float | None:
+def check_optional_float(where: str, name: str, value: Any, *bounds: float | None, **open_ends: bool) -> float | None:
     """:func:`check_float` for an argument that may be None (None is returned unchanged)."""
-    if value is None:
-        return None
-    return check_float(where, name, value, low, high, low_open=low_open, high_open=high_open)
+    return None if value is None else check_float(where, name, value, *bounds, **open_ends)
 
 
 def check_floats(

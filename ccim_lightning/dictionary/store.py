@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ccim_lightning.checkpoints import TRUST_ADVICE, atomic_write, refused_globals
+from ccim_lightning.checkpoints import TRUST_ADVICE, atomic_write, refused_globals, remove_stale_temporaries
 
 __all__ = [
     "ConfounderDictionary",
@@ -394,21 +394,8 @@ def check_cache_path(path: str | os.PathLike) -> Path:
             f"The dictionary cache folder {str(folder)!r} is not writable: choose another `cache` path (checked "
             "before building, so no work is lost)."
         )
-    for stale in folder.glob(f".{path.name}.*.tmp"):
-        pid = stale.name.removeprefix(f".{path.name}.").removesuffix(".tmp")
-        if pid.isdigit() and not _process_alive(int(pid)):
-            stale.unlink(missing_ok=True)
+    remove_stale_temporaries(path)
     return path
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        pass
-    return True
 
 
 def _plain(value: Any, where: str) -> Any:
