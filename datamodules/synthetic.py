@@ -6,6 +6,12 @@ With probability ``bias`` a sample's emotion is its scene's dominant emotion (sc
 ``s % num_classes``), otherwise it is uniform, so the scene is a tempting shortcut; the ``unbiased`` test split
 draws scene and emotion independently and exposes models that took the shortcut.
 
+Three tasks shaped like the real benchmarks use the same renderer (settings in ``SceneSettings``, models of labels
+and scenes in ``synthetic_labels``): CAER-S-shaped, ``num_classes=7`` with ``num_scenes=16`` (two or three scene
+types per dominant emotion); EMOTIC-shaped, ``task="multilabel"`` (1-4 of up to 26 long-tailed, co-occurring
+categories per person, drawn as a code of cells on the body, the scene drawn given the primary category); and
+``scene_layout="continuous"`` (scenes on a continuum of blended styles, which k-means clusters only approximate).
+
 Nothing is read from disk: sample ``i`` of split ``s`` is drawn from its own random generator seeded with
 ``(seed, s, i)``, so every worker, process and rank sees identical data. Rendering is vectorised numpy over a batch
 of samples (``__getitems__``, which ``DataLoader`` calls with each batch's indices): signed distance fields of the
@@ -28,9 +34,8 @@ mean colour).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import replace
 
 import lightning as L
 import numpy as np
@@ -40,25 +45,31 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from ccim_lightning.arguments import check_float, check_int
+from ccim_lightning.arguments import check_int
+from ccim_lightning.datamodules import synthetic_labels as labelling
 from ccim_lightning.datamodules._drawing import EXPRESSIONS, SKIN_DARK, SKIN_LIGHT, choice, composite_person, hsv_to_rgb
 from ccim_lightning.datamodules.base import train_drop_last
 from ccim_lightning.datamodules.inputs import InputSettings, rendered_input_settings
+from ccim_lightning.datamodules.synthetic_scenes import TEXTURES, background_parameters, render_background
+from ccim_lightning.datamodules.synthetic_settings import (
+    CATEGORY_NAMES,
+    EMOTIONS,
+    GENERATOR_VERSION,
+    SCENE_LAYOUTS,
+    TASKS,
+    SceneSettings,
+)
 from ccim_lightning.types import BOX, CONTEXT, INDEX, SCENE, SUBJECT, TARGET
 
 log = logging.getLogger(__name__)
 
-EMOTIONS: tuple[str, ...] = ("angry", "happy", "neutral", "sad", "surprise", "fear", "disgust")
-"""Emotion names; ``num_classes=k`` uses the first ``k``."""
-
-GENERATOR_VERSION = 2
-"""Bumped whenever the same settings start producing different images (part of ``sample_identities``)."""
+__all__ = [  # with the names defined here, those re-exported from synthetic_settings and synthetic_scenes
+    "CATEGORY_NAMES", "EMOTIONS", "GENERATOR_VERSION", "SCENE_LAYOUTS", "SPLITS", "TASKS", "TEXTURES", "SceneSettings",
+    "SyntheticContextDataModule", "SyntheticContextDataset",
+]  # fmt: skip
 
 SPLITS: tuple[str, ...] = ("train", "val", "test", "test_unbiased")
 """Split names; a split's position here is part of each of its samples' random seed."""
-
-TEXTURES: tuple[str, ...] = ("stripes", "checkerboard", "dots", "horizon")
-"""Background textures; scene ``s`` uses ``TEXTURES[s % 4]``, its palette and geometry also depend on ``s``."""
 
 
 _NOISE_BANK_SIDES = 4  # the shared pixel-noise field is this many image sides wide and high
@@ -70,62 +81,6 @@ _U_HORIZON, _U_CONTRAST, _U_BRIGHTNESS = 12, 13, 14
 _U_NOISE = slice(15, 19)  # offsets into the noise bank: context y/x, subject y/x
 _U_PERSON, _U_PER_PERSON = 19, 9  # height, x, y, skin tone, cloth h/s/v, ink, emotion (distractors)
 _Z_HUE, _Z_PERSON, _Z_PER_PERSON = 0, 1, 7  # skin jitter x3, face jitter x4
-
-
-@dataclass(frozen=True)
-class SceneSettings:
-    """The generator settings every split of one synthetic dataset shares (checked on creation).
-
-    Attributes:
-        seed: Dataset seed (>= 0); the data is a pure function of (seed, split, index) and the settings.
-        bias: Probability in [0, 1] that a sample's emotion is its scene's dominant emotion (scene ``s`` -> emotion
-            ``s % num_classes``); otherwise it is uniform. 0 = independent.
-        num_classes: Number of emotions, 2 to 7 (``EMOTIONS[:num_classes]``).
-        num_scenes: Number of scene types.
-        image_size: Side of the context image in pixels.
-        subject_size: Side of the subject crop in pixels.
-        expression_noise: Standard deviation of the per-person jitter of the face parameters, in units of the
-            difference between the happy and the neutral face (0 = clean prototypes); higher makes the face harder
-            to read and the scene more tempting.
-        pixel_noise: Standard deviation of the additive Gaussian pixel noise on the [0, 1] colour scale.
-        max_distractors: Maximum number of other people (random expressions) per image.
-    """
-
-    seed: int = 0
-    bias: float = 0.9
-    num_classes: int = 4
-    num_scenes: int = 4
-    image_size: int = 64
-    subject_size: int = 32
-    expression_noise: float = 0.4
-    pixel_noise: float = 0.06
-    max_distractors: int = 2
-
-    def __post_init__(self) -> None:
-        where = type(self).__name__
-        check_int(where, "seed", self.seed, 0)
-        # float: one spelling in sample identities (1 and 1.0)
-        object.__setattr__(self, "bias", check_float(where, "bias (a probability)", self.bias, 0.0, 1.0))
-        check_int(where, "num_classes", self.num_classes, 2, len(EMOTIONS))
-        check_int(where, "num_scenes", self.num_scenes, 1)
-        check_int(where, "image_size (pixels)", self.image_size, 16)
-        check_int(where, "subject_size (pixels)", self.subject_size, 4)
-        check_float(where, "expression_noise", self.expression_noise, 0.0)
-        check_float(where, "pixel_noise", self.pixel_noise, 0.0)
-        check_int(where, "max_distractors", self.max_distractors, 0)
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> SceneSettings:
-        """The settings named in ``values`` (e.g. a datamodule's ``hparams``); other keys are ignored."""
-        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
-
-    def identity(self) -> str:
-        """The generator version and every setting, as sample identities name them."""
-        return (
-            f"synthetic-v{GENERATOR_VERSION}(seed={self.seed},bias={self.bias},classes={self.num_classes},"
-            f"scenes={self.num_scenes},size={self.image_size}/{self.subject_size},"
-            f"noise={self.expression_noise}/{self.pixel_noise},distractors={self.max_distractors})"
-        )
 
 
 class SyntheticContextDataset(Dataset):
@@ -188,11 +143,13 @@ class SyntheticContextDataset(Dataset):
         """Targets and scene types of ``indices`` (default: all samples), without rendering anything.
 
         Returns:
-            ``(targets, scenes)``, two int64 arrays.
+            ``(targets, scenes)``: int64 (n,) emotions, or float32 (n, C) multi-hot for ``task="multilabel"``; the
+            int64 (n,) scene types (the nearest one for ``scene_layout="continuous"``).
         """
         indices = range(self.size) if indices is None else indices
-        uniforms = np.array([self._draws(index)[0][: _U_EMOTION + 1] for index in indices]).reshape(-1, 3)
-        return self._labels_from(uniforms)
+        uniforms = np.array([self._draws(index)[0] for index in indices]).reshape(len(indices), -1)
+        targets, scenes, _, _ = self._labels_from(uniforms)
+        return targets, scenes
 
     def dominant_emotion(self, scene: int) -> int:
         """The emotion that scene type ``scene`` is biased towards."""
@@ -239,23 +196,45 @@ class SyntheticContextDataset(Dataset):
         """
         image, subject, boxes, targets, scenes = self._generate([index], normalise=False)
         box = tuple(int(v) for v in boxes[0])
-        return np.clip(image[0], 0.0, 1.0), np.clip(subject[0], 0.0, 1.0), box, int(targets[0]), int(scenes[0])
+        target = targets[0] if self.settings.task == "multilabel" else int(targets[0])  # multilabel: (C,) multi-hot
+        return np.clip(image[0], 0.0, 1.0), np.clip(subject[0], 0.0, 1.0), box, target, int(scenes[0])
 
     # --- generation --------------------------------------------------------------------------------------------
     def _draws(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """All random numbers of sample ``index``: uniforms (see the ``_U_*`` layout) and standard normals."""
         rng = np.random.default_rng([self.settings.seed, self._split_id, index])
-        people = self.settings.max_distractors + 1
-        uniforms = rng.random(_U_PERSON + _U_PER_PERSON * people)
-        return uniforms, rng.standard_normal(_Z_PERSON + _Z_PER_PERSON * people)
+        uniforms = rng.random(self._extra_uniforms_at())
+        normals = rng.standard_normal(self._extra_normals_at())
+        if self.settings.task == "multilabel":  # drawn after the others, so the shared draws keep their values
+            uniforms = np.concatenate([uniforms, rng.random(labelling.MULTILABEL_UNIFORMS)])
+            normals = np.concatenate([normals, rng.standard_normal(self.settings.num_classes)])
+        return uniforms, normals
 
-    def _labels_from(self, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scenes = choice(uniforms[:, _U_SCENE], self.settings.num_scenes)
-        uniform_emotion = choice(uniforms[:, _U_EMOTION], self.settings.num_classes)
-        targets = np.where(
-            uniforms[:, _U_FOLLOW] < self.settings.bias, scenes % self.settings.num_classes, uniform_emotion
-        )
-        return targets, scenes
+    def _extra_uniforms_at(self) -> int:
+        return _U_PERSON + _U_PER_PERSON * (self.settings.max_distractors + 1)
+
+    def _extra_normals_at(self) -> int:
+        return _Z_PERSON + _Z_PER_PERSON * (self.settings.max_distractors + 1)
+
+    def _labels_from(self, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(targets, scenes, expressions, positions)``: labels, scene types, the target's face, scene positions."""
+        settings = self.settings
+        if settings.task == "multilabel":
+            extra = uniforms[:, self._extra_uniforms_at() :]
+            targets, primary = labelling.multilabel_targets(uniforms[:, _U_EMOTION], extra, settings.num_classes)
+            scenes = labelling.scenes_given_primary(
+                uniforms[:, _U_SCENE], uniforms[:, _U_FOLLOW], primary, settings.bias, settings.num_classes,
+                settings.num_scenes,
+            )  # fmt: skip
+            return targets, scenes, primary % len(EXPRESSIONS), scenes
+        if settings.scene_layout == "continuous":
+            positions, scenes = labelling.continuous_positions(uniforms[:, _U_SCENE], settings.num_scenes)
+        else:
+            scenes = choice(uniforms[:, _U_SCENE], settings.num_scenes)
+            positions = scenes
+        uniform_emotion = choice(uniforms[:, _U_EMOTION], settings.num_classes)
+        targets = np.where(uniforms[:, _U_FOLLOW] < settings.bias, scenes % settings.num_classes, uniform_emotion)
+        return targets, scenes, targets, positions
 
     def _noise_bank(self) -> np.ndarray:
         if self._noise is None:
@@ -264,7 +243,7 @@ class SyntheticContextDataset(Dataset):
             self._noise = rng.standard_normal((3, side, side), dtype=np.float32)
         return self._noise
 
-    def _person(self, uniforms: np.ndarray, normals: np.ndarray, slot: int, targets: np.ndarray) -> dict:
+    def _person(self, uniforms: np.ndarray, normals: np.ndarray, slot: int, expressions: np.ndarray) -> dict:
         """Parameters of person ``slot`` (0 = the target, then distractors) for every sample of the batch."""
         u = uniforms[:, _U_PERSON + _U_PER_PERSON * slot :][:, :_U_PER_PERSON]
         z = normals[:, _Z_PERSON + _Z_PER_PERSON * slot :][:, :_Z_PER_PERSON]
@@ -273,12 +252,12 @@ class SyntheticContextDataset(Dataset):
             h = (0.42 + 0.28 * u[:, 0]) * size
             cx = h / 4 + u[:, 1] * (size - h / 2)
             top = u[:, 2] * (size - h)
-            emotion = targets
+            emotion = expressions
         else:
             h = (0.3 + 0.3 * u[:, 0]) * size
             cx = u[:, 1] * size
             top = -0.2 * h + u[:, 2] * (size - 0.4 * h)
-            emotion = choice(u[:, 8], self.settings.num_classes)
+            emotion = choice(u[:, 8], min(self.settings.num_classes, len(EXPRESSIONS)))  # multilabel: any face
         skin = SKIN_LIGHT + u[:, 3, None] * (SKIN_DARK - SKIN_LIGHT) + 0.03 * z[:, :3]
         return {
             "cx": cx.astype(np.float32),
@@ -296,9 +275,10 @@ class SyntheticContextDataset(Dataset):
         draws = [self._draws(index) for index in indices]
         uniforms = np.stack([d[0] for d in draws]) if n else np.zeros((0, _U_PERSON + _U_PER_PERSON))
         normals = np.stack([d[1] for d in draws]) if n else np.zeros((0, _Z_PERSON + _Z_PER_PERSON))
-        targets, scenes = self._labels_from(uniforms)
+        targets, scenes, expressions, positions = self._labels_from(uniforms)
         n_distractors = choice(uniforms[:, _U_DISTRACTORS], self.settings.max_distractors + 1)
-        people = [self._person(uniforms, normals, slot, targets) for slot in range(self.settings.max_distractors + 1)]
+        slots = range(self.settings.max_distractors + 1)
+        people = [self._person(uniforms, normals, slot, expressions) for slot in slots]
         target = people[0]
         x1, y1 = np.floor(target["cx"] - target["h"] / 4), np.floor(target["top"])
         x2, y2 = np.ceil(target["cx"] + target["h"] / 4), np.ceil(target["top"] + target["h"])
@@ -313,15 +293,21 @@ class SyntheticContextDataset(Dataset):
         sub_y = corners[:, 1, None] + fractions * sides[:, 1, None]
         sub_step = sides.max(axis=1) / sub
 
-        background = self._background(uniforms, normals, scenes)
+        u_background, u_horizon = uniforms[:, _U_BACKGROUND], uniforms[:, _U_HORIZON]
+        background = background_parameters(
+            u_background, normals[:, _Z_HUE], u_horizon, positions, self.settings.num_scenes, size
+        )
         order = [*range(1, self.settings.max_distractors + 1), 0]  # distractors first, the target on top
         images = []
         renderings = ((ctx_x, ctx_y, np.ones(n, np.float32), True), (sub_x, sub_y, sub_step, False))
         for xs, ys, step, windowed in renderings:
-            canvas = self._render_background(background, xs, ys, step)
+            canvas = render_background(background, xs, ys, step, size)
             for slot in order:
                 present = np.ones(n, bool) if slot == 0 else n_distractors >= slot
                 self._render_person(canvas, people[slot], np.flatnonzero(present), xs, ys, step, windowed)
+            if self.settings.task == "multilabel":  # the labels, as a noisy code of cells on the body
+                code = targets + self.settings.expression_noise * normals[:, self._extra_normals_at() :]
+                labelling.paint_label_code(canvas, xs, ys, boxes, code, self.settings.num_classes)
             images.append(canvas)
 
         # contrast/brightness jitter, pixel noise and (optionally) ImageNet normalisation, per sample and channel
@@ -343,52 +329,6 @@ class SyntheticContextDataset(Dataset):
                 noise = bank[:, oy[i] : oy[i] + side, ox[i] : ox[i] + side]
                 image[i] += noise_scale[i, :, None, None].astype(np.float32) * noise
         return images[0], images[1], boxes, targets, scenes
-
-    def _background(self, uniforms: np.ndarray, normals: np.ndarray, scenes: np.ndarray) -> dict:
-        size = self.settings.image_size
-        u = uniforms[:, _U_BACKGROUND]
-        hue = scenes / self.settings.num_scenes + 0.05 + 0.015 * normals[:, _Z_HUE]
-        variant = scenes // len(TEXTURES)
-        params = {
-            "kind": scenes % len(TEXTURES),
-            "c1": hsv_to_rgb(hue, 0.45 + 0.2 * u[:, 0], 0.8 + 0.18 * u[:, 2]),
-            "c2": hsv_to_rgb(hue + 0.07, 0.65 + 0.2 * u[:, 1], 0.35 + 0.2 * u[:, 3]),
-            # angular frequency per image pixel, orientation, phases, horizon height
-            "freq": 2.0 * np.pi * (4.0 + 1.5 * (variant % 3)) * (0.8 + 0.45 * u[:, 4]) / size,
-            "angle": 2.39996 * scenes - 0.3 + 0.6 * u[:, 5],
-            "phase": 2.0 * np.pi * u[:, 6:8],
-            "horizon": (0.35 + 0.3 * uniforms[:, _U_HORIZON]) * size,
-        }
-        return {key: value.astype(np.float32) if key != "kind" else value for key, value in params.items()}
-
-    def _render_background(self, b: dict, xs: np.ndarray, ys: np.ndarray, step: np.ndarray) -> np.ndarray:
-        """(n, 3, H, W) textured backgrounds sampled at ``xs`` (n, W), ``ys`` (n, H) in image coordinates."""
-        n = len(xs)
-        t = np.empty((n, ys.shape[1], xs.shape[1]), dtype=np.float32)
-        for kind in range(len(TEXTURES)):
-            sel = np.flatnonzero(b["kind"] == kind)
-            if len(sel) == 0:
-                continue
-            x, y = xs[sel, None, :], ys[sel, :, None]
-            f, p1, p2 = (v[:, None, None] for v in (b["freq"][sel], b["phase"][sel, 0], b["phase"][sel, 1]))
-            if kind == 0:  # stripes
-                angle = b["angle"][sel, None, None]
-                t[sel] = 0.5 + 0.5 * np.sin(f * (x * np.cos(angle) + y * np.sin(angle)) + p1)
-            elif kind == 1:  # checkerboard
-                t[sel] = 0.5 + 0.5 * np.tanh(6.0 * np.sin(f * x + p1) * np.sin(f * y + p2))
-            elif kind == 2:  # dots on a lattice
-                period = 2.0 * np.pi / f
-                du = (x / period + p1 / (2.0 * np.pi)) % 1.0 - 0.5
-                dv = (y / period + p2 / (2.0 * np.pi)) % 1.0 - 0.5
-                t[sel] = np.clip(0.5 - (np.sqrt(du * du + dv * dv) - 0.28) * period / step[sel, None, None], 0, 1)
-            else:  # horizon: a sky gradient over the ground
-                soft = 1.5 * step[sel, None, None]
-                t[sel] = (
-                    1.0 / (1.0 + np.exp((b["horizon"][sel, None, None] - y) / soft))
-                    + 0.3 * y / self.settings.image_size
-                )
-        c1, c2 = b["c1"][:, :, None, None], b["c2"][:, :, None, None]
-        return c1 + t[:, None] * (c2 - c1)
 
     @staticmethod
     def _render_person(canvas, person: dict, rows_of: np.ndarray, xs, ys, step, windowed: bool) -> None:
@@ -448,9 +388,12 @@ class SyntheticContextDataModule(L.LightningDataModule):
         pixel_noise: Standard deviation of the additive pixel noise on the [0, 1] colour scale.
         max_distractors: Maximum number of other people with random expressions per image.
         flip: Random horizontal flips of training samples (subject, context and box together).
+        task: ``"multiclass"`` or ``"multilabel"`` (EMOTIC-shaped: ``num_classes`` up to 26 categories, 1-4 per
+            person, long-tailed and co-occurring; ``bias`` ties the scene to the primary category; the model logs
+            ``mAP``). See ``SceneSettings`` and ``synthetic_labels``.
+        scene_layout: ``"discrete"`` scene types or ``"continuous"`` blends of them (multiclass only).
     """
 
-    task = "multiclass"
     test_set_names = ("biased", "unbiased")
 
     def __init__(
@@ -470,6 +413,8 @@ class SyntheticContextDataModule(L.LightningDataModule):
         pixel_noise: float = 0.06,
         max_distractors: int = 2,
         flip: bool = True,
+        task: str = "multiclass",
+        scene_layout: str = "discrete",
     ) -> None:
         super().__init__()
         where = type(self).__name__
@@ -480,7 +425,8 @@ class SyntheticContextDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.settings = SceneSettings.from_mapping(self.hparams)  # checks the generator settings
         self.num_classes = num_classes
-        self.class_names = list(EMOTIONS[:num_classes])
+        self.task = task
+        self.class_names = list(self.settings.class_names_of_task()[:num_classes])
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.train_dataset: SyntheticContextDataset | None = None

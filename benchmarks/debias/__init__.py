@@ -32,9 +32,15 @@ Method:
       ``unbiased_acc``, the per-sample correctness (for the bootstrap), the command that reproduces it. The report
       (``report.py``: table with paired-bootstrap 95% intervals, plots) is rebuilt from those lines.
 
-Modules, one job each: ``settings`` (the rows), ``data`` (the splits, rendered once), ``runs`` (one run and its
-record), ``checkpoint`` (the ``--ccim-checkpoint`` checks), ``report`` (bootstrap, table, plots), ``cli`` (the
-command line, which ``__main__`` runs).
+``--task caers_like|emotic_like|continuous`` runs the same study on the generator's tasks shaped like CAER-S (7
+emotions, 16 scenes), EMOTIC (26 long-tailed, co-occurring categories, multilabel; the metric is macro mAP and the
+bootstrap recomputes it per resample) and on continuous scenes (``tasks.py``): the rows baseline, ``ccim_dot``,
+each method (baseline head and CCIM) and the oracle, in a scratch folder unless ``--out`` names another.
+
+Modules, one job each: ``settings`` (the rows), ``tasks`` (the ``--task`` overrides), ``data`` (the splits,
+rendered once), ``runs`` (one run and its record), ``multilabel`` (scores and mAP of multilabel runs),
+``checkpoint`` (the ``--ccim-checkpoint`` checks), ``report`` (bootstrap, table, plots), ``cli`` (the command line,
+which ``__main__`` runs).
 
 Example:
     python -m benchmarks.debias --out /tmp/debias --resume --jobs 2   # full run
@@ -42,4 +48,5 @@ Example:
     python -m benchmarks.debias --quick --test-size 1000 --ccim-checkpoint runs/demo/.../last.ckpt   # make demo
     python -m benchmarks.debias --report-only                        # rebuild debias.md and plots from the JSON lines
     python -m benchmarks.debias --only reweight --seeds 1 --out /tmp/debias   # one row, one seed
+    python -m benchmarks.debias --task emotic_like --quick --jobs 2             # 1 seed, 4 rows, EMOTIC-shaped
 """

@@ -26,11 +26,14 @@ from benchmarks.debias.settings import (
     deal,
     quick_names,
 )
+from benchmarks.debias.tasks import TASKS, metric_of
 
 #: The committed results (``--report-only`` rebuilds them; ``--quick`` never writes there).
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results"
 #: The first line of ``--help``: the study's question, from the package docstring.
 DESCRIPTION = study.__doc__.split("\n\n")[0]
+#: The rows of ``main`` run on the tasks other than ``default`` (the ablations are the default task's study).
+TASK_ROWS = ("baseline", "ccim_dot")
 #: How the study is started, in reproduce commands and in the report's first line.
 COMMAND = "python -m benchmarks.debias"
 
@@ -39,6 +42,8 @@ def reproduce_command(args: argparse.Namespace, setting: str, seed: int) -> str:
     """The command line that reruns one setting with one seed under the same configuration."""
     parts = [*shlex.split(COMMAND), "--only", setting, "--seeds", str(seed)]
     defaults = parse_args([])
+    if args.task != "default":
+        parts += ["--task", args.task]
     for option in ("train_size", "test_size", "batch_size", "epochs"):
         if getattr(args, option) != getattr(defaults, option):
             parts += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
@@ -49,6 +54,8 @@ def reproduce_command(args: argparse.Namespace, setting: str, seed: int) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=COMMAND, description=DESCRIPTION)
+    parser.add_argument("--task", choices=list(TASKS), default="default", help="the synthetic task (tasks.py): "
+                        "default, caers_like, emotic_like (multilabel, mAP), continuous")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="one seed; baseline, ccim_dot, the best method, oracle")
     parser.add_argument("--only", nargs="+", metavar="SETTING", help="run only these settings (see --list)")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0-4; --quick: 0)")
@@ -57,8 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, help="batch size")
     parser.add_argument("--epochs", type=int, default=4, help="training epochs")
     parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1 torch thread each)")
-    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results for full runs, a "
-                        "new scratch folder per --quick run)")  # fmt: skip
+    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results for full runs of the "
+                        "default task, a per-user folder per task for the other tasks, a new scratch folder per "
+                        "--quick run)")  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="skip runs already in <out>/debias_runs.jsonl")
     parser.add_argument("--report-only", action="store_true", help="rebuild debias.md and plots from the JSON lines")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
@@ -77,8 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         for setting in settings:
             print(f"{setting.name:24s} [{setting.group}] {setting.description}")
         return 0
-    default_rows = [s.name for s in settings if s.group not in ("tuning", "checkpoint")]
     given = args.ccim_checkpoint is not None
+    if args.task == "default":
+        default_rows = [s.name for s in settings if s.group not in ("tuning", "checkpoint")]
+    else:  # the real-shaped tasks: baseline, CCIM, each method (baseline head and CCIM), the oracle
+        default_rows = [s.name for s in settings if s.group in ("method", "oracle") or s.name in TASK_ROWS]
+        if given:
+            raise SystemExit("--ccim-checkpoint tests a `configs/synthetic.yaml` model: it is for --task default only")
     wanted = args.only or (quick_names(given) if args.quick else default_rows + [CHECKPOINT_ROW] * given)
     unknown = [name for name in wanted if name not in names]
     if unknown:
@@ -87,13 +100,20 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"The row {CHECKPOINT_ROW} tests a checkpoint: pass --ccim-checkpoint CKPT")
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else list(DEFAULT_SEEDS))
     if args.out is None:
-        args.out = quick_scratch_folder() if args.quick else DEFAULT_OUT
+        if args.quick:
+            args.out = quick_scratch_folder()
+        elif args.task == "default":
+            args.out = DEFAULT_OUT
+        else:  # a full run of another task: one folder per user and task, so that --resume finds it again
+            args.out = Path(tempfile.gettempdir()) / f"ccim-debias-{scratch_user()}-{args.task}"
     out: Path = args.out
     if args.quick and out.resolve() == DEFAULT_OUT.resolve():
         raise SystemExit(f"--quick never writes over the committed results in {DEFAULT_OUT}: pass another --out")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = None if args.ccim_checkpoint is None else str(args.ccim_checkpoint)
-    config = RunConfig(args.train_size, args.test_size, args.batch_size, args.epochs, checkpoint=checkpoint)
+    config = RunConfig(
+        args.train_size, args.test_size, args.batch_size, args.epochs, checkpoint=checkpoint, task=args.task
+    )
     runs_path = out / "debias_runs.jsonl"
     records = load_records(runs_path)
     if not args.report_only:
@@ -149,24 +169,33 @@ def main(argv: list[str] | None = None) -> int:
         r
         for r in records
         if r["seed"] in seeds
-        and r["config"]["data"].get("generator") == generator_settings()
+        and r["config"]["data"].get("generator") == generator_settings(args.task)
         and all(r["config"]["data"][k] == v for k, v in reference.items())
         and r["config"]["trainer"]["max_epochs"] == (by_setting_epochs(settings, r["setting"]) or config.epochs)
     ]
     command = f"{COMMAND} " + shlex.join(argv if argv is not None else sys.argv[1:])
-    text, summary = report.write_report(current, settings, out, command.strip(), generator_settings(), args.bootstrap)
+    generator = generator_settings(args.task)
+    text, summary = report.write_report(current, settings, out, command.strip(), generator, args.bootstrap)
     if not args.quick:
         print(text)
         return 0
     # --quick (the demo): one seed is too little for the full report's intervals and its goal check, so only the
     # side-by-side rows are printed; debias.md in the folder has the rest.
     print(f"Side by side (seed {seeds[0]}, {config.test_size}-sample test sets; full table and plots in {out}):")
-    print(report.side_by_side(summary, quick_names(given)))
+    print(report.side_by_side(summary, quick_names(given), metric_of(args.task)))
     print(
-        "One seed: other seeds move these accuracies by a few points (the committed 5-seed table in "
+        "One seed: other seeds move these numbers by a few points (the committed 5-seed table in "
         f"{DEFAULT_OUT / 'debias.md'} has the intervals)."
     )
     return 0
+
+
+def scratch_user() -> str:
+    """The user's name for scratch folders (the uid where the system has no name for it)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (some containers)
+        return str(os.getuid()) if hasattr(os, "getuid") else "user"
 
 
 def quick_scratch_folder() -> Path:
@@ -174,11 +203,7 @@ def quick_scratch_folder() -> Path:
 
     New per run, so that two users, or two runs of one user, never share (or resume) each other's records.
     """
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no name for this uid (some containers)
-        user = str(os.getuid()) if hasattr(os, "getuid") else "user"
-    return Path(tempfile.mkdtemp(prefix=f"ccim-debias-quick-{user}-"))
+    return Path(tempfile.mkdtemp(prefix=f"ccim-debias-quick-{scratch_user()}-"))
 
 
 def by_setting_epochs(settings: list[Setting], name: str) -> int | None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from benchmarks.debias.tasks import TASKS
 from ccim_lightning.datamodules import SyntheticContextDataModule
 from ccim_lightning.datamodules.synthetic import SceneSettings, SyntheticContextDataset
 
@@ -23,6 +24,7 @@ class RunConfig:
     epochs: int = 4
     feature_dim: int = 128
     checkpoint: str | None = None  # ``--ccim-checkpoint``: the ``ccim fit`` checkpoint tested as row ``ccim_fit``
+    task: str = "default"  # ``--task``: a name of ``tasks.TASKS`` (generator overrides)
 
     def data_kwargs(self, seed: int, bias: float) -> dict:
         """``SyntheticContextDataModule`` keyword arguments of one data setting (validation is not run: 1 sample)."""
@@ -34,6 +36,7 @@ class RunConfig:
             "test_size": self.test_size,
             "batch_size": self.batch_size,
             "num_workers": 0,
+            **TASKS[self.task],
         }
 
 
@@ -146,6 +149,6 @@ class DataCache:
         return RenderedDataModule(splits, **config.data_kwargs(seed, setting.data_bias))
 
 
-def generator_settings() -> str:
-    """The synthetic generator's version and settings except seed and bias (stored with every run)."""
-    return re.sub(r"seed=[^,]*,bias=[^,]*,", "", SceneSettings().identity())
+def generator_settings(task: str = "default") -> str:
+    """The synthetic generator's version and settings of ``task`` except seed and bias (stored with every run)."""
+    return re.sub(r"seed=[^,]*,bias=[^,]*,", "", SceneSettings(**TASKS[task]).identity())

@@ -6,7 +6,8 @@ committed ``debias.md`` and plots from ``debias_runs.jsonl`` without training.
 Intervals: 95% percentile intervals of a two-level paired bootstrap. Each resample draws the seeds with
 replacement and, inside each drawn seed, that seed's test samples with replacement (the biased and the unbiased test
 set separately); the same draw is applied to every row, so a difference between two rows is resampled as a pair
-(same seeds, same test samples). A statistic is the mean over the drawn seeds of the accuracy on the drawn samples.
+(same seeds, same test samples). A statistic is the mean over the drawn seeds of the accuracy on the drawn samples
+(for multilabel runs, ``--task emotic_like``, the macro mAP recomputed on the drawn samples: ``multilabel.py``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,21 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.debias import multilabel
+from benchmarks.debias.tasks import metric_text
+
 SETS = ("biased", "unbiased")
 GOAL_CLOSED, GOAL_LOWER, GOAL_BIASED_DROP = 0.80, 0.65, 0.02
+
+
+def metric(record: dict) -> str:
+    """The record's metric: ``"acc"`` (top-1 accuracy, per-sample correctness) or ``"mAP"`` (multilabel scores)."""
+    return record.get("metric", "acc")
+
+
+def test_size(record: dict) -> int:
+    """Samples in each of the record's test sets."""
+    return record["scores" if metric(record) == "mAP" else "correct"]["size"]
 
 
 def unpack(text: str, size: int) -> np.ndarray:
@@ -47,16 +61,20 @@ class Bootstrap:
         for run_seed in sorted({seed for _, seed in self.records}):
             names = sorted(name for name, seed in self.records if seed == run_seed)
             for test_set in SETS:
-                sizes = {self.records[(n, run_seed)]["correct"]["size"] for n in names}
+                sizes = {test_size(self.records[(n, run_seed)]) for n in names}
                 if len(sizes) != 1:
                     raise ValueError(f"Runs of seed {run_seed} have test sets of different sizes {sorted(sizes)}")
                 size = sizes.pop()
-                right = np.stack([unpack(self.records[(n, run_seed)]["correct"][test_set], size) for n in names], 1)
                 # Multinomial counts = how often each test sample is drawn in each resample.
                 counts = rng.multinomial(size, np.full(size, 1.0 / size), size=self.resamples).astype(np.float32)
-                accuracy = counts @ right.astype(np.float32) / size  # (resamples, rows)
-                for column, name in enumerate(names):
-                    self.replicates[(name, run_seed, test_set)] = accuracy[:, column]
+                for name in names:
+                    record = self.records[(name, run_seed)]
+                    if metric(record) == "mAP":
+                        scores, labels = multilabel.unpack_scores(record["scores"][test_set])
+                        replicates = multilabel.weighted_map(scores, labels, counts)
+                    else:
+                        replicates = counts @ unpack(record["correct"][test_set], size).astype(np.float32) / size
+                    self.replicates[(name, run_seed, test_set)] = replicates
 
     def seeds_of(self, *names: str) -> list[int]:
         """The seeds every one of ``names`` was run with."""
@@ -70,7 +88,8 @@ class Bootstrap:
 
     def mean(self, name: str, test_set: str, seeds: list[int]) -> tuple[float, np.ndarray]:
         """Seed-mean accuracy of a row: the observed value and its bootstrap replicates."""
-        observed = statistics.fmean(self.records[(name, s)][f"{test_set}_acc"] for s in seeds)
+        records = [self.records[(name, s)] for s in seeds]
+        observed = statistics.fmean(record[f"{test_set}_{metric(record)}"] for record in records)
         per_seed = np.stack([self.replicates[(name, s, test_set)] for s in seeds], 1)  # (resamples, seeds)
         draw = self.seed_draw(seeds)
         return observed, np.take_along_axis(per_seed, draw, axis=1).mean(axis=1)
@@ -133,10 +152,11 @@ def _pct(value: tuple | None, signed: bool = False) -> str:
     return f"{100 * value[0]:{sign}.1f} [{100 * value[1]:{sign}.1f}, {100 * value[2]:{sign}.1f}]"
 
 
-def markdown_table(summary: dict[str, dict], names: list[str]) -> str:
-    """The rows ``names`` (those with runs) as markdown; accuracies and intervals in %."""
+def markdown_table(summary: dict[str, dict], names: list[str], label: str = "acc") -> str:
+    """The rows ``names`` (those with runs) as markdown; accuracies (or mAP, ``label``) and intervals in %."""
     lines = [
-        "| setting | what | seeds | biased acc | unbiased acc | Δ unbiased vs baseline | gap closed (%) | s / run |",
+        f"| setting | what | seeds | biased {label} | unbiased {label} | Δ unbiased vs baseline | gap closed (%) | "
+        "s / run |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
@@ -151,9 +171,9 @@ def markdown_table(summary: dict[str, dict], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def side_by_side(summary: dict[str, dict], names: list[str]) -> str:
-    """A short plain-text table of biased and unbiased accuracy (and gap closed) for ``names`` (the demo's)."""
-    lines = [f"{'setting':<12} {'biased acc':>10} {'unbiased acc':>12} {'gap closed':>10}"]
+def side_by_side(summary: dict[str, dict], names: list[str], label: str = "acc") -> str:
+    """A short plain-text table of biased and unbiased accuracy (or ``label``) and gap closed for ``names``."""
+    lines = [f"{'setting':<12} {'biased ' + label:>10} {'unbiased ' + label:>12} {'gap closed':>10}"]
     for name in names:
         row = summary.get(name)
         if row is None:
@@ -274,14 +294,18 @@ def write_report(
     """
     summary = summarise(records, settings, resamples)
     seeds = sorted({seed for row in summary.values() for seed in row["seeds"]})
-    sizes = sorted({r["correct"]["size"] for r in records})
+    sizes = sorted({test_size(r) for r in records})
+    metrics = sorted({metric(r) for r in records}) or ["acc"]
+    if len(metrics) > 1:
+        raise ValueError(f"the records mix metrics {metrics}: keep each task's runs in their own --out folder")
+    what = metric_text(metrics[0])
     by_group = lambda *groups: [s.name for s in settings if s.group in groups]  # noqa: E731
     best = best_method(summary, settings)
     parts = [
         "# Context-bias benchmark (synthetic data)",
         "",
         f"Written by `{command}` from `debias_runs.jsonl` (one line per run: configuration, seed, accuracies, "
-        "per-sample correctness, the command that reproduces it). Top-1 accuracy (%) of the final-epoch weights on "
+        f"per-sample correctness or scores, the command that reproduces it). {what} of the final-epoch weights on "
         "the biased test set (the training distribution) and the unbiased one (scene and emotion independent), "
         f"{'/'.join(map(str, sizes))} samples each, mean over the seeds {seeds} (the `seeds` column says how many "
         "each row has). Δ unbiased = the row's unbiased accuracy minus its baseline's; gap closed = (U - U_baseline) "
@@ -294,7 +318,7 @@ def write_report(
         "",
         "## Bias 0.9: baseline, CCIM, the paper's ablations, the debiasing methods, the oracle",
         "",
-        markdown_table(summary, by_group("main", "checkpoint", "method", "oracle")),
+        markdown_table(summary, by_group("main", "checkpoint", "method", "oracle"), metrics[0]),
         "",
         *goal_lines(summary, settings),
     ]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from benchmarks.debias import multilabel
 from benchmarks.debias.checkpoint import (
     checkpoint_mismatches,
     expected_data,
@@ -39,8 +40,9 @@ from ccim_lightning.hosts import TwoStreamHost
 
 def dictionary_recipe(out: Path, config: RunConfig, setting: Setting, seed: int) -> DictionaryRecipe:
     """The recipe of this run's dictionary; its cache file is named by (seed, training bias, N, masking)."""
+    task = "" if config.task == "default" else f"{config.task}_"
     name = (
-        f"dict_{EXTRACTOR}_seed{seed}_bias{setting.data_bias:g}_train{config.train_size}_N{setting.num_prototypes}"
+        f"dict_{task}{EXTRACTOR}_seed{seed}_bias{setting.data_bias:g}_train{config.train_size}_N{setting.num_prototypes}"
         f"_{'masked' if setting.mask_subject else 'unmasked'}.pt"
     )
     cache = None if setting.source == "random" else str(out / "cache" / name)
@@ -56,11 +58,22 @@ def dictionary_recipe(out: Path, config: RunConfig, setting: Setting, seed: int)
 
 
 def correctness(model: CCIMLightningModule, dataset: Dataset, batch_size: int = 500) -> np.ndarray:
-    """Whether the model's top-1 prediction is right, per sample of ``dataset`` (in sample order)."""
+    """Whether the model's top-1 prediction is right, per sample of ``dataset`` (in sample order).
+
+    For a multilabel model: ``(probabilities, labels)``, (n, C) each, in sample order.
+    """
     model.eval()
-    right = []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        right.append((model(batch).argmax(dim=-1) == batch["target"]).numpy())
+    right, scores, labels = [], [], []
+    with torch.no_grad():
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            logits = model(batch)
+            if model.task == "multilabel":
+                scores.append(model.predict_probabilities(logits).numpy())
+                labels.append(batch["target"].numpy() > 0.5)
+            else:
+                right.append((logits.argmax(dim=-1) == batch["target"]).numpy())
+    if model.task == "multilabel":
+        return np.concatenate(scores), np.concatenate(labels)
     return np.concatenate(right)
 
 
@@ -86,7 +99,7 @@ def run_config_of(setting: Setting, seed: int, config: RunConfig) -> dict:
             **config.data_kwargs(seed, setting.data_bias),
             "test_bias": setting.bias,
             "class": "SyntheticContextDataModule",
-            "generator": generator_settings(),
+            "generator": generator_settings(config.task),
         },
         "model": {
             "host": f"TwoStreamHost(small_cnn, small_cnn, feature_dim={config.feature_dim})",
@@ -123,12 +136,15 @@ def run_config_of(setting: Setting, seed: int, config: RunConfig) -> dict:
     return run
 
 
-def build_model(setting: Setting, config: RunConfig, num_classes: int, class_names: list[str]) -> CCIMLightningModule:
+def build_model(
+    setting: Setting, config: RunConfig, num_classes: int, class_names: list[str], task: str = "multiclass"
+) -> CCIMLightningModule:
     """The model of a run of ``setting`` (the demo's host; the setting's head and method)."""
     debias = getattr(methods, setting.debias)(**setting.debias_args) if setting.debias else None
     return CCIMLightningModule(
         TwoStreamHost("small_cnn", "small_cnn", feature_dim=config.feature_dim),
         num_classes=num_classes,
+        task=task,
         num_prototypes=setting.num_prototypes,
         confounder_dim=CONFOUNDER_DIM,
         attention=setting.attention,
@@ -195,7 +211,7 @@ def run_one(setting: Setting, seed: int, config: RunConfig, cache: DataCache, ou
             datamodule.sample_weights = weights.sample_weights(dictionary.assignments, dictionary.targets)
         callbacks.append(ConfounderDictionaryCallback(recipe))
     L.seed_everything(seed, verbose=False)
-    model = build_model(setting, config, datamodule.num_classes, datamodule.class_names)
+    model = build_model(setting, config, datamodule.num_classes, datamodule.class_names, datamodule.task)
     with tempfile.TemporaryDirectory(prefix="ccim-debias-") as root:
         trainer = L.Trainer(
             accelerator="cpu",
@@ -228,14 +244,28 @@ def run_record(
     stats: dict,
     reproduce: str,
 ) -> dict:
-    """The JSON record of a run: accuracies, per-sample correctness, configuration, timings, the command."""
+    """The JSON record of a run: accuracies, per-sample correctness, configuration, timings, the command.
+
+    A multilabel run (``biased`` and ``unbiased`` are ``(scores, labels)``) records ``metric: "mAP"``,
+    ``biased_mAP``, ``unbiased_mAP`` and the per-sample ``scores`` instead (``multilabel.py``).
+    """
+    if isinstance(biased, tuple):
+        packed = {name: multilabel.pack_scores(*value) for name, value in (("biased", biased), ("unbiased", unbiased))}
+        # the mAP of the stored (float16) scores, so the record and its bootstrap agree
+        values = [multilabel.mean_average_precision(*multilabel.unpack_scores(packed[n])) for n in packed]
+        results = {"metric": "mAP", "biased_mAP": values[0], "unbiased_mAP": values[1], "gap": values[0] - values[1]}
+        results["scores"] = {**packed, "size": int(len(biased[0]))}
+    else:
+        results = {
+            "biased_acc": float(biased.mean()),
+            "unbiased_acc": float(unbiased.mean()),
+            "gap": float(biased.mean() - unbiased.mean()),
+            "correct": {"biased": pack(biased), "unbiased": pack(unbiased), "size": int(len(biased))},
+        }
     return {
         "setting": setting.name,
         "seed": seed,
-        "biased_acc": float(biased.mean()),
-        "unbiased_acc": float(unbiased.mean()),
-        "gap": float(biased.mean() - unbiased.mean()),
-        "correct": {"biased": pack(biased), "unbiased": pack(unbiased), "size": int(len(biased))},
+        **results,
         "dictionary_stats": stats,
         "config": run_config_of(setting, seed, config),
         "seconds": round(time.perf_counter() - start, 1),
@@ -270,8 +300,10 @@ def run_plan(plan: list[tuple[int, str]], config: RunConfig, out: Path, reproduc
     for seed, name in plan:
         record = run_one(settings[name], seed, config, cache, out, reproduce[(seed, name)])
         _append(out / "debias_runs.jsonl", record)
+        metric = record.get("metric", "acc")
+        biased, unbiased = record[f"biased_{metric}"], record[f"unbiased_{metric}"]
         print(
-            f"  {name} seed={seed}: biased {record['biased_acc']:.4f} unbiased {record['unbiased_acc']:.4f} "
+            f"  {name} seed={seed}: biased {metric} {biased:.4f} unbiased {unbiased:.4f} "
             f"({record['seconds']:.0f} s; this worker {(time.perf_counter() - begin) / 60:.1f} min, {total} planned)",
             flush=True,
         )

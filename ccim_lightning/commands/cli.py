@@ -148,6 +148,7 @@ class CCIMCLI(LightningCLI):
         callbacks = trainer.callbacks
         first_checkpoint = next((i for i, cb in enumerate(callbacks) if isinstance(cb, Checkpoint)), len(callbacks))
         callbacks.insert(first_checkpoint, ConfounderDictionaryCallback(self.recipe))
+        _monitor_map_for_multilabel(callbacks, getattr(self.model, "task", None))
         return trainer
 
     def _logger_of_a_claimed_folder(self, trainer_config: Any) -> TensorBoardLogger | bool:
@@ -253,6 +254,29 @@ def _debugging_mode(trainer_config: Any) -> str | None:
     if trainer_config.get("overfit_batches"):
         return f"--trainer.overfit_batches {trainer_config['overfit_batches']}"
     return None
+
+
+#: Metrics only a multiclass model logs; a multilabel model logs ``mAP`` in their place (both: higher is better).
+MULTICLASS_ONLY_METRICS = ("val/acc", "val/macro_acc")
+
+
+def _monitor_map_for_multilabel(callbacks: list, task: str | None) -> None:
+    """Points a checkpoint monitor of a multiclass-only metric at ``val/mAP`` for a multilabel model, saying so.
+
+    A config written for multiclass data (``configs/synthetic.yaml`` monitors ``val/acc``) then also trains
+    ``--data.init_args.task multilabel`` instead of failing after the first epoch on a metric that is never logged.
+    """
+    if task != "multilabel":
+        return
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.monitor in MULTICLASS_ONLY_METRICS:
+            log.warning(
+                "checkpoint.monitor=%s is logged for multiclass models only; this multilabel model is monitored on "
+                "val/mAP (mode %s). Pass --checkpoint.monitor to choose another metric.",
+                callback.monitor,
+                callback.mode,
+            )
+            callback.monitor = "val/mAP"
 
 
 def build_cli(args: list[str], run: bool = True) -> CCIMCLI:
