@@ -4,6 +4,7 @@ from ccim_lightning.callbacks.confounder_dictionary import ConfounderDictionaryC
 from ccim_lightning.callbacks.finite_guard import FiniteLossGuard, NonFiniteTrainingError
 from ccim_lightning.callbacks.last_layer import LastLayerRetraining
 from ccim_lightning.callbacks.prediction_writer import PredictionWriter
+from ccim_lightning.callbacks.worst_group import WorstGroupValidation
 
 __all__ = [
     "ConfounderDictionaryCallback",
@@ -11,4 +12,5 @@ __all__ = [
     "LastLayerRetraining",
     "NonFiniteTrainingError",
     "PredictionWriter",
+    "WorstGroupValidation",
 ]

@@ -91,7 +91,7 @@ class LastLayerRetraining(Callback):
         if pl_module.task != "multiclass":
             raise ValueError("LastLayerRetraining is for task='multiclass' (its groups are (class, cluster))")
         start = time.perf_counter()
-        dictionary = self._dictionary(trainer, pl_module)
+        dictionary = run_dictionary(trainer, pl_module, type(self).__name__)
         features, targets, index = self._features(trainer, pl_module)
         clusters = dictionary.assignments[index]
         known = clusters >= 0
@@ -133,28 +133,6 @@ class LastLayerRetraining(Callback):
             trainer.save_checkpoint(path)
             self.record["checkpoint"] = str(path)
             log.info("Last-layer retraining: checkpoint with the refit layer in %s", path)
-
-    def _dictionary(self, trainer: L.Trainer, pl_module: CCIMLightningModule) -> ConfounderDictionary:
-        """The run's dictionary: the one the dictionary callback built or loaded, else built now by its recipe."""
-        builders = [c for c in trainer.callbacks if isinstance(c, ConfounderDictionaryCallback)]
-        if not builders:
-            raise RuntimeError(
-                "LastLayerRetraining groups samples by their confounder-dictionary cluster: add "
-                "ConfounderDictionaryCallback to the trainer (the ccim CLI always does)."
-            )
-        builder = builders[0]
-        dictionary = builder.last_dictionary
-        if dictionary is None:  # not needed by the model (baseline head) or restored from a checkpoint: build/load it
-            num_prototypes, dim = pl_module.dictionary_shape
-            collectives = Collectives.current(trainer.strategy.root_device)
-            dictionary = builder.recipe.load_or_build(trainer.datamodule, num_prototypes, dim, collectives)
-            builder.last_dictionary = dictionary
-        if dictionary.assignments is None or dictionary.targets is None:
-            raise ValueError(
-                f"LastLayerRetraining needs each training sample's cluster, but the dictionary (source="
-                f"{dictionary.source!r}) has none: use source='features'."
-            )
-        return dictionary
 
     @torch.no_grad()
     def _features(
@@ -225,3 +203,35 @@ def refit_linear(
 
     optimizer.step(closure)
     return W.detach(), b.detach()
+
+
+def run_dictionary(trainer: L.Trainer, pl_module: CCIMLightningModule, user: str) -> ConfounderDictionary:
+    """The run's dictionary: the one the dictionary callback built or loaded, else built (or loaded) now by its recipe.
+
+    Args:
+        trainer: The trainer, whose callbacks include a :class:`ConfounderDictionaryCallback`.
+        pl_module: The model (its ``dictionary_shape``).
+        user: Name of the caller, for messages.
+
+    Raises:
+        RuntimeError: No dictionary callback. ValueError: a dictionary without clusters (``source="random"``).
+    """
+    builders = [c for c in trainer.callbacks if isinstance(c, ConfounderDictionaryCallback)]
+    if not builders:
+        raise RuntimeError(
+            f"{user} groups samples by their confounder-dictionary cluster: add ConfounderDictionaryCallback to the "
+            "trainer, before it (the ccim CLI always does)."
+        )
+    builder = builders[0]
+    dictionary = builder.last_dictionary
+    if dictionary is None:  # not needed by the model (baseline head) or restored from a checkpoint: build/load it
+        num_prototypes, dim = pl_module.dictionary_shape
+        collectives = Collectives.current(trainer.strategy.root_device)
+        dictionary = builder.recipe.load_or_build(trainer.datamodule, num_prototypes, dim, collectives)
+        builder.last_dictionary = dictionary
+    if dictionary.assignments is None or dictionary.targets is None:
+        raise ValueError(
+            f"{user} needs each training sample's cluster, but the dictionary (source={dictionary.source!r}) has "
+            "none: use source='features'."
+        )
+    return dictionary
