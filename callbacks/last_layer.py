@@ -34,8 +34,9 @@ class LastLayerRetraining(Callback):
     every group counts the same. Here the groups are pseudo-groups (class, context cluster) from the confounder
     dictionary (:class:`~ccim_lightning.debias.groups.PseudoGroups`, coarse by default), never true scene labels.
 
-    Which data: the **training split** (``datamodule.dictionary_dataset(mask_subject=False)``: fixed order,
-    evaluation transforms), i.e. DFR's "train" variant, not a held-out split. Only training samples have a
+    Which data: the **training split** as the host sees it, with the evaluation transforms
+    (``datamodule.dictionary_dataset(mask_subject=True)``: fixed order, subject zeroed in ``context`` as in every
+    batch), i.e. DFR's "train" variant, not a held-out split. Only training samples have a
     dictionary cluster (validation samples have no scene features), and the datamodules train on the whole training
     split; a held-out slice would need both. DFR reports smaller gains from training data than from held-out data,
     since the host has partly fit its training samples' minority groups.
@@ -140,7 +141,7 @@ class LastLayerRetraining(Callback):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The input of ``head.fc`` (n, d_m), the targets and the sample indices of the training split, on the CPU."""
         datamodule = trainer.datamodule
-        dataset = datamodule.dictionary_dataset(mask_subject=False)
+        dataset = datamodule.dictionary_dataset(mask_subject=True)  # the context as batches have it
         loader = DataLoader(dataset, batch_size=self.batch_size or datamodule.batch_size, shuffle=False,
                             num_workers=datamodule.num_workers, collate_fn=collate_skipping_none)  # fmt: skip
         was_training = pl_module.training
