@@ -80,8 +80,11 @@ def comparable(record: dict) -> str:
 
 def run_config_of(setting: Setting, seed: int, config: RunConfig) -> dict:
     """The ``config`` part of a run's record (also used to match stored runs for ``--resume``)."""
+    described = asdict(setting)
+    if not setting.last_layer:  # a field added later: records without it stay comparable (--resume)
+        del described["last_layer"]
     run = {
-        "setting": asdict(setting),
+        "setting": described,
         "data": {
             **config.data_kwargs(seed, setting.data_bias),
             "test_bias": setting.bias,
