@@ -296,6 +296,7 @@ class CCIMLightningModule(L.LightningModule):
                     "ablation has no clusters)."
                 )
             known = dictionary.assignments >= 0
+            self.debias.fit_dictionary(dictionary.prototypes)
             self.debias.fit_clusters(dictionary.assignments[known], dictionary.targets[known])
 
     @override

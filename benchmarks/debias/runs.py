@@ -32,7 +32,7 @@ from benchmarks.debias.data import DataCache, RunConfig, generator_settings
 from benchmarks.debias.settings import CONFOUNDER_DIM, EXTRACTOR, KMEANS_ITERATIONS, Setting, all_settings
 from ccim_lightning import CCIMLightningModule
 from ccim_lightning import debias as methods
-from ccim_lightning.callbacks import ConfounderDictionaryCallback
+from ccim_lightning.callbacks import ConfounderDictionaryCallback, LastLayerRetraining
 from ccim_lightning.checkpoints import load_checkpoint
 from ccim_lightning.dictionary.recipe import DictionaryRecipe
 from ccim_lightning.hosts import TwoStreamHost
@@ -93,8 +93,11 @@ def comparable(record: dict) -> str:
 
 def run_config_of(setting: Setting, seed: int, config: RunConfig) -> dict:
     """The ``config`` part of a run's record (also used to match stored runs for ``--resume``)."""
+    described = asdict(setting)
+    if not setting.last_layer:  # a field added later: records without it stay comparable (--resume)
+        del described["last_layer"]
     run = {
-        "setting": asdict(setting),
+        "setting": described,
         "data": {
             **config.data_kwargs(seed, setting.data_bias),
             "test_bias": setting.bias,
@@ -210,6 +213,8 @@ def run_one(setting: Setting, seed: int, config: RunConfig, cache: DataCache, ou
             weights.fit_clusters(dictionary.assignments, dictionary.targets)
             datamodule.sample_weights = weights.sample_weights(dictionary.assignments, dictionary.targets)
         callbacks.append(ConfounderDictionaryCallback(recipe))
+        if setting.last_layer:  # after the dictionary callback: it reads the dictionary from it
+            callbacks.append(LastLayerRetraining(checkpoint=None))
     L.seed_everything(seed, verbose=False)
     model = build_model(setting, config, datamodule.num_classes, datamodule.class_names, datamodule.task)
     with tempfile.TemporaryDirectory(prefix="ccim-debias-") as root:

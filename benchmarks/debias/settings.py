@@ -21,6 +21,9 @@ METHODS: dict[str, tuple[str, dict]] = {
     "group_dro": ("GroupDRO", {"eta": 0.01}),
     "poe": ("ProductOfExperts", {"smoothing": 1.0}),
     "clef": ("CLEF", {"encoder": "small_cnn"}),
+    # Pseudo-groups (class, coarse cluster): per class, the prototypes clustered into 2-8 groups by silhouette.
+    "group_balanced": ("GroupBalancedReweighting", {"groups": "coarse"}),
+    "group_dro_coarse": ("GroupDRO", {"eta": 0.1, "normalize": True, "groups": "coarse"}),
 }
 #: The method carried into the bias sweep and ``--quick`` (the best at bias 0.9 in the full run).
 BEST = "clef"
@@ -55,6 +58,8 @@ class Setting:
             the model.
         lr: AdamW learning rate (None: torch's default 1e-3).
         epochs: Training epochs (None: ``--epochs``).
+        last_layer: After training, refit the output layer on group-balanced coarse pseudo-groups
+            (``LastLayerRetraining``, DFR-style, on the training split).
     """
 
     name: str
@@ -73,6 +78,7 @@ class Setting:
     sampler: bool = False
     lr: float | None = None
     epochs: int | None = None
+    last_layer: bool = False
 
     @property
     def data_bias(self) -> float:
@@ -83,7 +89,7 @@ class Setting:
     def needs_dictionary(self) -> bool:
         """Whether the head or the method reads the confounder dictionary."""
         method_needs = self.debias is not None and getattr(methods, self.debias).needs_clusters
-        return self.attention != "none" or method_needs or self.sampler
+        return self.attention != "none" or method_needs or self.sampler or self.last_layer
 
 
 def _args_text(kwargs: dict) -> str:
@@ -119,6 +125,11 @@ def all_settings() -> list[Setting]:
     ]
     for prefix in METHODS:
         settings += method_settings(prefix)
+    dfr = "LastLayerRetraining(groups=coarse) after training"
+    settings += [
+        Setting("dfr", f"{dfr}, baseline head", "method", "none", last_layer=True),
+        Setting("dfr_ccim", f"{dfr} + CCIM dot", "method", last_layer=True),
+    ]
     settings.append(Setting("oracle", "baseline trained on bias-0 data", "oracle", "none", train_bias=0.0))
     for bias in BIAS_SWEEP:
         settings += [

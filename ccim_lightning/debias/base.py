@@ -5,8 +5,9 @@ module calls, in this order:
 
 1. ``bind(num_classes=, task=, num_clusters=)`` once, from its ``__init__``: the method creates its parameters and
    buffers with fixed shapes here, so that a checkpoint restores them.
-2. ``fit_clusters(clusters, targets)`` once the confounder dictionary is built or loaded (every rank, before the
-   first training step; never after a checkpoint restore, whose buffers already hold the statistics).
+2. ``fit_dictionary(prototypes)``, then ``fit_clusters(clusters, targets)``, once the confounder dictionary is built
+   or loaded (every rank, before the first training step; never after a checkpoint restore, whose buffers already
+   hold the statistics).
 3. ``training_loss(logits, batch, clusters, elementwise_loss)`` at every training step; it checks the inputs once
    for every method and hands them to the method's :meth:`DebiasMethod.objective`.
 4. ``inference_logits(logits, batch)`` at validation, test and prediction (and ``forward``).
@@ -56,6 +57,9 @@ class DebiasMethod(nn.Module):
         self.num_classes = num_classes
         self.task = task
         self.num_clusters = num_clusters
+
+    def fit_dictionary(self, prototypes: torch.Tensor) -> None:
+        """Receives the dictionary's (N, d) prototypes just before :meth:`fit_clusters` (coarse pseudo-groups)."""
 
     def fit_clusters(self, clusters: torch.Tensor, targets: torch.Tensor) -> None:
         """Computes the method's statistics from the training split.

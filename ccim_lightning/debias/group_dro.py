@@ -17,6 +17,7 @@ from ccim_lightning.debias._inputs import (
     require_bound,
 )
 from ccim_lightning.debias.base import DebiasMethod, LossOf, Tensor, Terms
+from ccim_lightning.debias.groups import GroupMode, PseudoGroups
 from ccim_lightning.types import Batch, Task
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ class GroupDRO(DebiasMethod):
     Groups, with the cluster ``z`` of the confounder dictionary standing in for the unknown context group:
 
     * multiclass: ``g = (y, z)``, ``N * C`` groups, indexed ``g = z * C + y`` (``q.view(N, C)[z, y]``);
+      with ``groups="coarse"``, ``g = (y, c)`` with ``c`` the class's coarse cluster of ``z``
+      (:class:`~ccim_lightning.debias.groups.PseudoGroups`: 2-8 per class, chosen by the silhouette);
     * multilabel, ``multilabel_groups="category_cluster"`` (default): each (sample, category) element of the BCE
       loss belongs to ``g = (c, y_c, z)``: category, its value (0/1) and cluster, ``N * C * 2`` groups, indexed
       ``g = (z * C + c) * 2 + y_c`` (``q.view(N, C, 2)``). This is the per-category form of ``(y, z)``: it can
@@ -61,13 +64,20 @@ class GroupDRO(DebiasMethod):
         eta: Step size of the group-weight update.
         multilabel_groups: Grouping for multilabel data (see above); ignored for multiclass.
         normalize: Divide the loss by the ``q`` mass of the groups in the batch (see above).
+        groups: ``"prototypes"`` (one group per dictionary cluster and class) or ``"coarse"`` (per class, the
+            prototypes clustered into 2-8 groups; multiclass only).
 
     Buffers (in checkpoints): ``log_q`` (G,), the log group weights (``q`` is their softmax, a property). A
-    checkpoint from before this change, holding ``q``, loads as ``log q``.
+    checkpoint from before this change, holding ``q``, loads as ``log q``; with
+    ``groups="coarse"`` also ``pseudo_groups.table``.
     """
 
     def __init__(
-        self, eta: float = 0.01, multilabel_groups: MultilabelGroups = "category_cluster", normalize: bool = False
+        self,
+        eta: float = 0.01,
+        multilabel_groups: MultilabelGroups = "category_cluster",
+        normalize: bool = False,
+        groups: GroupMode = "prototypes",
     ) -> None:
         super().__init__()
         eta = check_float(type(self).__name__, "eta", eta, 0.0)
@@ -76,10 +86,18 @@ class GroupDRO(DebiasMethod):
         self.eta = float(eta)
         self.multilabel_groups = multilabel_groups
         self.normalize = normalize
+        # Only for coarse groups: a submodule would add state-dict keys that older checkpoints lack.
+        self.pseudo_groups = PseudoGroups(groups) if groups == "coarse" else None
+        self._prototypes: torch.Tensor | None = None
 
     def bind(self, *, num_classes: int, task: Task, num_clusters: int) -> None:
         super().bind(num_classes=num_classes, task=task, num_clusters=num_clusters)
-        if task == "multiclass":
+        if self.pseudo_groups is not None:
+            if task != "multiclass":
+                raise ValueError("GroupDRO(groups='coarse') is for task='multiclass'; use groups='prototypes'")
+            self.pseudo_groups.bind(num_clusters=num_clusters, num_classes=num_classes)
+            self.num_groups = self.pseudo_groups.num_groups
+        elif task == "multiclass":
             self.num_groups = num_clusters * num_classes
         elif self.multilabel_groups == "category_cluster":
             self.num_groups = num_clusters * num_classes * 2
@@ -93,12 +111,19 @@ class GroupDRO(DebiasMethod):
         """The group weights ``q`` (G,), summing to 1: the softmax of the ``log_q`` buffer (tiny groups read 0)."""
         return torch.softmax(self.log_q, dim=0)
 
+    def fit_dictionary(self, prototypes: torch.Tensor) -> None:
+        """Keeps the prototypes for the coarse groups' clustering in :meth:`fit_clusters`."""
+        self._prototypes = prototypes
+
     def fit_clusters(self, clusters: torch.Tensor, targets: torch.Tensor) -> None:
         """Checks the training split's clusters and labels and logs how many groups it fills (``q`` needs none)."""
         require_bound(self)
         clusters = check_clusters(clusters, self.num_clusters)
         targets = check_targets(targets, self.task, self.num_classes, len(clusters))
-        if self.task == "multilabel" and self.multilabel_groups == "cluster":
+        if self.pseudo_groups is not None:
+            self.pseudo_groups.fit(self._prototypes, clusters, targets)
+            filled = int(len(torch.unique(self.pseudo_groups(clusters.to(self.q.device), targets.to(self.q.device)))))
+        elif self.task == "multilabel" and self.multilabel_groups == "cluster":
             filled = int((torch.bincount(clusters, minlength=self.num_clusters) > 0).sum())
         else:
             counts = cluster_label_counts(clusters, targets, self.task, self.num_clusters, self.num_classes)
@@ -109,7 +134,9 @@ class GroupDRO(DebiasMethod):
         self, loss: torch.Tensor, clusters: torch.Tensor, target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-group loss sums (G,) (differentiable) and element counts (G,) of a batch."""
-        if self.task == "multiclass":
+        if self.pseudo_groups is not None:
+            groups, values = self.pseudo_groups(clusters, target), loss
+        elif self.task == "multiclass":
             groups, values = clusters * self.num_classes + target, loss
         elif self.multilabel_groups == "category_cluster":
             categories = torch.arange(self.num_classes, device=clusters.device)

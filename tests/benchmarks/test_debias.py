@@ -130,8 +130,15 @@ def test_settings_cover_the_issue():
     assert not settings["without_masking"].mask_subject
     assert settings["oracle"].train_bias == 0.0 and settings["oracle"].attention == "none"
     for cls in ("ClusterReweighting", "GroupDRO", "ProductOfExperts", "CLEF"):
-        heads = sorted(s.attention for s in settings.values() if s.debias == cls and s.group == "method")
+        heads = sorted(s.attention for s in settings.values() if s.debias == cls and s.group == "method"
+                       and s.debias_args.get("groups", "prototypes") == "prototypes")  # fmt: skip
         assert heads == ["dot_product", "none"], cls
+    # The coarse pseudo-group rows, each on both heads, and the last-layer refit.
+    for name in ("group_balanced", "group_dro_coarse"):
+        assert settings[name].debias_args["groups"] == "coarse" and settings[name].attention == "none"
+        assert settings[f"{name}_ccim"].attention == "dot_product"
+    assert settings["dfr"].last_layer and settings["dfr"].needs_dictionary and settings["dfr"].debias is None
+    assert settings["dfr_ccim"].last_layer and settings["dfr_ccim"].attention == "dot_product"
     sweep = {(s.name.rsplit("_bias", 1)[0], s.bias) for s in settings.values() if s.group == "sweep"}
     assert {stem for stem, _ in sweep} == {"baseline", "ccim_dot", BEST}
     assert len({b for _, b in sweep}) >= 2
