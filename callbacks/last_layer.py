@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from ccim_lightning.arguments import check_float, check_int
 from ccim_lightning.callbacks.confounder_dictionary import ConfounderDictionaryCallback
 from ccim_lightning.datamodules.dataset import collate_skipping_none
 from ccim_lightning.debias.groups import GroupMode, PseudoGroups
@@ -71,17 +72,14 @@ class LastLayerRetraining(Callback):
         checkpoint: str | None = "last_layer_refit.ckpt",
         seed: int = 0,
     ) -> None:
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if max_iterations < 1:
-            raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
+        where = type(self).__name__
+        self.weight_decay = check_float(where, "weight_decay", weight_decay, 0.0)
+        self.max_iterations = check_int(where, "max_iterations", max_iterations, 1)
+        self.batch_size = None if batch_size is None else check_int(where, "batch_size", batch_size, 1)
         PseudoGroups(groups)  # checks the mode now rather than after training
         self.groups = groups
-        self.weight_decay = float(weight_decay)
-        self.max_iterations = int(max_iterations)
-        self.batch_size = batch_size
         self.checkpoint = checkpoint
-        self.seed = int(seed)
+        self.seed = check_int(where, "seed", seed, 0)
         self.record: dict[str, Any] = {}
 
     @override

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import Dataset
 from typing_extensions import override
 
+from ccim_lightning.arguments import check_int
 from ccim_lightning.callbacks.confounder_dictionary import ConfounderDictionaryCallback
 from ccim_lightning.callbacks.last_layer import run_dictionary
 from ccim_lightning.debias.groups import GroupMode, PseudoGroups
@@ -50,12 +51,10 @@ class WorstGroupValidation(Callback):
     """
 
     def __init__(self, groups: GroupMode = "coarse", min_group_size: int = 10, seed: int = 0) -> None:
-        if min_group_size < 1:
-            raise ValueError(f"min_group_size must be >= 1, got {min_group_size}")
+        self.min_group_size = check_int(type(self).__name__, "min_group_size", min_group_size, 1)
+        self.seed = check_int(type(self).__name__, "seed", seed, 0)
         PseudoGroups(groups)  # checks the mode now
         self.groups = groups
-        self.min_group_size = int(min_group_size)
-        self.seed = int(seed)
         self.val_groups: torch.Tensor | None = None
         self._correct: torch.Tensor | None = None
         self._handle: Any = None

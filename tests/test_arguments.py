@@ -50,6 +50,9 @@ BUILDERS = {
     datamodules.ContextTransform: {},
     DictionaryRecipe: {},
     callbacks.PredictionWriter: {},
+    debias.GroupBalancedReweighting: {},
+    callbacks.LastLayerRetraining: {},
+    callbacks.WorstGroupValidation: {},
 }
 #: Public classes without numeric constructor arguments (checked: the coverage test fails if one gains some).
 NO_NUMBERS = {

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ccim_lightning.arguments import check_optional_float
 from ccim_lightning.debias._inputs import check_clusters, check_targets, require_bound, require_fitted
 from ccim_lightning.debias.base import DebiasMethod, LossOf, Tensor, Terms
 from ccim_lightning.debias.groups import GroupMode, PseudoGroups
@@ -40,10 +41,8 @@ class GroupBalancedReweighting(DebiasMethod):
 
     def __init__(self, groups: GroupMode = "coarse", max_weight: float | None = None) -> None:
         super().__init__()
-        if max_weight is not None and max_weight <= 0:
-            raise ValueError(f"max_weight must be > 0 or None, got {max_weight}")
+        self.max_weight = check_optional_float(type(self).__name__, "max_weight", max_weight, 0.0, low_open=True)
         self.pseudo_groups = PseudoGroups(groups)
-        self.max_weight = None if max_weight is None else float(max_weight)
         self._prototypes: torch.Tensor | None = None
 
     def bind(self, *, num_classes: int, task: Task, num_clusters: int) -> None:

@@ -103,9 +103,9 @@ SAVES_AS = {"1": "PNG", "L": "PNG", "LA": "PNG", "P": "PNG", "P+transparency": "
 MODES = [*SUPPORTED_MODES, "P+transparency"]
 
 
-def test_the_readme_lists_the_supported_modes():
-    text = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("**Image files.**") :][:2500]
+def test_the_docs_list_the_supported_modes():
+    text = (Path(__file__).parents[2] / "docs" / "how-to" / "datasets.md").read_text(encoding="utf-8")
+    section = text[text.index("## Image files") :][:2500]
     for mode in SUPPORTED_MODES:
         assert f"`{mode}`" in section, mode
     assert "`F`" in section

