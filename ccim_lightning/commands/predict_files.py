@@ -442,18 +442,10 @@ def run(options: argparse.Namespace, config_args: list[str]) -> Path:
             "every input setting). See `ccim predict-files --help`."
         )
     try:
-        out, _ = predict_files(
-            options.ckpt_path,
-            options.input,
-            boxes=options.boxes,
-            detector=options.detector,
-            stride=options.stride,
-            recursive=options.recursive,
-            out=options.out,
-            batch_size=options.batch_size,
-            device=options.device,
-            progress=not options.no_progress,
-        )
+        # the options named as predict_files' keywords, passed through by name
+        passed = ("boxes", "detector", "stride", "recursive", "out", "batch_size", "device")
+        settings = {name: getattr(options, name) for name in passed}
+        out, _ = predict_files(options.ckpt_path, options.input, progress=not options.no_progress, **settings)
     except (PredictFilesError, BoxError, MissingOpenCVError, FileExistsError) as error:
         raise CommandError(f"predict-files: {error}") from error
     return out

@@ -59,7 +59,8 @@ class DebiasMethod(nn.Module):
         self.num_clusters = num_clusters
 
     def fit_dictionary(self, prototypes: torch.Tensor) -> None:
-        """Receives the dictionary's (N, d) prototypes just before :meth:`fit_clusters` (coarse pseudo-groups)."""
+        """Keeps the dictionary's (N, d) prototypes, given just before :meth:`fit_clusters` (coarse pseudo-groups)."""
+        self._prototypes = prototypes
 
     def fit_clusters(self, clusters: torch.Tensor, targets: torch.Tensor) -> None:
         """Computes the method's statistics from the training split.

@@ -56,10 +56,6 @@ class GroupBalancedReweighting(DebiasMethod):
         self.register_buffer("weights", torch.ones(self.pseudo_groups.num_groups))
         self.register_buffer("fitted", torch.tensor(False))
 
-    def fit_dictionary(self, prototypes: torch.Tensor) -> None:
-        """Keeps the prototypes for the coarse groups' clustering in :meth:`fit_clusters`."""
-        self._prototypes = prototypes
-
     def fit_clusters(self, clusters: torch.Tensor, targets: torch.Tensor) -> None:
         require_bound(self)
         clusters = check_clusters(clusters, self.num_clusters)

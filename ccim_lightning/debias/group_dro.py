@@ -111,10 +111,6 @@ class GroupDRO(DebiasMethod):
         """The group weights ``q`` (G,), summing to 1: the softmax of the ``log_q`` buffer (tiny groups read 0)."""
         return torch.softmax(self.log_q, dim=0)
 
-    def fit_dictionary(self, prototypes: torch.Tensor) -> None:
-        """Keeps the prototypes for the coarse groups' clustering in :meth:`fit_clusters`."""
-        self._prototypes = prototypes
-
     def fit_clusters(self, clusters: torch.Tensor, targets: torch.Tensor) -> None:
         """Checks the training split's clusters and labels and logs how many groups it fills (``q`` needs none)."""
         require_bound(self)
