@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, run as one prepared script on a lent GPU machine (see docs/results/index.md, "GPU check"):
 #   bash benchmarks/gpu_check.sh            (needs torch, lightning, timm, faiss-cpu, scikit-learn importable)
-# About 7 minutes on an H200 (budget: under 9; steps 5 and 7 add about 2, estimated, not yet run on a GPU).
+# About 7 minutes on an H200 (budget: under 8; steps 5 and 7 add about 2, estimated from CPU timings: not yet run
+# on a GPU; step 5's photos take about 50 ms each to draw on one core).
 # 1. the CCIM head forward + backward on the GPU against the (B, N, d)-materialising reference, fp32 and bf16;
 # 2. k-means of 20,000 x 2048 features into 256 clusters on the GPU through the torch-assisted assignment path
 #    (faiss-gpu wheels are too large to carry there), against FAISS on the CPU, inertia and wall time;
@@ -62,6 +63,7 @@ from ccim_lightning.datamodules import EmoticDataModule
 from ccim_lightning.hosts import EmotNet
 
 STEPS, SKIP, BATCH = 40, 5, 64
+PREPARED_STEPS = 25  # step 5: fewer steps, as its photos are drawn first (about 900)
 
 
 class StepClock(Callback):
@@ -83,8 +85,8 @@ class StepClock(Callback):
             self.samples += int(batch["target"].shape[0])
 
 
-def clocked_fit(data, label):
-    """A bf16 CCIM fit of EmotNet on ``data`` for STEPS steps; prints the clock's figures after SKIP steps."""
+def clocked_fit(data, label, steps=STEPS):
+    """A bf16 CCIM fit of EmotNet on ``data`` for ``steps`` steps; prints the clock's figures after SKIP steps."""
     torch.manual_seed(0)
     model = CCIMLightningModule(
         EmotNet(), num_classes=data.num_classes, task=data.task, num_prototypes=256, confounder_dim=2048
@@ -96,7 +98,7 @@ def clocked_fit(data, label):
         accelerator="gpu",
         devices=1,
         precision="bf16-mixed",
-        max_steps=STEPS,
+        max_steps=steps,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=False,
@@ -109,7 +111,7 @@ def clocked_fit(data, label):
     trainer.fit(model, datamodule=data)
     wait, compute = sum(clock.wait), sum(clock.compute)
     print(
-        f"bf16 CCIM fit of EmotNet, batch {BATCH}, {label}, steps {SKIP}..{STEPS}: "
+        f"bf16 CCIM fit of EmotNet, batch {BATCH}, {label}, steps {SKIP}..{steps}: "
         f"{clock.samples / (wait + compute):.0f} samples/s wall ({clock.samples / compute:.0f} if never waiting), "
         f"GPU waiting on data {wait / (wait + compute):.0%} of the time (median wait "
         f"{sorted(clock.wait)[len(clock.wait) // 2] * 1e3:.1f} ms, compute "
@@ -128,17 +130,18 @@ for workers in (0, 8):
 # Step 5: JPEG files decoded per step against the prepared (decoded once, memory-mapped) crops of the same persons.
 with tempfile.TemporaryDirectory(prefix="gpu_check_prepared_") as scratch:
     root = Path(scratch)
-    persons = write_dataset(root, (BATCH * (STEPS + 2)) // 2 + 64, seed=0)  # 1-3 persons per photo, 2 on average
-    if persons < BATCH * (STEPS + 2):
-        raise SystemExit(f"step 5: only {persons} persons written, {BATCH * (STEPS + 2)} needed for {STEPS} steps")
+    needed = BATCH * (PREPARED_STEPS + 2)  # one epoch covers the fit: no worker restart inside the clocked steps
+    persons = write_dataset(root, needed // 2 + 64, seed=0)  # 1-3 persons per photo, 2 on average
+    if persons < needed:
+        raise SystemExit(f"step 5: only {persons} persons written, {needed} needed for {PREPARED_STEPS} steps")
     sizes = dict(context_size=224, subject_size=128, batch_size=BATCH, num_workers=8)
     label = f"EMOTIC-layout JPEGs decoded per step ({persons} persons), 8 workers"
-    clocked_fit(EmoticDataModule(str(root), **sizes), label)
+    clocked_fit(EmoticDataModule(str(root), **sizes), label, PREPARED_STEPS)
     data = EmoticDataModule(str(root), prepared_dir=str(root / "prepared"), **sizes)
     start = time.perf_counter()
     data.prepare_data()  # the one-off decode; the fit below finds the folder and reuses it
     print(f"prepare_data (8 workers): {time.perf_counter() - start:.1f} s for {persons} persons")
-    clocked_fit(data, "the same persons from prepared_dir (memory-mapped uint8), 8 workers")
+    clocked_fit(data, "the same persons from prepared_dir (memory-mapped uint8), 8 workers", PREPARED_STEPS)
 PY
 python3 - <<'PY'
 import sys
