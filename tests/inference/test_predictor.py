@@ -387,11 +387,18 @@ def test_a_multilabel_checkpoint_without_thresholds_uses_one_half_and_says_so(mu
 
 
 # --- the docs' snippet (docs/how-to/using-it.md) ------------------------------------------------------------------
-def readme_snippet() -> str:
-    readme = (ROOT / "docs" / "how-to" / "using-it.md").read_text()
-    section = readme[readme.index("## Use a trained model on new photos") :]
+def readme_snippet(page: str = "docs/how-to/using-it.md", heading: str = "## Use a trained model on new photos") -> str:
+    """The first Python block under ``heading`` on ``page``."""
+    readme = (ROOT / page).read_text()
+    section = readme[readme.index(heading) :]
     start = section.index("```python\n") + len("```python\n")
     return section[start : section.index("```", start)]
+
+
+def test_the_readme_shows_the_same_snippet_as_the_docs():
+    # The docs' snippet runs below (and the README's block, after its ``ccim fit`` block, in tests/test_docs.py).
+    readme = readme_snippet("README.md", "## Use a trained model on a new photo")
+    assert readme == readme_snippet() and "Predictor.from_checkpoint" in readme
 
 
 def test_the_readme_snippet_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch):
