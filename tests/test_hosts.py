@@ -18,15 +18,6 @@ from ccim_lightning.hosts import (
 from ccim_lightning.weights import WeightsFileError, WeightsMismatchError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: on a busy machine, intra-op threads cost far more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def batch(size=2, subject=32, context=64):
     generator = torch.Generator().manual_seed(0)
     return {

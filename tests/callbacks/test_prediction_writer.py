@@ -44,15 +44,6 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: on a busy machine, intra-op threads cost far more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- the table -----------------------------------------------------------------------------------------------------
 def test_frame_has_one_row_per_sample_in_index_order_without_padding_repeats():
     # two "ranks" of an uneven, padded split: sample 0 is repeated as padding

@@ -31,15 +31,6 @@ CLASSES = list(EMOTIONS[:4])
 KEY_AND_BOX = ["person", "x1", "y1", "x2", "y2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: on a busy machine, intra-op threads cost far more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny CCIM model fitted for one batch on synthetic data: ``<run>/lightning_logs/version_0/.../last.ckpt``."""

@@ -41,15 +41,6 @@ MODES = ("RGB", "RGBA", "L", "LA", "P", "1", "I;16", "I", "CMYK")
 """Every PIL mode the datamodules decode (``datamodules/common.py``'s ``to_rgb``), as test images."""
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: on a busy machine, intra-op threads cost far more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fit(folder: Path, data_class: str, data_args: dict, sizes: bool = True) -> Path:
     """Fits a tiny model (no dictionary) for one epoch with ``ccim fit``; returns its ``last.ckpt``.
 
