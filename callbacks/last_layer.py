@@ -54,7 +54,8 @@ class LastLayerRetraining(Callback):
     ``fit`` (``ModelCheckpoint``) hold the layer before the refit.
 
     Args:
-        groups: ``"coarse"`` (per class, 2-8 clusters of the dictionary's prototypes) or ``"prototypes"``.
+        groups: ``"coarse"`` (per class, 2-8 clusters of the dictionary's prototypes), ``"aligned"`` (per class,
+            the clusters that favour it and the others) or ``"prototypes"``.
         weight_decay: L2 penalty on ``W`` (DFR uses a strong one; it keeps the refit close to a balanced solution).
         max_iterations: L-BFGS iterations.
         batch_size: Batch size of the feature pass (default: the datamodule's).

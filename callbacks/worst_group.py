@@ -45,7 +45,8 @@ class WorstGroupValidation(Callback):
     the distributed sampler repeats to pad its shards count once.
 
     Args:
-        groups: ``"coarse"`` or ``"prototypes"`` (see :class:`~ccim_lightning.debias.groups.PseudoGroups`).
+        groups: ``"coarse"``, ``"aligned"`` or ``"prototypes"``
+            (see :class:`~ccim_lightning.debias.groups.PseudoGroups`).
         min_group_size: Groups with fewer validation samples are left out of the minimum (their accuracy is noise).
         seed: Seed of the coarse groups' k-means.
     """

@@ -27,6 +27,8 @@ from benchmarks.debias.settings import (
     quick_names,
 )
 from benchmarks.debias.tasks import TASKS, metric_of
+from ccim_lightning import debias as methods
+from ccim_lightning.datamodules.synthetic import SceneSettings
 
 #: The committed results (``--report-only`` rebuilds them; ``--quick`` never writes there).
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results"
@@ -88,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     given = args.ccim_checkpoint is not None
     if args.task == "default":
         default_rows = [s.name for s in settings if s.group not in ("tuning", "checkpoint")]
-    else:  # the real-shaped tasks: baseline, CCIM, each method (baseline head and CCIM), the oracle
-        default_rows = [s.name for s in settings if s.group in ("method", "oracle") or s.name in TASK_ROWS]
+    else:  # the real-shaped tasks: baseline, CCIM, each method on the baseline head, the oracle
+        default_rows = [s.name for s in settings if task_row(s, args.task)]
         if given:
             raise SystemExit("--ccim-checkpoint tests a `configs/synthetic.yaml` model: it is for --task default only")
     wanted = args.only or (quick_names(given) if args.quick else default_rows + [CHECKPOINT_ROW] * given)
@@ -188,6 +190,30 @@ def main(argv: list[str] | None = None) -> int:
         f"{DEFAULT_OUT / 'debias.md'} has the intervals)."
     )
     return 0
+
+
+def task_row(setting: Setting, task: str) -> bool:
+    """Whether ``setting`` is in the default rows of ``task`` (other than ``default``).
+
+    Baseline, CCIM, each method on the baseline head (its ``_ccim`` combination runs with ``--only``) and the
+    oracle; a method whose ``bind`` refuses the task's kind, and epoch selection and the last-layer refit on
+    multilabel tasks, are left out.
+    """
+    if setting.name in TASK_ROWS or setting.group == "oracle":
+        return True
+    if setting.group != "method" or setting.attention != "none":
+        return False
+    settings = SceneSettings(**TASKS[task])
+    if (setting.select or setting.last_layer) and settings.task != "multiclass":
+        return False  # worst-group validation and the last-layer refit group samples by (class, cluster)
+    if setting.debias is None:
+        return True
+    method = getattr(methods, setting.debias)(**setting.debias_args)
+    try:  # the method's own refusal decides (a multiclass-only method, or multiclass-only groups)
+        method.bind(num_classes=settings.num_classes, task=settings.task, num_clusters=setting.num_prototypes)
+    except ValueError:
+        return False
+    return True
 
 
 def scratch_user() -> str:

@@ -26,13 +26,16 @@ class RunConfig:
     checkpoint: str | None = None  # ``--ccim-checkpoint``: the ``ccim fit`` checkpoint tested as row ``ccim_fit``
     task: str = "default"  # ``--task``: a name of ``tasks.TASKS`` (generator overrides)
 
-    def data_kwargs(self, seed: int, bias: float) -> dict:
-        """``SyntheticContextDataModule`` keyword arguments of one data setting (validation is not run: 1 sample)."""
+    def data_kwargs(self, seed: int, bias: float, val_size: int = 1) -> dict:
+        """``SyntheticContextDataModule`` keyword arguments of one data setting.
+
+        ``val_size`` is 1 (validation is not run) except for the rows that select their epoch on validation.
+        """
         return {
             "seed": seed,
             "bias": bias,
             "train_size": self.train_size,
-            "val_size": 1,
+            "val_size": val_size,
             "test_size": self.test_size,
             "batch_size": self.batch_size,
             "num_workers": 0,
@@ -110,13 +113,13 @@ class DataCache:
         self.seed: int | None = None
         self.splits: dict[tuple, Dataset] = {}
 
-    def _split(self, config: RunConfig, seed: int, bias: float, split: str) -> Dataset:
+    def _split(self, config: RunConfig, seed: int, bias: float, split: str, val_size: int = 1) -> Dataset:
         if seed != self.seed:
             self.seed, self.splits = seed, {}
-        key = (bias if split != "test_unbiased" else None, split)
+        key = (bias if split != "test_unbiased" else None, split, val_size if split == "val" else None)
         if key not in self.splits:
             start = time.perf_counter()
-            plain = SyntheticContextDataModule(**config.data_kwargs(seed, bias))
+            plain = SyntheticContextDataModule(**config.data_kwargs(seed, bias, val_size))
             plain.setup()
             source = {
                 "train": plain.dictionary_dataset(mask_subject=True),
@@ -142,11 +145,11 @@ class DataCache:
         """
         splits = {
             "train": self._split(config, seed, setting.data_bias, "train"),
-            "val": self._split(config, seed, setting.data_bias, "val"),
+            "val": self._split(config, seed, setting.data_bias, "val", setting.val_size),
             "test": self._split(config, seed, setting.bias, "test"),
             "test_unbiased": self._split(config, seed, setting.bias, "test_unbiased"),
         }
-        return RenderedDataModule(splits, **config.data_kwargs(seed, setting.data_bias))
+        return RenderedDataModule(splits, **config.data_kwargs(seed, setting.data_bias, setting.val_size))
 
 
 def generator_settings(task: str = "default") -> str:

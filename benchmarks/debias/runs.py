@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.debias import multilabel
@@ -29,10 +30,19 @@ from benchmarks.debias.checkpoint import (
     training_steps,
 )
 from benchmarks.debias.data import DataCache, RunConfig, generator_settings
-from benchmarks.debias.settings import CONFOUNDER_DIM, EXTRACTOR, KMEANS_ITERATIONS, Setting, all_settings
+from benchmarks.debias.settings import (
+    CONFOUNDER_DIM,
+    EXTRACTOR,
+    KMEANS_ITERATIONS,
+    SELECT_GROUPS,
+    SELECTION_VAL_SIZE,
+    Setting,
+    all_settings,
+)
 from ccim_lightning import CCIMLightningModule
 from ccim_lightning import debias as methods
-from ccim_lightning.callbacks import ConfounderDictionaryCallback, LastLayerRetraining
+from ccim_lightning.callbacks import ConfounderDictionaryCallback, LastLayerRetraining, WorstGroupValidation
+from ccim_lightning.callbacks.worst_group import WORST_GROUP_METRIC
 from ccim_lightning.checkpoints import load_checkpoint
 from ccim_lightning.dictionary.recipe import DictionaryRecipe
 from ccim_lightning.hosts import TwoStreamHost
@@ -94,12 +104,13 @@ def comparable(record: dict) -> str:
 def run_config_of(setting: Setting, seed: int, config: RunConfig) -> dict:
     """The ``config`` part of a run's record (also used to match stored runs for ``--resume``)."""
     described = asdict(setting)
-    if not setting.last_layer:  # a field added later: records without it stay comparable (--resume)
-        del described["last_layer"]
+    for added in ("last_layer", "select", "weight_decay"):  # fields added later: records without them stay comparable
+        if not described[added]:
+            del described[added]
     run = {
         "setting": described,
         "data": {
-            **config.data_kwargs(seed, setting.data_bias),
+            **config.data_kwargs(seed, setting.data_bias, setting.val_size),
             "test_bias": setting.bias,
             "class": "SyntheticContextDataModule",
             "generator": generator_settings(config.task),
@@ -113,7 +124,9 @@ def run_config_of(setting: Setting, seed: int, config: RunConfig) -> dict:
             "uniform_attention": setting.uniform_attention,
             "debias": setting.debias,
             "debias_args": setting.debias_args,
-            "optimizer": f"AdamW(lr={setting.lr or 1e-3}, other torch defaults)",
+            "optimizer": f"AdamW(lr={setting.lr or 1e-3}, other torch defaults)"
+            if setting.weight_decay is None
+            else f"AdamW(lr={setting.lr or 1e-3}, weight_decay={setting.weight_decay:g}, other torch defaults)",
         },
         "dictionary": None
         if not setting.needs_dictionary
@@ -126,6 +139,11 @@ def run_config_of(setting: Setting, seed: int, config: RunConfig) -> dict:
             "weights_tested": "final epoch",
         },
     }
+    if setting.select:
+        run["trainer"].update(
+            validation=f"every epoch, {SELECTION_VAL_SIZE} samples at the training bias",
+            weights_tested=f"the epoch of the best val/worst_group_acc ({SELECT_GROUPS} pseudo-groups)",
+        )
     if setting.group == "checkpoint":
         fitted = read_run_config(config.checkpoint)
         run["checkpoint"] = {"path": config.checkpoint, "sha256": file_digest(config.checkpoint)}
@@ -154,9 +172,17 @@ def build_model(
         use_prior=setting.use_prior,
         uniform_attention=setting.uniform_attention,
         debias=debias,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=setting.lr or 1e-3),
+        optimizer=lambda params: torch.optim.AdamW(params, **optimizer_args(setting)),
         class_names=class_names,
     )
+
+
+def optimizer_args(setting: Setting) -> dict:
+    """AdamW's keyword arguments of ``setting`` (torch's defaults where the setting names none)."""
+    args = {"lr": setting.lr or 1e-3}
+    if setting.weight_decay is not None:
+        args["weight_decay"] = setting.weight_decay
+    return args
 
 
 def check_checkpoint(setting: Setting, seed: int, config: RunConfig) -> dict:
@@ -194,6 +220,23 @@ def evaluate_checkpoint(setting: Setting, seed: int, config: RunConfig, cache: D
     return run_record(setting, seed, config, biased, unbiased, start, 0.0, {}, reproduce)
 
 
+class BestWeights(Callback):
+    """Keeps a copy of the weights of the epoch with the highest ``monitor`` (in memory: the benchmark's rendered
+    datamodule is not a checkpoint hyper-parameter that ``load_checkpoint`` would accept)."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.best = -float("inf")
+        self.state: dict | None = None
+        self.epoch = -1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is not None and float(value) > self.best:
+            self.best, self.epoch = float(value), trainer.current_epoch
+            self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
 def run_one(setting: Setting, seed: int, config: RunConfig, cache: DataCache, out: Path, reproduce: str) -> dict:
     """Trains and tests one setting with one seed; returns its JSON record."""
     if setting.group == "checkpoint":
@@ -218,11 +261,15 @@ def run_one(setting: Setting, seed: int, config: RunConfig, cache: DataCache, ou
     L.seed_everything(seed, verbose=False)
     model = build_model(setting, config, datamodule.num_classes, datamodule.class_names, datamodule.task)
     with tempfile.TemporaryDirectory(prefix="ccim-debias-") as root:
+        selector = None
+        if setting.select:
+            selector = BestWeights(WORST_GROUP_METRIC)
+            callbacks += [WorstGroupValidation(SELECT_GROUPS, seed=seed), selector]
         trainer = L.Trainer(
             accelerator="cpu",
             devices=1,
             max_epochs=setting.epochs or config.epochs,
-            limit_val_batches=0,
+            limit_val_batches=1.0 if setting.select else 0,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -232,6 +279,11 @@ def run_one(setting: Setting, seed: int, config: RunConfig, cache: DataCache, ou
             callbacks=callbacks,
         )
         trainer.fit(model, datamodule=datamodule)
+        if selector is not None:  # the selected epoch's weights (the dictionary buffers are the same in every epoch)
+            if selector.state is None:
+                raise RuntimeError(f"{setting.name} seed={seed}: {WORST_GROUP_METRIC} was never logged")
+            model.load_state_dict(selector.state)
+            stats["selected_epoch"] = float(selector.epoch)
     train_seconds = time.perf_counter() - start
     biased = correctness(model, datamodule.test_dataset)
     unbiased = correctness(model, datamodule.test_unbiased_dataset)

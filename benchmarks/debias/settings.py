@@ -14,6 +14,15 @@ EXTRACTOR = "test_efficientnet"
 CONFOUNDER_DIM = 256
 KMEANS_ITERATIONS = 25
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+#: Most epochs of the rows that select their epoch on validation (``select``).
+SELECT_EPOCHS = 8
+#: The methods also run with epoch selection (``<prefix>_select``), with their weight decay (None: AdamW's 0.01).
+SELECTED: dict[str, float | None] = {"reweight": None, "poe": None, "group_dro_aligned": 1.0}
+#: The pseudo-groups whose worst validation accuracy selects the epoch: per class, bias-aligned and bias-conflicting
+#: clusters (coarse groups of prototypes merge them when scenes are many: ``clusters.py``).
+SELECT_GROUPS = "aligned"
+#: Validation samples (at the training bias, as a user's validation split is) of the rows that select their epoch.
+SELECTION_VAL_SIZE = 2000
 
 #: Per-method hyper-parameters used by the benchmark (row name prefix -> class name and keyword arguments).
 METHODS: dict[str, tuple[str, dict]] = {
@@ -24,6 +33,9 @@ METHODS: dict[str, tuple[str, dict]] = {
     # Pseudo-groups (class, coarse cluster): per class, the prototypes clustered into 2-8 groups by silhouette.
     "group_balanced": ("GroupBalancedReweighting", {"groups": "coarse"}),
     "group_dro_coarse": ("GroupDRO", {"eta": 0.1, "normalize": True, "groups": "coarse"}),
+    # Pseudo-groups (class, aligned or not): per class, the clusters where P(y | z) >= P(y) and the others.
+    "group_balanced_aligned": ("GroupBalancedReweighting", {"groups": "aligned"}),
+    "group_dro_aligned": ("GroupDRO", {"eta": 0.1, "normalize": True, "groups": "aligned"}),
 }
 #: The method carried into the bias sweep and ``--quick`` (the best at bias 0.9 in the full run).
 BEST = "clef"
@@ -60,6 +72,10 @@ class Setting:
         epochs: Training epochs (None: ``--epochs``).
         last_layer: After training, refit the output layer on group-balanced coarse pseudo-groups
             (``LastLayerRetraining``, DFR-style, on the training split).
+        select: Validate every epoch on a biased validation split of ``SELECTION_VAL_SIZE`` samples and test the
+            epoch with the best worst-pseudo-group accuracy (``WorstGroupValidation`` with ``SELECT_GROUPS``, from
+            the dictionary's clusters, never the true scenes); multiclass only.
+        weight_decay: AdamW weight decay (None: torch's default 0.01).
     """
 
     name: str
@@ -79,6 +95,13 @@ class Setting:
     lr: float | None = None
     epochs: int | None = None
     last_layer: bool = False
+    select: bool = False
+    weight_decay: float | None = None
+
+    @property
+    def val_size(self) -> int:
+        """Validation samples: ``SELECTION_VAL_SIZE`` for the rows that select their epoch, else 1 (not run)."""
+        return SELECTION_VAL_SIZE if self.select else 1
 
     @property
     def data_bias(self) -> float:
@@ -89,7 +112,7 @@ class Setting:
     def needs_dictionary(self) -> bool:
         """Whether the head or the method reads the confounder dictionary."""
         method_needs = self.debias is not None and getattr(methods, self.debias).needs_clusters
-        return self.attention != "none" or method_needs or self.sampler or self.last_layer
+        return self.attention != "none" or method_needs or self.sampler or self.last_layer or self.select
 
 
 def _args_text(kwargs: dict) -> str:
@@ -130,6 +153,14 @@ def all_settings() -> list[Setting]:
         Setting("dfr", f"{dfr}, baseline head", "method", "none", last_layer=True),
         Setting("dfr_ccim", f"{dfr} + CCIM dot", "method", last_layer=True),
     ]
+    for prefix, decay in SELECTED.items():
+        cls, kwargs = METHODS[prefix]
+        what = f"{cls}({_args_text(kwargs)})" + ("" if decay is None else f", weight decay {decay:g}")
+        what += f", up to {SELECT_EPOCHS} epochs, the epoch of the best worst-pseudo-group validation accuracy"
+        settings.append(
+            Setting(f"{prefix}_select", what, "method", "none", debias=cls, debias_args=kwargs,
+                    epochs=SELECT_EPOCHS, select=True, weight_decay=decay)
+        )  # fmt: skip
     settings.append(Setting("oracle", "baseline trained on bias-0 data", "oracle", "none", train_bias=0.0))
     for bias in BIAS_SWEEP:
         settings += [

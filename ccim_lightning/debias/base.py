@@ -44,6 +44,8 @@ class DebiasMethod(nn.Module):
     needs_clusters: ClassVar[bool] = True
     #: Whether multilabel targets must be exactly 0/1 (counting methods) or may be soft.
     binary_targets: ClassVar[bool] = True
+    #: The tasks the method is defined for (``bind`` refuses the others).
+    tasks: ClassVar[tuple[Task, ...]] = ("multiclass", "multilabel")
 
     def bind(self, *, num_classes: int, task: Task, num_clusters: int) -> None:
         """Creates the method's parameters and buffers for the module's task (called once, from its ``__init__``).

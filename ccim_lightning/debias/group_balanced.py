@@ -22,8 +22,9 @@ class GroupBalancedReweighting(DebiasMethod):
     samples in group ``g``, ``G`` groups holding at least one sample and ``n`` samples, a sample of group ``g`` weighs
     ``w_g = n / (G * n_g)``. Every filled group then sums to ``n / G`` and the weights have mean 1 over the training
     split. Groups (:class:`~ccim_lightning.debias.groups.PseudoGroups`): ``"coarse"`` (default; per class, the
-    dictionary's prototypes clustered into 2-8 groups chosen by the silhouette) or ``"prototypes"`` (one group per
-    dictionary cluster and class, where many tiny groups get huge weights: ``max_weight`` bounds them).
+    dictionary's prototypes clustered into 2-8 groups chosen by the silhouette), ``"aligned"`` (per class, the
+    clusters whose context favours it and the others: ``P(y | z) >= P(y)`` or not) or ``"prototypes"`` (one group
+    per dictionary cluster and class, where many tiny groups get huge weights: ``max_weight`` bounds them).
 
     Unlike :class:`~ccim_lightning.debias.ClusterReweighting` (``P(y) / P(y | z)``, which equalises clusters across
     classes), this also balances the classes; with coarse groups nested in the classes that ratio would be 1.
@@ -31,13 +32,14 @@ class GroupBalancedReweighting(DebiasMethod):
     DDP: the weights come from the dictionary's assignments, which every rank holds whole.
 
     Args:
-        groups: ``"coarse"`` or ``"prototypes"``.
+        groups: ``"coarse"``, ``"aligned"`` or ``"prototypes"``.
         max_weight: Upper bound of ``w_g`` before the weights are renormalised to mean 1; None for no bound.
 
     Buffers (in checkpoints): ``weights`` (G,), ``fitted``, ``pseudo_groups.table``.
     """
 
     binary_targets = True
+    tasks = ("multiclass",)
 
     def __init__(self, groups: GroupMode = "coarse", max_weight: float | None = None) -> None:
         super().__init__()
@@ -47,7 +49,7 @@ class GroupBalancedReweighting(DebiasMethod):
 
     def bind(self, *, num_classes: int, task: Task, num_clusters: int) -> None:
         super().bind(num_classes=num_classes, task=task, num_clusters=num_clusters)
-        if task != "multiclass":
+        if task not in self.tasks:
             raise ValueError(
                 "GroupBalancedReweighting is for task='multiclass' (a multilabel sample is in one group per "
                 "category); use ClusterReweighting for multilabel data."

@@ -32,7 +32,8 @@ class GroupDRO(DebiasMethod):
 
     * multiclass: ``g = (y, z)``, ``N * C`` groups, indexed ``g = z * C + y`` (``q.view(N, C)[z, y]``);
       with ``groups="coarse"``, ``g = (y, c)`` with ``c`` the class's coarse cluster of ``z``
-      (:class:`~ccim_lightning.debias.groups.PseudoGroups`: 2-8 per class, chosen by the silhouette);
+      (:class:`~ccim_lightning.debias.groups.PseudoGroups`: 2-8 per class, chosen by the silhouette); with
+      ``groups="aligned"``, ``g = (y, a)`` with ``a`` whether ``z`` favours ``y`` (``P(y | z) >= P(y)``), 2 per class;
     * multilabel, ``multilabel_groups="category_cluster"`` (default): each (sample, category) element of the BCE
       loss belongs to ``g = (c, y_c, z)``: category, its value (0/1) and cluster, ``N * C * 2`` groups, indexed
       ``g = (z * C + c) * 2 + y_c`` (``q.view(N, C, 2)``). This is the per-category form of ``(y, z)``: it can
@@ -64,12 +65,13 @@ class GroupDRO(DebiasMethod):
         eta: Step size of the group-weight update.
         multilabel_groups: Grouping for multilabel data (see above); ignored for multiclass.
         normalize: Divide the loss by the ``q`` mass of the groups in the batch (see above).
-        groups: ``"prototypes"`` (one group per dictionary cluster and class) or ``"coarse"`` (per class, the
-            prototypes clustered into 2-8 groups; multiclass only).
+        groups: ``"prototypes"`` (one group per dictionary cluster and class), ``"coarse"`` (per class, the
+            prototypes clustered into 2-8 groups) or ``"aligned"`` (per class, bias-aligned and bias-conflicting
+            clusters); the last two multiclass only.
 
     Buffers (in checkpoints): ``log_q`` (G,), the log group weights (``q`` is their softmax, a property). A
     checkpoint from before this change, holding ``q``, loads as ``log q``; with
-    ``groups="coarse"`` also ``pseudo_groups.table``.
+    ``groups="coarse"`` or ``"aligned"`` also ``pseudo_groups.table``.
     """
 
     def __init__(
@@ -86,15 +88,17 @@ class GroupDRO(DebiasMethod):
         self.eta = float(eta)
         self.multilabel_groups = multilabel_groups
         self.normalize = normalize
-        # Only for coarse groups: a submodule would add state-dict keys that older checkpoints lack.
-        self.pseudo_groups = PseudoGroups(groups) if groups == "coarse" else None
+        # Only for pseudo-groups: a submodule would add state-dict keys that older checkpoints lack.
+        self.pseudo_groups = None if groups == "prototypes" else PseudoGroups(groups)
         self._prototypes: torch.Tensor | None = None
 
     def bind(self, *, num_classes: int, task: Task, num_clusters: int) -> None:
         super().bind(num_classes=num_classes, task=task, num_clusters=num_clusters)
         if self.pseudo_groups is not None:
             if task != "multiclass":
-                raise ValueError("GroupDRO(groups='coarse') is for task='multiclass'; use groups='prototypes'")
+                raise ValueError(
+                    f"GroupDRO(groups={self.pseudo_groups.mode!r}) is for task='multiclass'; use groups='prototypes'"
+                )
             self.pseudo_groups.bind(num_clusters=num_clusters, num_classes=num_classes)
             self.num_groups = self.pseudo_groups.num_groups
         elif task == "multiclass":

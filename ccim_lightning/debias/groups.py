@@ -21,7 +21,7 @@ from ccim_lightning.dictionary.kmeans import kmeans
 
 log = logging.getLogger(__name__)
 
-GroupMode = Literal["prototypes", "coarse"]
+GroupMode = Literal["prototypes", "coarse", "aligned"]
 #: The range of coarse clusters per class the silhouette chooses from.
 MIN_COARSE, MAX_COARSE = 2, 8
 
@@ -108,6 +108,19 @@ def coarse_clusters(
     return best, best_score
 
 
+def aligned_table(clusters: torch.Tensor, targets: torch.Tensor, num_clusters: int, num_classes: int) -> torch.Tensor:
+    """The ``(N, C)`` group table of ``mode="aligned"`` from the training split's (cluster, class) counts.
+
+    ``2 y`` where ``n[z, y] n >= n_y n_z`` and ``n_z > 0``, else ``2 y + 1`` (integer arithmetic, no rounding).
+    """
+    clusters, targets = clusters.cpu().long(), targets.cpu().long()
+    joint = torch.bincount(clusters * num_classes + targets, minlength=num_clusters * num_classes)
+    joint = joint.view(num_clusters, num_classes)
+    per_cluster, per_class, total = joint.sum(dim=1, keepdim=True), joint.sum(dim=0, keepdim=True), len(clusters)
+    aligned = (joint * total >= per_class * per_cluster) & (per_cluster > 0)
+    return 2 * torch.arange(num_classes)[None, :] + (~aligned).long()
+
+
 class PseudoGroups(nn.Module):
     """Group id of a training sample from its dictionary cluster ``z`` and class ``y`` (multiclass).
 
@@ -116,9 +129,15 @@ class PseudoGroups(nn.Module):
       clustered by :func:`coarse_clusters` (k chosen by the silhouette in ``[2, max_clusters]``); every prototype,
       used by the class or not, joins its nearest coarse centroid ``c(y, z)``; ``g = y * max_clusters + c(y, z)``,
       ``C * max_clusters`` group ids, of which the classes' chosen k are used.
+    * ``mode="aligned"``: two groups per class, split by whether the cluster's context favours the class in the
+      training split: ``g = 2 y`` (bias-aligned) where ``P(y | z) >= P(y)``, i.e. ``n[z, y] n >= n_y n_z``, and
+      ``g = 2 y + 1`` (bias-conflicting) elsewhere, including clusters without training samples; ``2 C`` groups.
+      Coarse groups cluster the prototypes by appearance, which merges a class's rare-context clusters with its
+      common ones when scenes are many (``benchmarks/debias/clusters.py`` measures it); this split keeps them apart
+      and its groups stay large enough for stable statistics.
 
     Args:
-        mode: ``"prototypes"`` or ``"coarse"``.
+        mode: ``"prototypes"``, ``"coarse"`` or ``"aligned"``.
         max_clusters: Largest number of coarse clusters per class (``mode="coarse"``).
         seed: Seed of the coarse k-means.
 
@@ -127,8 +146,8 @@ class PseudoGroups(nn.Module):
 
     def __init__(self, mode: GroupMode = "prototypes", max_clusters: int = MAX_COARSE, seed: int = 0) -> None:
         super().__init__()
-        if mode not in ("prototypes", "coarse"):
-            raise ValueError(f"groups must be 'prototypes' or 'coarse', got {mode!r}")
+        if mode not in ("prototypes", "coarse", "aligned"):
+            raise ValueError(f"groups must be 'prototypes', 'coarse' or 'aligned', got {mode!r}")
         if not MIN_COARSE <= max_clusters:
             raise ValueError(f"max_clusters must be >= {MIN_COARSE}, got {max_clusters}")
         self.mode = mode
@@ -143,25 +162,30 @@ class PseudoGroups(nn.Module):
     def bind(self, *, num_clusters: int, num_classes: int) -> None:
         """Creates the ``(N, C)`` table (the fine rule until :meth:`fit`)."""
         self.num_clusters, self.num_classes = num_clusters, num_classes
-        per_class = num_clusters if self.mode == "prototypes" else self.max_clusters
+        per_class = {"prototypes": num_clusters, "coarse": self.max_clusters, "aligned": 2}[self.mode]
         self.num_groups = num_classes * per_class
         fine = torch.arange(num_clusters)[:, None] * num_classes + torch.arange(num_classes)[None, :]
         self.register_buffer("table", fine)
         self.register_buffer("fitted", torch.tensor(self.mode == "prototypes"))
 
     def fit(self, prototypes: torch.Tensor | None, clusters: torch.Tensor, targets: torch.Tensor) -> list[int]:
-        """Fills the table from the training split (coarse mode; the fine table needs nothing).
+        """Fills the table from the training split (coarse and aligned modes; the fine table needs nothing).
 
         Args:
-            prototypes: (N, d) the dictionary's prototypes (coarse mode).
+            prototypes: (N, d) the dictionary's prototypes (coarse mode; the other modes ignore them).
             clusters: (n,) int64 cluster of each training sample, checked by the caller.
             targets: (n,) int64 class of each training sample, checked by the caller.
 
         Returns:
-            The number of groups of each class (``N`` for ``"prototypes"``).
+            The number of groups of each class (``N`` for ``"prototypes"``, 2 for ``"aligned"``).
         """
         if self.mode == "prototypes":
             return [self.num_clusters] * self.num_classes
+        if self.mode == "aligned":
+            table = aligned_table(clusters, targets, self.num_clusters, self.num_classes)
+            self.table.copy_(table.to(self.table.device))
+            self.fitted.fill_(True)
+            return [2] * self.num_classes
         if prototypes is None or prototypes.shape[0] != self.num_clusters:
             shape = None if prototypes is None else tuple(prototypes.shape)
             raise ValueError(
@@ -191,7 +215,7 @@ class PseudoGroups(nn.Module):
         """(B,) group id of each sample from its (checked) cluster and class."""
         if not bool(self.fitted):
             raise RuntimeError(
-                "coarse pseudo-groups were never fitted and no checkpoint restored them: build the confounder "
+                f"{self.mode} pseudo-groups were never fitted and no checkpoint restored them: build the confounder "
                 "dictionary before training (ConfounderDictionaryCallback hands its prototypes to the method)."
             )
         return self.table[clusters, targets]

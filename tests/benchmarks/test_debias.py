@@ -131,12 +131,27 @@ def test_settings_cover_the_issue():
     assert settings["oracle"].train_bias == 0.0 and settings["oracle"].attention == "none"
     for cls in ("ClusterReweighting", "GroupDRO", "ProductOfExperts", "CLEF"):
         heads = sorted(s.attention for s in settings.values() if s.debias == cls and s.group == "method"
-                       and s.debias_args.get("groups", "prototypes") == "prototypes")  # fmt: skip
+                       and s.debias_args.get("groups", "prototypes") == "prototypes" and not s.select)  # fmt: skip
         assert heads == ["dot_product", "none"], cls
     # The coarse pseudo-group rows, each on both heads, and the last-layer refit.
     for name in ("group_balanced", "group_dro_coarse"):
         assert settings[name].debias_args["groups"] == "coarse" and settings[name].attention == "none"
         assert settings[f"{name}_ccim"].attention == "dot_product"
+    for name in ("group_balanced_aligned", "group_dro_aligned"):
+        assert settings[name].debias_args["groups"] == "aligned" and settings[name].attention == "none"
+    # Epoch selection on worst-pseudo-group validation accuracy: a validation split, more epochs, never multilabel.
+    selected = [s for s in settings.values() if s.select]
+    assert {s.name for s in selected} >= {"poe_select", "reweight_select", "group_dro_aligned_select"}
+    assert all(s.val_size > 1 and s.epochs and s.needs_dictionary for s in selected)
+    assert settings["group_dro_aligned_select"].weight_decay == 1.0
+    assert settings["baseline"].val_size == 1
+    from benchmarks.debias.cli import task_row
+
+    caers = {s.name for s in settings.values() if task_row(s, "caers_like")}
+    emotic = {s.name for s in settings.values() if task_row(s, "emotic_like")}
+    assert {"poe_select", "group_balanced", "group_dro_aligned", "oracle", "baseline", "ccim_dot"} <= caers
+    assert not any(name.endswith("_ccim") for name in caers)
+    assert not {"group_balanced", "poe_select", "dfr", "group_dro_coarse"} & emotic and "poe" in emotic
     assert settings["dfr"].last_layer and settings["dfr"].needs_dictionary and settings["dfr"].debias is None
     assert settings["dfr_ccim"].last_layer and settings["dfr_ccim"].attention == "dot_product"
     sweep = {(s.name.rsplit("_bias", 1)[0], s.bias) for s in settings.values() if s.group == "sweep"}

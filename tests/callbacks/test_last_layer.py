@@ -132,7 +132,7 @@ def test_refit_needs_the_dictionary_callback(tmp_path):
 
 
 def test_arguments_are_checked():
-    with pytest.raises(ValueError, match="'prototypes' or 'coarse'"):
+    with pytest.raises(ValueError, match="'prototypes', 'coarse' or 'aligned'"):
         LastLayerRetraining(groups="scenes")
     with pytest.raises(ValueError, match="weight_decay"):
         LastLayerRetraining(weight_decay=-1)

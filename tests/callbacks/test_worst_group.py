@@ -21,7 +21,7 @@ def test_worst_group_accuracy_by_hand():
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match="min_group_size"):
         WorstGroupValidation(min_group_size=0)
-    with pytest.raises(ValueError, match="'prototypes' or 'coarse'"):
+    with pytest.raises(ValueError, match="'prototypes', 'coarse' or 'aligned'"):
         WorstGroupValidation(groups="scenes")
 
 

@@ -150,3 +150,20 @@ def test_coarse_group_dro_trains_from_the_cli_and_restores_for_test(tmp_path, mo
     tested = build_cli(["test", *args, "--ckpt_path", "last"])
     assert torch.equal(tested.model.debias.pseudo_groups.table, table)
     torch.testing.assert_close(tested.model.debias.q, fitted_cli.model.debias.q)
+
+
+def test_group_balanced_and_group_dro_with_aligned_groups_by_hand():
+    # Class 0: clusters 0, 1, 1, 2, 3; class 1: clusters 0, 1, 3, 3, 2, 2, 2; n = 12, n_y = (5, 7).
+    # n_z = (2, 3, 4, 3). Aligned iff n[z, y] * 12 >= n_y * n_z:
+    # class 0: z0 1*12 >= 10 yes; z1 2*12 >= 15 yes; z2 1*12 >= 20 no; z3 1*12 >= 15 no.
+    # class 1: z0 12 >= 14 no; z1 12 >= 21 no; z2 36 >= 28 yes; z3 24 >= 21 yes.
+    method = fitted(GroupBalancedReweighting(groups="aligned"))
+    groups = method.pseudo_groups(CLUSTERS, LABELS)
+    assert torch.equal(groups, torch.tensor([0, 0, 0, 1, 1, 3, 3, 2, 2, 2, 2, 2]))
+    sizes = torch.tensor([3.0, 3, 3, 2, 2, 2, 2, 5, 5, 5, 5, 5])  # groups 0: 3, 1: 2, 2: 5, 3: 2
+    expected = 12 / (4 * sizes)
+    torch.testing.assert_close(method.weights[groups], expected / expected.mean())
+    dro = fitted(GroupDRO(eta=1.0, groups="aligned"))
+    assert dro.num_groups == 4 and torch.equal(dro.pseudo_groups(CLUSTERS, LABELS), groups)
+    with pytest.raises(ValueError, match="groups='aligned'\\) is for task='multiclass'"):
+        GroupDRO(groups="aligned").bind(num_classes=2, task="multilabel", num_clusters=4)

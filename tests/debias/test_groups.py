@@ -91,5 +91,37 @@ def test_coarse_groups_need_prototypes_and_a_fit():
         groups(torch.tensor([0]), torch.tensor([0]))
     with pytest.raises(ValueError, match=r"\(4, d\) prototypes, got None"):
         groups.fit(None, torch.tensor([0]), torch.tensor([0]))
-    with pytest.raises(ValueError, match="'prototypes' or 'coarse'"):
+    with pytest.raises(ValueError, match="'prototypes', 'coarse' or 'aligned'"):
         PseudoGroups("scenes")
+
+
+def test_aligned_groups_by_hand():
+    # 3 clusters, 2 classes; n = 10, n_y = (6, 4), P(y) = (0.6, 0.4).
+    # cluster 0: 4 x class 0, 1 x class 1 -> P(0|z) = 0.8 >= 0.6 aligned; P(1|z) = 0.2 < 0.4 conflicting.
+    # cluster 1: 1 x class 0, 3 x class 1 -> P(0|z) = 0.25 conflicting; P(1|z) = 0.75 aligned.
+    # cluster 2: 1 x class 0 -> P(0|z) = 1 aligned; P(1|z) = 0 conflicting.  cluster 3: empty -> both conflicting.
+    clusters = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 2])
+    labels = torch.tensor([0, 0, 0, 0, 1, 0, 1, 1, 1, 0])
+    groups = PseudoGroups("aligned")
+    groups.bind(num_clusters=4, num_classes=2)
+    assert groups.num_groups == 4 and not groups.needs_prototypes
+    assert groups.fit(None, clusters, labels) == [2, 2]
+    # group 2y aligned, 2y + 1 conflicting
+    expected = torch.tensor([[0, 3], [1, 2], [0, 3], [1, 3]])
+    assert torch.equal(groups.table, expected)
+    assert torch.equal(groups(clusters, labels), torch.tensor([0, 0, 0, 0, 3, 1, 2, 2, 2, 0]))
+
+
+def test_aligned_groups_tie_counts_as_aligned():
+    # P(0|z) = 0.5 = P(0) in cluster 0: n[z, y] n = 1 * 4 = n_y n_z = 2 * 2 -> aligned (>=).
+    clusters = torch.tensor([0, 0, 1, 1])
+    labels = torch.tensor([0, 1, 0, 1])
+    groups = PseudoGroups("aligned")
+    groups.bind(num_clusters=2, num_classes=2)
+    groups.fit(None, clusters, labels)
+    assert torch.equal(groups.table, torch.tensor([[0, 2], [0, 2]]))
+
+
+def test_unknown_group_mode_names_the_choices():
+    with pytest.raises(ValueError, match="'prototypes', 'coarse' or 'aligned', got 'fine'"):
+        PseudoGroups("fine")
