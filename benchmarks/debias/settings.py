@@ -17,7 +17,7 @@ DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 #: Most epochs of the rows that select their epoch on validation (``select``).
 SELECT_EPOCHS = 8
 #: The methods also run with epoch selection (``<prefix>_select``), with their weight decay (None: AdamW's 0.01).
-SELECTED: dict[str, float | None] = {"reweight": None, "poe": None, "group_dro_aligned": 1.0}
+SELECTED: dict[str, float | None] = {"poe": None, "group_dro_aligned": 1.0}
 #: The pseudo-groups whose worst validation accuracy selects the epoch: per class, bias-aligned and bias-conflicting
 #: clusters (coarse groups of prototypes merge them when scenes are many: ``clusters.py``).
 SELECT_GROUPS = "aligned"

@@ -141,7 +141,7 @@ def test_settings_cover_the_issue():
         assert settings[name].debias_args["groups"] == "aligned" and settings[name].attention == "none"
     # Epoch selection on worst-pseudo-group validation accuracy: a validation split, more epochs, never multilabel.
     selected = [s for s in settings.values() if s.select]
-    assert {s.name for s in selected} >= {"poe_select", "reweight_select", "group_dro_aligned_select"}
+    assert {s.name for s in selected} >= {"poe_select", "group_dro_aligned_select"}
     assert all(s.val_size > 1 and s.epochs and s.needs_dictionary for s in selected)
     assert settings["group_dro_aligned_select"].weight_decay == 1.0
     assert settings["baseline"].val_size == 1
