@@ -25,6 +25,23 @@ def test_arguments_are_checked():
         WorstGroupValidation(groups="scenes")
 
 
+def test_aligned_groups_of_validation_samples_come_from_the_training_counts():
+    from ccim_lightning.dictionary.store import ConfounderDictionary, DictionaryKey
+
+    # Training: cluster 0 holds 3 x class 0 and 1 x class 1, cluster 1 holds 1 x class 0 and 3 x class 1;
+    # P(y) = 0.5, so class 0 is aligned in cluster 0 (0.75) and conflicting in cluster 1 (0.25), and the reverse.
+    train_clusters = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    train_labels = torch.tensor([0, 0, 0, 1, 0, 1, 1, 1])
+    key = DictionaryKey("x", "y", 2, True, 0, "features", 25, None, "none", "f")
+    dictionary = ConfounderDictionary.from_clustering(torch.tensor([[0.0], [1.0]]), torch.tensor([4, 4]), key,
+                                                      assignments=train_clusters, targets=train_labels)  # fmt: skip
+    callback = WorstGroupValidation(groups="aligned")
+    val_clusters, val_labels = torch.tensor([0, 1, 0, 1, -1]), torch.tensor([0, 0, 1, 1, -1])
+    groups = callback.assign_groups(dictionary, val_clusters, val_labels, num_classes=2)
+    # group 2y aligned, 2y + 1 conflicting; -1 for an undecoded sample
+    assert groups.tolist() == [0, 1, 3, 2, -1] and callback.num_groups == 4
+
+
 SYNTHETIC = str(Path(__file__).parents[2] / "configs" / "synthetic.yaml")
 
 

@@ -134,7 +134,8 @@ SYNTHETIC = str(Path(__file__).parents[2] / "configs" / "synthetic.yaml")
 
 
 @pytest.mark.slow
-def test_coarse_group_dro_trains_from_the_cli_and_restores_for_test(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["coarse", "aligned"])
+def test_pseudo_group_dro_trains_from_the_cli_and_restores_for_test(tmp_path, monkeypatch, mode):
     from ccim_lightning.commands.cli import build_cli
 
     monkeypatch.chdir(tmp_path)
@@ -143,7 +144,7 @@ def test_coarse_group_dro_trains_from_the_cli_and_restores_for_test(tmp_path, mo
             "--data.init_args.num_workers=0", "--model.init_args.num_prototypes=8", "--dictionary.num_iterations=5",
             "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--model.init_args.attention=none",
             "--model.init_args.debias=ccim_lightning.debias.GroupDRO",
-            "--model.init_args.debias.init_args.groups=coarse"]  # fmt: skip
+            f"--model.init_args.debias.init_args.groups={mode}"]  # fmt: skip
     fitted_cli = build_cli(["fit", *args])
     table = fitted_cli.model.debias.pseudo_groups.table
     assert bool(fitted_cli.model.debias.pseudo_groups.fitted)
