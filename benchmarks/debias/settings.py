@@ -14,6 +14,8 @@ EXTRACTOR = "test_efficientnet"
 CONFOUNDER_DIM = 256
 KMEANS_ITERATIONS = 25
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+#: The methods also run on a finer dictionary (``<prefix>_N<FINER_N>``): purer clusters, fewer samples in each.
+FINER, FINER_N = ("reweight", "poe"), 128
 #: Most epochs of the rows that select their epoch on validation (``select``).
 SELECT_EPOCHS = 8
 #: The methods also run with epoch selection (``<prefix>_select``), with their weight decay (None: AdamW's 0.01).
@@ -153,6 +155,12 @@ def all_settings() -> list[Setting]:
         Setting("dfr", f"{dfr}, baseline head", "method", "none", last_layer=True),
         Setting("dfr_ccim", f"{dfr} + CCIM dot", "method", last_layer=True),
     ]
+    for prefix in FINER:
+        cls, kwargs = METHODS[prefix]
+        settings.append(
+            Setting(f"{prefix}_N{FINER_N}", f"{cls}({_args_text(kwargs)}), N = {FINER_N} prototypes, baseline head",
+                    "method", "none", num_prototypes=FINER_N, debias=cls, debias_args=kwargs)
+        )  # fmt: skip
     for prefix, decay in SELECTED.items():
         cls, kwargs = METHODS[prefix]
         what = f"{cls}({_args_text(kwargs)})" + ("" if decay is None else f", weight decay {decay:g}")
