@@ -131,7 +131,8 @@ def test_settings_cover_the_issue():
     assert settings["oracle"].train_bias == 0.0 and settings["oracle"].attention == "none"
     for cls in ("ClusterReweighting", "GroupDRO", "ProductOfExperts", "CLEF"):
         heads = sorted(s.attention for s in settings.values() if s.debias == cls and s.group == "method"
-                       and s.debias_args.get("groups", "prototypes") == "prototypes" and not s.select)  # fmt: skip
+                       and s.debias_args.get("groups", "prototypes") == "prototypes" and not s.select
+                       and s.num_prototypes == 32)  # fmt: skip
         assert heads == ["dot_product", "none"], cls
     # The coarse pseudo-group rows, each on both heads, and the last-layer refit.
     for name in ("group_balanced", "group_dro_coarse"):
@@ -144,6 +145,7 @@ def test_settings_cover_the_issue():
     assert {s.name for s in selected} >= {"poe_select", "group_dro_aligned_select"}
     assert all(s.val_size > 1 and s.epochs and s.needs_dictionary for s in selected)
     assert settings["group_dro_aligned_select"].weight_decay == 1.0
+    assert settings["reweight_N128"].num_prototypes == 128 and settings["poe_N128"].debias == "ProductOfExperts"
     assert settings["baseline"].val_size == 1
     from benchmarks.debias.cli import task_row
 
