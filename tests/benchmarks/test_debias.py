@@ -369,3 +369,26 @@ def test_committed_results_regenerate_unchanged_with_report_only(tmp_path):
     assert committed[:2] + committed[3:] == rebuilt[:2] + rebuilt[3:]
     for plot in ("debias_gap_closed.png", "debias_bias_sweep.png"):
         assert (tmp_path / plot).read_bytes() == (DEFAULT_OUT / plot).read_bytes(), plot
+
+
+def test_goal_is_checked_for_the_best_cluster_only_method_and_for_clef():
+    settings = {s.name: s for s in all_settings()}
+
+    def row(name, biased, closed, low):
+        return {"setting": settings[name], "biased": (biased, 0, 0), "closed": (closed, low, 1.0)}
+
+    summary = {
+        "oracle": {"setting": settings["oracle"], "biased": (0.80, 0, 0)},
+        "clef": row("clef", 0.78, 0.95, 0.90),  # best overall, but not cluster-only
+        "reweight": row("reweight", 0.775, 0.82, 0.70),  # 2.5 points below the oracle: within 3
+        "poe": row("poe", 0.79, 0.60, 0.50),
+        "ccim_dot": row("ccim_dot", 0.95, 0.99, 0.95),  # not a method row
+    }
+    lines = [line for line in report.goal_lines(summary, list(settings.values())) if line]
+    assert len(lines) == 2
+    assert "the best cluster-only method, `reweight`: gap closed 82.0%" in lines[0] and "**met**" in lines[0]
+    assert "CLEF, `clef`" in lines[1] and "**met**" in lines[1]
+    summary["reweight"] = row("reweight", 0.765, 0.82, 0.70)  # 3.5 points below the oracle
+    assert "**not met**" in report.goal_lines(summary, list(settings.values()))[0]
+    assert report.cluster_only(settings["dfr"]) and report.cluster_only(settings["poe_select"])
+    assert not report.cluster_only(settings["clef"]) and not report.cluster_only(settings["ccim_dot"])
