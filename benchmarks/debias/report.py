@@ -188,7 +188,7 @@ def cluster_only(setting) -> bool:
     """Whether a method row uses nothing but the dictionary's clusters (CLEF trains its own context branch)."""
     if setting.group != "method":
         return False
-    return setting.last_layer or (setting.debias is not None and getattr(methods, setting.debias).needs_clusters)
+    return bool(setting.last_layer) or (setting.debias is not None and getattr(methods, setting.debias).needs_clusters)
 
 
 def best_method(summary: dict[str, dict], settings: list, keep=lambda setting: True) -> str | None:
@@ -199,13 +199,14 @@ def best_method(summary: dict[str, dict], settings: list, keep=lambda setting: T
 
 
 def goal_lines(summary: dict[str, dict], settings: list, label: str = "acc") -> list[str]:
-    """The goal, checked for the best cluster-only method row and for CLEF on the baseline head."""
+    """The goal, checked for the best cluster-only method row and for the best CLEF row on the baseline head."""
     oracle = summary.get("oracle")
     best = best_method(summary, settings, cluster_only)
     if best is None or oracle is None:
         return ["Goal check: needs the baseline, the oracle and at least one method row."]
+    clef = best_method(summary, settings, lambda s: s.debias == "CLEF" and s.attention == "none")
     lines = []
-    for which, name in (("the best cluster-only method", best), ("CLEF", "clef")):
+    for which, name in (("the best cluster-only method", best), ("CLEF", clef)):
         if name not in summary or "closed" not in summary[name]:
             continue
         row = summary[name]

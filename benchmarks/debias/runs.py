@@ -257,7 +257,8 @@ def run_one(setting: Setting, seed: int, config: RunConfig, cache: DataCache, ou
             datamodule.sample_weights = weights.sample_weights(dictionary.assignments, dictionary.targets)
         callbacks.append(ConfounderDictionaryCallback(recipe))
         if setting.last_layer:  # after the dictionary callback: it reads the dictionary from it
-            callbacks.append(LastLayerRetraining(checkpoint=None))
+            groups = "coarse" if setting.last_layer is True else setting.last_layer
+            callbacks.append(LastLayerRetraining(groups=groups, checkpoint=None))
     L.seed_everything(seed, verbose=False)
     model = build_model(setting, config, datamodule.num_classes, datamodule.class_names, datamodule.task)
     with tempfile.TemporaryDirectory(prefix="ccim-debias-") as root:

@@ -19,7 +19,7 @@ FINER, FINER_N = ("reweight", "poe"), 128
 #: Most epochs of the rows that select their epoch on validation (``select``).
 SELECT_EPOCHS = 8
 #: The methods also run with epoch selection (``<prefix>_select``), with their weight decay (None: AdamW's 0.01).
-SELECTED: dict[str, float | None] = {"poe": None, "group_dro_aligned": 1.0}
+SELECTED: dict[str, float | None] = {"poe": None, "group_dro_aligned": 1.0, "clef": None}
 #: The pseudo-groups whose worst validation accuracy selects the epoch: per class, bias-aligned and bias-conflicting
 #: clusters (coarse groups of prototypes merge them when scenes are many: ``clusters.py``).
 SELECT_GROUPS = "aligned"
@@ -72,8 +72,8 @@ class Setting:
             the model.
         lr: AdamW learning rate (None: torch's default 1e-3).
         epochs: Training epochs (None: ``--epochs``).
-        last_layer: After training, refit the output layer on group-balanced coarse pseudo-groups
-            (``LastLayerRetraining``, DFR-style, on the training split).
+        last_layer: After training, refit the output layer on group-balanced pseudo-groups (``LastLayerRetraining``,
+            DFR-style, on the training split): True for coarse groups, or the groups' mode (``"aligned"``).
         select: Validate every epoch on a biased validation split of ``SELECTION_VAL_SIZE`` samples and test the
             epoch with the best worst-pseudo-group accuracy (``WorstGroupValidation`` with ``SELECT_GROUPS``, from
             the dictionary's clusters, never the true scenes); multiclass only.
@@ -96,7 +96,7 @@ class Setting:
     sampler: bool = False
     lr: float | None = None
     epochs: int | None = None
-    last_layer: bool = False
+    last_layer: bool | str = False
     select: bool = False
     weight_decay: float | None = None
 
@@ -114,7 +114,7 @@ class Setting:
     def needs_dictionary(self) -> bool:
         """Whether the head or the method reads the confounder dictionary."""
         method_needs = self.debias is not None and getattr(methods, self.debias).needs_clusters
-        return self.attention != "none" or method_needs or self.sampler or self.last_layer or self.select
+        return self.attention != "none" or method_needs or self.sampler or bool(self.last_layer) or self.select
 
 
 def _args_text(kwargs: dict) -> str:
@@ -154,7 +154,9 @@ def all_settings() -> list[Setting]:
     settings += [
         Setting("dfr", f"{dfr}, baseline head", "method", "none", last_layer=True),
         Setting("dfr_ccim", f"{dfr} + CCIM dot", "method", last_layer=True),
-    ]
+        Setting("dfr_aligned", "LastLayerRetraining(groups=aligned) after training, baseline head", "method", "none",
+                last_layer="aligned"),
+    ]  # fmt: skip
     for prefix in FINER:
         cls, kwargs = METHODS[prefix]
         settings.append(

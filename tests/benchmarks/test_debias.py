@@ -142,7 +142,8 @@ def test_settings_cover_the_issue():
         assert settings[name].debias_args["groups"] == "aligned" and settings[name].attention == "none"
     # Epoch selection on worst-pseudo-group validation accuracy: a validation split, more epochs, never multilabel.
     selected = [s for s in settings.values() if s.select]
-    assert {s.name for s in selected} >= {"poe_select", "group_dro_aligned_select"}
+    assert {s.name for s in selected} >= {"poe_select", "group_dro_aligned_select", "clef_select"}
+    assert settings["dfr_aligned"].last_layer == "aligned" and report.cluster_only(settings["dfr_aligned"])
     assert all(s.val_size > 1 and s.epochs and s.needs_dictionary for s in selected)
     assert settings["group_dro_aligned_select"].weight_decay == 1.0
     assert settings["reweight_N128"].num_prototypes == 128 and settings["poe_N128"].debias == "ProductOfExperts"
