@@ -393,3 +393,11 @@ def test_goal_is_checked_for_the_best_cluster_only_method_and_for_clef():
     assert "**not met**" in report.goal_lines(summary, list(settings.values()))[0]
     assert report.cluster_only(settings["dfr"]) and report.cluster_only(settings["poe_select"])
     assert not report.cluster_only(settings["clef"]) and not report.cluster_only(settings["ccim_dot"])
+
+
+def test_summary_cells_and_folders():
+    from benchmarks.debias.summary import cell, folder_of
+
+    row = {"closed": (0.704, 0.62, 0.77), "biased": (0.772, 0, 0)}
+    assert cell(row) == "+70 [+62, +77] (77.2)" and cell(None) == "-" and cell({"biased": (0.5, 0, 0)}) == "-"
+    assert folder_of("default", Path("r")) == Path("r") and folder_of("caers_like", Path("r")) == Path("r/caers_like")
