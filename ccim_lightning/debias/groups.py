@@ -1,10 +1,11 @@
-"""Pseudo-groups ``(class, context cluster)`` from the confounder dictionary, fine or coarse.
+"""Pseudo-groups ``(class, context cluster)`` from the confounder dictionary: fine, coarse or aligned.
 
 The dictionary's N prototypes (32-1024) split every class into many small groups whose loss or accuracy estimates
 are noise. GEORGE-style coarse groups instead cluster, per class, the prototypes its training samples fall in into
 a few clusters, with their number k in ``[2, 8]`` chosen by the silhouette (paper.md, "What makes pseudo-group
 methods work"). :class:`PseudoGroups` holds the resulting ``(N, C)`` table of group ids in a buffer, so a checkpoint
 restores it, and every rank computes it from the dictionary it holds (deterministic, seeded, on the CPU).
+Aligned groups split each class into the clusters that favour it and the others, from counts alone.
 """
 
 from __future__ import annotations
