@@ -401,3 +401,20 @@ def test_summary_cells_and_folders():
     row = {"closed": (0.704, 0.62, 0.77), "biased": (0.772, 0, 0)}
     assert cell(row) == "+70 [+62, +77] (77.2)" and cell(None) == "-" and cell({"biased": (0.5, 0, 0)}) == "-"
     assert folder_of("default", Path("r")) == Path("r") and folder_of("caers_like", Path("r")) == Path("r/caers_like")
+
+
+def test_summary_reads_the_main_table_of_a_report(tmp_path):
+    from benchmarks.debias.summary import read_report
+
+    (tmp_path / "debias.md").write_text(
+        "# x\n\n## Bias 0.9: rows\n\n| setting | what | seeds | biased acc | unbiased acc | Δ | gap closed (%) | s |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        "| baseline | b | 5 | 92.4 [91.4, 93.3] | 50.9 [49.2, 52.4] | - | - | 58 |\n"
+        "| reweight | r | 5 | 85.2 [84.0, 86.4] | 59.8 [57.2, 62.0] | +8.9 [+6.9, +11.3] | +40.8 [+31.3, +51.1] | 53 |\n"
+        "\n## Bias sweep\n\n| baseline_bias0.7 | b | 5 | 1.0 [1.0, 1.0] | 1.0 [1.0, 1.0] | - | - | 1 |\n"
+    )
+    rows = read_report(tmp_path / "debias.md")
+    assert set(rows) == {"baseline", "reweight"} and "closed" not in rows["baseline"]
+    assert rows["reweight"]["closed"] == pytest.approx((0.408, 0.313, 0.511))
+    assert rows["reweight"]["biased"] == pytest.approx((0.852, 0.840, 0.864)) and rows["reweight"]["seeds"] == 5
+    assert read_report(tmp_path / "missing.md") == {}
