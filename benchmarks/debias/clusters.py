@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from benchmarks.debias.data import DataCache, RunConfig
-from benchmarks.debias.runs import _quiet, dictionary_recipe
+from benchmarks.debias.runs import dictionary_recipe, quiet_worker
 from benchmarks.debias.settings import CONFOUNDER_DIM, Setting
 from benchmarks.debias.tasks import TASKS
 from ccim_lightning.datamodules.synthetic import SceneSettings, SyntheticContextDataset
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-size", type=int, default=4000)
     parser.add_argument("--out", type=Path, default=Path("/tmp/ccim-debias-clusters"), help="dictionary caches")
     args = parser.parse_args(argv)
-    _quiet()
+    quiet_worker()
     config = RunConfig(train_size=args.train_size, test_size=1, task=args.task)
     multiclass = SceneSettings(**TASKS[args.task]).task == "multiclass"
     print(f"task {args.task} ({TASKS[args.task] or 'the default 4-class task'}), training split of {args.train_size}")

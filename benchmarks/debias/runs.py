@@ -333,7 +333,8 @@ def run_record(
     }
 
 
-def _quiet() -> None:
+def quiet_worker() -> None:
+    """One torch thread, and no library logs or known warnings in the study's output (each worker calls it)."""
     torch.set_num_threads(1)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "ccim_lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -351,7 +352,7 @@ def _append(path: Path, record: dict) -> None:
 
 def run_plan(plan: list[tuple[int, str]], config: RunConfig, out: Path, reproduce: dict, total: int) -> int:
     """Runs (seed, setting name) pairs in order in this process, appending each record; returns the count."""
-    _quiet()
+    quiet_worker()
     settings = {s.name: s for s in all_settings()}
     cache = DataCache()
     begin = time.perf_counter()

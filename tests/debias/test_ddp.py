@@ -1,7 +1,5 @@
 """Group DRO under torch.distributed (gloo, two CPU processes): every rank ends with the same group weights q."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -9,6 +7,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from ccim_lightning.debias import GroupDRO
+from tests.distributed import free_port
 
 CE = nn.CrossEntropyLoss(reduction="none")
 
@@ -42,10 +41,7 @@ def run_rank(rank, port, out):
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_group_dro_q_is_in_sync_across_ranks_and_equals_one_process_on_the_global_batch(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(run_rank, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(run_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     q0, q1 = torch.load(tmp_path / "q0.pt"), torch.load(tmp_path / "q1.pt")
     assert torch.equal(q0, q1)
 

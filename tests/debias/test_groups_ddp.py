@@ -1,13 +1,12 @@
 """Coarse pseudo-groups under torch.distributed (gloo, two CPU processes): every rank gets one process's table."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ccim_lightning.debias.groups import PseudoGroups
+from tests.distributed import free_port
 
 
 def planted():
@@ -37,10 +36,7 @@ def run_rank(rank, port, out):
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_coarse_table_is_the_same_on_every_rank_and_as_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(run_rank, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(run_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     table0, table1 = torch.load(tmp_path / "table0.pt"), torch.load(tmp_path / "table1.pt")
     single = fitted_table()
     assert torch.equal(table0, table1) and torch.equal(table0, single)

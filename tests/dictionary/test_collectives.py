@@ -1,13 +1,12 @@
 """Collectives: the identity in one process, and on two gloo ranks the results written out by hand."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ccim_lightning.dictionary.collectives import Collectives, RankFailedError
+from tests.distributed import free_port
 
 
 def test_one_process_every_method_is_the_identity():
@@ -24,12 +23,6 @@ def test_one_process_every_method_is_the_identity():
         pass
     with pytest.raises(KeyError), group.agreed("a failing step"):
         raise KeyError("boom")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _job(rank: int, world_size: int, port: int, out: str) -> None:
@@ -65,7 +58,7 @@ def _job(rank: int, world_size: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("collectives")
-    mp.spawn(_job, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_job, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{rank}.pt") for rank in (0, 1)]
 
 

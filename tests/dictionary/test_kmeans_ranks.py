@@ -4,14 +4,13 @@ References written out here: the nearest centroid by brute-force ``torch.cdist``
 definitions in float64, and the one-process result of the same rows, whatever their split over ranks.
 """
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ccim_lightning.dictionary.kmeans import kmeans
+from tests.distributed import free_port
 
 CASES = {  # name: (rows, dim, blobs, k, how the rows are dealt to the ranks)
     "interleaved": (1000, 16, 12, 12, "interleaved"),
@@ -115,12 +114,6 @@ def test_input_is_read_not_modified_and_other_dtypes_are_accepted():
 # --- 2 and 4 gloo ranks --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _job(rank: int, world_size: int, port: int, out: str) -> None:
     """One rank: every case on its share of the rows, PCA, and an error raised where only rank 1 has a bad row."""
     torch.set_num_threads(1)
@@ -147,7 +140,7 @@ def _job(rank: int, world_size: int, port: int, out: str) -> None:
 
 def run_ranks(tmp_path_factory, world_size: int) -> list[dict]:
     out = tmp_path_factory.mktemp(f"kmeans_{world_size}_ranks")
-    mp.spawn(_job, args=(world_size, _free_port(), str(out)), nprocs=world_size, join=True)
+    mp.spawn(_job, args=(world_size, free_port(), str(out)), nprocs=world_size, join=True)
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 
