@@ -430,3 +430,35 @@ def test_summary_reads_the_main_table_of_a_report(tmp_path):
     assert rows["reweight"]["closed"] == pytest.approx((0.408, 0.313, 0.511))
     assert rows["reweight"]["biased"] == pytest.approx((0.852, 0.840, 0.864)) and rows["reweight"]["seeds"] == 5
     assert read_report(tmp_path / "missing.md") == {}
+
+
+def test_summary_prints_every_task_from_the_committed_reports(capsys):
+    from benchmarks.debias.summary import main as summary_main
+
+    assert summary_main([]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| row | caers_like | continuous | emotic_like | default |"
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
+    assert {"baseline", "clef", "group_dro_aligned_select", "oracle"} <= set(rows)
+    assert "U 44.6" in rows["oracle"]  # the multilabel oracle's unbiased mAP, read from emotic_like/debias.md
+    assert sum(line.startswith("- ") for line in lines) == 4  # the goal line of each task
+
+
+def test_best_weights_keeps_the_best_epochs_weights():
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from benchmarks.debias.runs import BestWeights
+
+    layer, keeper = nn.Linear(2, 1), BestWeights("val/worst")
+    for epoch, value in enumerate([0.2, 0.5, 0.4]):
+        layer.weight.data.fill_(float(epoch))
+        trainer = SimpleNamespace(callback_metrics={"val/worst": torch.tensor(value)}, current_epoch=epoch)
+        keeper.on_validation_end(trainer, layer)
+    assert keeper.epoch == 1 and keeper.best == pytest.approx(0.5)
+    assert torch.equal(keeper.state["weight"], torch.ones(1, 2))  # a copy: later epochs did not change it
+    empty = BestWeights("val/worst")
+    empty.on_validation_end(SimpleNamespace(callback_metrics={}, current_epoch=0), layer)
+    assert empty.state is None
